@@ -1,0 +1,1 @@
+"""Segmentation networks (MONAI), their training and inference; see models/README.md."""

@@ -1,0 +1,246 @@
+"""Assess one patient end to end: per-study imaging (cached), timeline, registration to the
+baseline, classification, outputs. Plain functions; the Prefect flow in flows/ wraps them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from pipeline import __version__
+from pipeline.classify import classify_patient
+from pipeline.config import PipelineConfig
+from pipeline.imageio import load_series
+from pipeline.key_image import render_key_image
+from pipeline.outputs import (
+    AssessmentRecord, SeriesUsed, atomic_write_image, atomic_write_transform, read_assessment, study_dir,
+    timeline_points, write_assessment, write_json,
+)
+from pipeline.registration import register_to_baseline, resample_to
+from pipeline.study import StudyImages, analyse_study
+from pipeline.timeline import Procedure, build_patient_timeline
+from pipeline.types import ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry, Timepoint
+
+IMAGE_FILES = {"labels": "labels.nii.gz", "subtraction": "subtraction.nii.gz", "pre_registered": "pre_registered.nii.gz"}
+
+
+@dataclass
+class StudyState:
+    """What the patient-level steps need of one study."""
+
+    study: StudyRecord
+    imaging: StudyImaging
+    images: StudyImages | None
+    imaging_key: str
+    reused: bool = False
+    to_baseline: RegistrationQC | None = None
+    to_baseline_key: str = ""
+    transform: sitk.Transform | None = None
+    to_baseline_error: str = ""
+
+    @property
+    def to_baseline_failure(self) -> str:
+        """Why the registration to the baseline cannot be used ("" when it can or was not needed)."""
+        if self.to_baseline_error:
+            return f"registration to the baseline failed: {self.to_baseline_error}"
+        if self.to_baseline is not None and not self.to_baseline.ok:
+            return f"registration to the baseline failed QC: {self.to_baseline.reason}"
+        return ""
+
+
+@dataclass
+class PatientResult:
+    patient_id: str
+    records: list[AssessmentRecord] = field(default_factory=list)
+    errors: list[ErrorRecord] = field(default_factory=list)
+    n_reused: int = 0
+
+
+def _files_digest(study: StudyRecord) -> str:
+    """Content key of a study's inputs: every file's path, size and modification time."""
+    h = hashlib.sha256()
+    for series in sorted(study.series, key=lambda s: s.series_instance_uid):
+        h.update(f"{series.series_instance_uid}|{series.role.value}|{series.phase_index}".encode())
+        for path in sorted(series.files):
+            try:
+                st = path.stat()
+                h.update(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(f"{path}|missing".encode())
+    return h.hexdigest()[:16]
+
+
+def imaging_key(study: StudyRecord, cfg: PipelineConfig) -> str:
+    return hashlib.sha256(f"{_files_digest(study)}|{cfg.digest()}|{__version__}".encode()).hexdigest()[:16]
+
+
+def _load_cached_images(folder: Path, study: StudyRecord, imaging: StudyImaging) -> StudyImages | None:
+    try:
+        post_uid = imaging.series_used.get("t1_post")
+        post_series = next(s for s in study.series if s.series_instance_uid == post_uid)
+        loaded = {name: sitk.ReadImage(str(folder / fname)) for name, fname in IMAGE_FILES.items()}
+        return StudyImages(post=load_series(post_series), pre_registered=loaded["pre_registered"],
+                           subtraction=loaded["subtraction"], labels=loaded["labels"])
+    except (StopIteration, RuntimeError, OSError, ValueError):
+        return None
+
+
+def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str = "cpu") -> tuple[StudyState, list[ErrorRecord]]:
+    """Per-study imaging, reusing the results of an earlier run when its inputs are unchanged."""
+    folder = study_dir(out_dir, study)
+    key = imaging_key(study, cfg)
+    previous = read_assessment(folder / "assessment.json")
+    if previous is not None and previous.cache_keys.get("imaging") == key:
+        images = _load_cached_images(folder, study, previous.imaging) if previous.imaging.ok else None
+        if images is not None or not previous.imaging.ok:
+            return StudyState(study, previous.imaging, images, key, reused=True), []
+    analysis = analyse_study(study, cfg, device=device)
+    if analysis.images is not None:
+        atomic_write_image(analysis.images.labels, folder / IMAGE_FILES["labels"])
+        atomic_write_image(analysis.images.subtraction, folder / IMAGE_FILES["subtraction"])
+        atomic_write_image(sitk.Cast(analysis.images.pre_registered, sitk.sitkFloat32), folder / IMAGE_FILES["pre_registered"])
+    return StudyState(study, analysis.imaging, analysis.images, key), analysis.errors
+
+
+def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, folder: Path) -> None:
+    """Follow-up -> baseline registration; a failure makes the study not evaluable."""
+    key = hashlib.sha256(f"{state.imaging_key}|{baseline.imaging_key}".encode()).hexdigest()[:16]
+    state.to_baseline_key = key
+    tfm_path = folder / "to_baseline.tfm"
+    previous = read_assessment(folder / "assessment.json")
+    if (previous is not None and previous.cache_keys.get("to_baseline") == key and tfm_path.exists()
+            and previous.registration_to_baseline is not None):
+        state.to_baseline = previous.registration_to_baseline
+        state.transform = sitk.ReadTransform(str(tfm_path))
+    else:
+        # ITK convention, baseline fixed: the transform maps a baseline point to this study's point.
+        transform, qc = register_to_baseline(baseline.images.pre_registered, state.images.pre_registered,
+                                             cfg.registration)
+        state.to_baseline, state.transform = qc, transform
+        if qc.ok:
+            atomic_write_transform(transform, tfm_path)
+
+
+def _key_image(state: StudyState, baseline: StudyState | None, record: AssessmentRecord, folder: Path,
+               cfg: PipelineConfig) -> None:
+    images = state.images
+    if images is None:
+        return
+    current = {"pre": images.pre_registered, "post": images.post, "subtraction": images.subtraction,
+               "labels": images.labels}
+    base_view = None
+    if (baseline is not None and baseline.images is not None and state.transform is not None
+            and not state.to_baseline_failure):
+        # Baseline onto this study's grid: needs this study -> baseline, the inverse of to_baseline.
+        inverse = state.transform.GetInverse()
+        b = baseline.images
+        base_view = {
+            "pre": resample_to(b.pre_registered, images.post, inverse),
+            "post": resample_to(b.post, images.post, inverse),
+            "subtraction": resample_to(b.subtraction, images.post, inverse),
+            "labels": resample_to(b.labels, images.post, inverse, interpolator=sitk.sitkNearestNeighbor),
+        }
+    k = state.imaging.key_slice_index
+    if k is None:
+        k = images.post.GetSize()[2] // 2
+    title = (f"{record.patient_id}  {record.study_date}  {record.timepoint}  ->  {record.decision.category.value}"
+             f"  (confidence {record.decision.confidence:.2f})")
+    render_key_image(folder / "key_image.png", current, k, title, base_view, dpi=cfg.outputs.key_image_dpi)
+
+
+def _series_used(study: StudyRecord) -> list[SeriesUsed]:
+    return [SeriesUsed(role=s.role.value, series_instance_uid=s.series_instance_uid, series_number=s.series_number,
+                       series_description=s.series_description, phase_index=s.phase_index,
+                       role_reason=s.role_reason, n_files=len(s.files)) for s in study.series]
+
+
+def assess_patient(
+    studies: list[StudyRecord],
+    procedures: list[Procedure] | None,
+    cfg: PipelineConfig,
+    out_dir: Path,
+    device: str = "cpu",
+    imaging_fn=study_imaging,
+) -> PatientResult:
+    """All stages for one patient; writes the per-study outputs and returns the records.
+
+    ``imaging_fn`` lets the Prefect flow run each study's imaging as its own task.
+    """
+    out_dir = Path(out_dir)
+    result = PatientResult(patient_id=studies[0].patient_id)
+    states: dict[str, StudyState] = {}
+    for study in sorted(studies, key=lambda s: (s.study_date is None, s.study_date, s.study_instance_uid)):
+        try:
+            state, errors = imaging_fn(study, cfg, out_dir, device)
+        except Exception as exc:  # noqa: BLE001 - a failing study must never kill the batch
+            reason = f"imaging failed: {type(exc).__name__}: {exc}"
+            state, errors = StudyState(study, StudyImaging(ok=False, reason=reason), None, ""), [
+                ErrorRecord("", study.patient_id, study.study_instance_uid, "", "imaging", reason)]
+        states[study.study_instance_uid] = state
+        result.errors.extend(errors)
+        result.n_reused += int(state.reused)
+
+    az_present = {uid: s.imaging.ok and s.imaging.az_found for uid, s in states.items()}
+    entries: list[TimelineEntry] = build_patient_timeline(studies, procedures, az_present, cfg.rules)
+
+    for entry in entries:
+        state = states[entry.study.study_instance_uid]
+        base_uid = entry.baseline_study_instance_uid
+        if entry.timepoint != Timepoint.FOLLOW_UP or not base_uid or not state.imaging.ok or state.images is None:
+            continue
+        baseline = states.get(base_uid)
+        if baseline is None or baseline.images is None:
+            continue
+        try:
+            _register_follow_up(state, baseline, cfg, study_dir(out_dir, entry.study))
+        except Exception as exc:  # noqa: BLE001
+            state.to_baseline_error = f"{type(exc).__name__}: {exc}"
+        if state.to_baseline_failure:
+            result.errors.append(ErrorRecord("", entry.study.patient_id, entry.study.study_instance_uid, "",
+                                             "register_to_baseline", state.to_baseline_failure))
+
+    # A follow-up whose registration to the baseline failed is not evaluable (rule 5); the
+    # stored imaging stays the per-study result so that a rerun can reuse it.
+    evaluable = {
+        uid: (s.imaging.model_copy(update={"ok": False, "reason": s.to_baseline_failure})
+              if s.to_baseline_failure else s.imaging)
+        for uid, s in states.items()
+    }
+    decisions = classify_patient(entries, evaluable, cfg)
+    records: dict[str, AssessmentRecord] = {}
+    for entry in entries:
+        uid = entry.study.study_instance_uid
+        state = states[uid]
+        records[uid] = AssessmentRecord(
+            patient_id=entry.study.patient_id, study_instance_uid=uid,
+            study_date=entry.study.study_date.isoformat() if entry.study.study_date else None,
+            timepoint=entry.timepoint.value, session=entry.session,
+            ablation_date=entry.ablation_date.isoformat() if entry.ablation_date else None,
+            days_since_ablation=entry.days_since_ablation,
+            baseline_study_instance_uid=entry.baseline_study_instance_uid if entry.timepoint == Timepoint.FOLLOW_UP
+            else (uid if entry.timepoint == Timepoint.BASELINE else None),
+            timeline_flags=entry.flags, series=_series_used(entry.study), imaging=state.imaging,
+            registration_to_baseline=state.to_baseline, decision=decisions[uid],
+            cache_keys={"imaging": state.imaging_key, "to_baseline": state.to_baseline_key})
+    points = timeline_points(entries, records)
+    for entry in entries:
+        uid = entry.study.study_instance_uid
+        record = records[uid].model_copy(update={"patient_timeline": points})
+        records[uid] = record
+        folder = study_dir(out_dir, entry.study)
+        if cfg.outputs.write_key_image:
+            try:
+                _key_image(states[uid], states.get(entry.baseline_study_instance_uid or ""), record, folder, cfg)
+            except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the study
+                result.errors.append(ErrorRecord("", record.patient_id, uid, "", "key_image",
+                                                 f"key image not rendered: {type(exc).__name__}: {exc}"))
+        write_assessment(folder / "assessment.json", record)
+    if entries:
+        patient_folder = study_dir(out_dir, entries[0].study).parent
+        write_json(patient_folder / "timeline.json", json.loads(json.dumps([p.model_dump() for p in points])))
+    result.records = [records[e.study.study_instance_uid] for e in entries]
+    return result

@@ -1,0 +1,267 @@
+"""Longitudinal IWG-IGTA classification of each study (criteria.md §6 rules 2, 4, 9, 14, 18).
+
+A per-session state machine over one patient's timeline:
+- baseline (first contrast MRI of a session): a suspicious local focus -> residual unablated
+  tumour, else complete ablation (Ahmed et al., Radiology 2014 [S1]);
+- follow-up: a suspicious local focus -> local tumour progression if an earlier contrast study
+  of the session documented complete ablation [S1], else residual unablated tumour (residual
+  that persists stays residual); otherwise growth of the long axis >= max(5 mm, 20 %) over the
+  nadir from 3 months on -> suspected progression [S10][S28]; otherwise no evidence of LTP;
+- a study that cannot be read -> indeterminate with the reason; a new session resets all state;
+- an enhancing focus farther than 10 mm from the AZ surface is a new lesion [S6]; it does not
+  change the local category.
+Every call carries the rule that decided it, the values and thresholds compared, a confidence
+and the flags a radiologist must check: every label is a proposal (rule 18).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+
+from pipeline.config import PipelineConfig
+from pipeline.measure import percent_change
+from pipeline.types import Category, Focus, StudyImaging, TimelineEntry, Timepoint
+
+FLAGGED_CATEGORIES = {
+    Category.RESIDUAL_UNABLATED_TUMOUR,
+    Category.LOCAL_TUMOUR_PROGRESSION,
+    Category.SUSPECTED_LOCAL_TUMOUR_PROGRESSION,
+    Category.INDETERMINATE,
+}
+
+# Timeline situations a radiologist should look at even when the category is benign.
+REVIEW_TIMELINE_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
+                         "no_study_date"}
+
+
+class Changes(BaseModel):
+    """Change of the AZ against the session's baseline and the nadir (smallest so far)."""
+
+    baseline_long_axis_mm: float | None = None
+    nadir_long_axis_mm: float | None = None
+    long_axis_change_pct: float | None = None
+    short_axis_change_pct: float | None = None
+    volume_change_pct: float | None = None
+    long_axis_change_vs_nadir_pct: float | None = None
+    long_axis_change_vs_nadir_mm: float | None = None
+    volume_change_vs_nadir_pct: float | None = None
+
+
+class Decision(BaseModel):
+    """The category of one study and why."""
+
+    category: Category
+    rule_id: str
+    rule: str
+    values: dict[str, float | int | str | bool | None] = Field(default_factory=dict)
+    thresholds: dict[str, float | int | str] = Field(default_factory=dict)
+    confidence: float
+    flagged: bool
+    flag_reasons: list[str] = Field(default_factory=list)
+    new_lesion: bool = False
+    changes: Changes = Field(default_factory=Changes)
+
+
+@dataclass
+class _SessionState:
+    documented_complete: bool = False
+    residual_open: bool = False
+    baseline: StudyImaging | None = None
+    nadir_long_mm: float | None = None
+    nadir_volume_ml: float | None = None
+    seen_contrast_study: bool = False
+    history: list[str] = field(default_factory=list)
+
+
+def _suspicious_local(foci: list[Focus]) -> list[Focus]:
+    return [f for f in foci if f.local and f.suspicious]
+
+
+def _changes(imaging: StudyImaging, state: _SessionState) -> Changes:
+    az = imaging.ablation_zone
+    base = state.baseline.ablation_zone if state.baseline else None
+    if az is None:
+        return Changes(baseline_long_axis_mm=base.long_axis_mm if base else None,
+                       nadir_long_axis_mm=state.nadir_long_mm)
+    out = Changes(baseline_long_axis_mm=base.long_axis_mm if base else None, nadir_long_axis_mm=state.nadir_long_mm)
+    if base is not None:
+        out.long_axis_change_pct = percent_change(az.long_axis_mm, base.long_axis_mm)
+        out.short_axis_change_pct = percent_change(az.short_axis_mm, base.short_axis_mm)
+        out.volume_change_pct = percent_change(az.volume_ml, base.volume_ml)
+    if state.nadir_long_mm is not None:
+        out.long_axis_change_vs_nadir_pct = percent_change(az.long_axis_mm, state.nadir_long_mm)
+        out.long_axis_change_vs_nadir_mm = az.long_axis_mm - state.nadir_long_mm
+    if state.nadir_volume_ml is not None:
+        out.volume_change_vs_nadir_pct = percent_change(az.volume_ml, state.nadir_volume_ml)
+    return out
+
+
+def _confidence(imaging: StudyImaging, decisive_margin: float | None, flags: list[str]) -> float:
+    """Heuristic confidence in [0, 1] (ENG-DEFAULT; calibrated later against review verdicts).
+
+    Starts high and drops when the deciding value sits near its threshold (relative margin
+    under 25 %), when a registration was marginal, or when the timeline is unusual.
+    """
+    conf = 0.95
+    if decisive_margin is not None and decisive_margin < 0.25:
+        conf -= 0.3 * (1 - max(decisive_margin, 0.0) / 0.25)
+    if any(not qc.ok for qc in imaging.registration):
+        conf -= 0.2
+    if any(f in flags for f in ("early_baseline", "late_baseline", "session_inferred_from_images")):
+        conf -= 0.1
+    return round(max(0.05, min(conf, 1.0)), 2)
+
+
+def _focus_margin(foci: list[Focus], cfg: PipelineConfig) -> float:
+    """Relative margin by which the weakest suspicious focus passes its thickness threshold."""
+    margins = []
+    for f in foci:
+        margins.append(max((f.max_thickness_mm - cfg.foci.min_thickness_mm) / cfg.foci.min_thickness_mm,
+                           (f.diameter_mm - cfg.foci.strongly_suspicious_diameter_mm)
+                           / cfg.foci.strongly_suspicious_diameter_mm))
+    return min(margins) if margins else 1.0
+
+
+def _focus_values(foci: list[Focus]) -> dict[str, float | int | str]:
+    worst = max(foci, key=lambda f: f.diameter_mm)
+    return {
+        "n_suspicious_local_foci": len(foci),
+        "largest_focus_mm": round(worst.diameter_mm, 1),
+        "focus_max_thickness_mm": round(worst.max_thickness_mm, 1),
+        "focus_distance_to_az_mm": round(worst.distance_to_az_surface_mm, 1),
+        "focus_pattern": worst.pattern,
+        "focus_reason": worst.reason,
+    }
+
+
+def classify_patient(
+    entries: list[TimelineEntry], imaging: dict[str, StudyImaging], cfg: PipelineConfig
+) -> dict[str, Decision]:
+    """Category of each study of one patient, keyed by StudyInstanceUID.
+
+    ``entries`` is the patient's timeline in date order; ``imaging`` holds the per-study
+    results (a missing entry means the study could not be processed at all).
+    """
+    rules = cfg.rules
+    focus_thresholds = {
+        "min_thickness_mm": cfg.foci.min_thickness_mm,
+        "min_thickness_ratio_to_rim": cfg.foci.min_thickness_ratio_to_rim,
+        "strongly_suspicious_diameter_mm": cfg.foci.strongly_suspicious_diameter_mm,
+        "local_max_distance_mm": cfg.foci.local_max_distance_mm,
+    }
+    decisions: dict[str, Decision] = {}
+    states: dict[int, _SessionState] = {}
+    for entry in entries:
+        uid = entry.study.study_instance_uid
+        result = imaging.get(uid) or StudyImaging(ok=False, reason="study was not processed")
+        flags = list(entry.flags)
+        new_lesion = any((not f.local) and f.suspicious for f in result.foci)
+        if new_lesion:
+            flags.append("new_lesion_distant_from_az")
+
+        if entry.timepoint == Timepoint.PRE_ABLATION:
+            decisions[uid] = Decision(
+                category=Category.PRE_ABLATION, rule_id="T0-pre-ablation",
+                rule="study dated before the first ablation session", confidence=1.0,
+                flagged=new_lesion, flag_reasons=flags if new_lesion else [], new_lesion=new_lesion,
+                values={"study_date": str(entry.study.study_date)})
+            continue
+
+        state = states.setdefault(entry.session or 0, _SessionState())
+        if not result.ok or entry.session is None:
+            reason = result.reason or "study could not be placed in a session"
+            decisions[uid] = Decision(
+                category=Category.INDETERMINATE, rule_id="R5-not-evaluable", rule=f"not evaluable: {reason}",
+                confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
+                new_lesion=new_lesion, changes=_changes(result, state))
+            continue
+        if not result.az_found or result.ablation_zone is None:
+            reason = "no ablation zone found where one must be"
+            decisions[uid] = Decision(
+                category=Category.INDETERMINATE, rule_id="R5-no-ablation-zone", rule=f"not evaluable: {reason}",
+                confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
+                new_lesion=new_lesion, changes=_changes(result, state))
+            continue
+
+        az = result.ablation_zone
+        changes = _changes(result, state)
+        suspicious = _suspicious_local(result.foci)
+        values: dict[str, float | int | str | bool | None] = {
+            "az_long_axis_mm": round(az.long_axis_mm, 2),
+            "days_since_ablation": entry.days_since_ablation,
+        }
+        if result.rim is not None:
+            values["rim_max_thickness_mm"] = round(result.rim.max_thickness_mm, 2)
+            values["rim_benign_pattern"] = result.rim.benign_pattern
+        first_contrast = not state.seen_contrast_study
+        margin: float | None = None
+
+        if suspicious:
+            values.update(_focus_values(suspicious))
+            margin = _focus_margin(suspicious, cfg)
+            if first_contrast:
+                category, rule_id = Category.RESIDUAL_UNABLATED_TUMOUR, "R2-residual-first-contrast-study"
+                rule = "suspicious enhancing focus at the AZ margin on the first contrast study after the session"
+            elif state.documented_complete:
+                category, rule_id = Category.LOCAL_TUMOUR_PROGRESSION, "R2-ltp-after-documented-complete"
+                rule = ("suspicious enhancing focus at the AZ margin after an earlier contrast study of the "
+                        "session documented complete ablation")
+            else:
+                category, rule_id = Category.RESIDUAL_UNABLATED_TUMOUR, "R2-residual-persisting"
+                rule = "residual unablated tumour still present (no clean contrast study since the session)"
+            thresholds = dict(focus_thresholds)
+            flags.append(f"{category.value}: {values['focus_reason']}")
+        elif first_contrast:
+            category, rule_id = Category.COMPLETE_ABLATION, "R2-complete-first-contrast-study"
+            rule = "no suspicious enhancing focus at the AZ margin on the first contrast study after the session"
+            thresholds = dict(focus_thresholds)
+        else:
+            growth_mm = changes.long_axis_change_vs_nadir_mm
+            growth_pct = changes.long_axis_change_vs_nadir_pct
+            days = entry.days_since_ablation
+            needed_mm = None
+            if state.nadir_long_mm is not None:
+                needed_mm = max(rules.growth_min_abs_mm, rules.growth_min_pct / 100.0 * state.nadir_long_mm)
+            values.update({"nadir_long_axis_mm": state.nadir_long_mm, "growth_vs_nadir_mm": growth_mm,
+                           "growth_vs_nadir_pct": growth_pct, "growth_needed_mm": needed_mm})
+            thresholds = {"growth_min_abs_mm": rules.growth_min_abs_mm, "growth_min_pct": rules.growth_min_pct,
+                          "growth_min_days": rules.growth_min_days}
+            grows = (needed_mm is not None and growth_mm is not None and growth_mm >= needed_mm
+                     and (days is None or days >= rules.growth_min_days))
+            if grows:
+                category, rule_id = Category.SUSPECTED_LOCAL_TUMOUR_PROGRESSION, "R14-serial-growth"
+                rule = "AZ long axis grew >= max(5 mm, 20 %) over the nadir without a suspicious focus"
+                margin = (growth_mm - needed_mm) / needed_mm
+                flags.append(f"az_growth: +{growth_mm:.1f} mm over nadir {state.nadir_long_mm:.1f} mm")
+            else:
+                category, rule_id = Category.NO_EVIDENCE_OF_LTP, "R2-no-suspicious-focus"
+                rule = "no suspicious enhancing focus and no significant growth over the nadir"
+                if needed_mm is not None and growth_mm is not None and growth_mm > 0:
+                    margin = (needed_mm - growth_mm) / needed_mm
+                if state.residual_open:
+                    flags.append("residual_no_longer_seen")
+
+        confidence = _confidence(result, margin, flags)
+        if confidence < rules.review_confidence_below and category not in FLAGGED_CATEGORIES:
+            flags.append(f"low_confidence ({confidence:.2f})")
+        flagged = (category in FLAGGED_CATEGORIES or new_lesion or confidence < rules.review_confidence_below
+                   or any(f in REVIEW_TIMELINE_FLAGS for f in flags))
+        decisions[uid] = Decision(
+            category=category, rule_id=rule_id, rule=rule, values=values, thresholds=thresholds,
+            confidence=confidence, flagged=flagged, flag_reasons=flags if flagged else [],
+            new_lesion=new_lesion, changes=changes)
+
+        # Update the session's state after the call (the nadir excludes the current study).
+        state.seen_contrast_study = True
+        if category in (Category.COMPLETE_ABLATION, Category.NO_EVIDENCE_OF_LTP):
+            state.documented_complete = True
+            state.residual_open = False
+        if category == Category.RESIDUAL_UNABLATED_TUMOUR:
+            state.residual_open = True
+        if state.baseline is None:
+            state.baseline = result
+        state.nadir_long_mm = az.long_axis_mm if state.nadir_long_mm is None else min(state.nadir_long_mm, az.long_axis_mm)
+        state.nadir_volume_ml = az.volume_ml if state.nadir_volume_ml is None else min(state.nadir_volume_ml, az.volume_ml)
+    return decisions

@@ -1,0 +1,113 @@
+"""Command line: ``ablation-response demo | phantom | assess | serve-nightly``."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="MRI follow-up after percutaneous ablation: IWG-IGTA call per study.")
+console = Console()
+
+
+def _quiet_prefect() -> None:
+    # Prefect logs every task run at INFO; the progress bar and the table are what a user reads.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def print_cohort(out_dir: Path) -> None:
+    """Print cohort.csv as a table."""
+    with (out_dir / "cohort.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    table = Table(title=f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}")
+    for col in ("patient", "date", "timepoint", "category", "flag", "long mm", "short mm", "vol mL", "why flagged"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["patient_id"], r["study_date"], r["timepoint"], r["category"],
+                      "yes" if r["flagged"] == "true" else "", r["az_long_axis_mm"], r["az_short_axis_mm"],
+                      r["az_volume_ml"], r["flag_reasons"][:90])
+    console.print(table)
+
+
+@app.command()
+def phantom(
+    out: Annotated[Path, typer.Argument(help="folder to write export/, truth.json, procedures.csv into")],
+    patients: Annotated[int, typer.Option(min=1, help="number of patients")] = 8,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same export)")] = 0,
+    profile: Annotated[str, typer.Option(help="generator settings: default | heldout")] = "default",
+) -> None:
+    """Generate a synthetic PACS export with ground truth."""
+    from pipeline.phantom import generate_export
+
+    truth = generate_export(out, patients, seed, profile=profile)
+    n = sum(len(p["studies"]) for p in truth["patients"])
+    console.print(f"wrote {len(truth['patients'])} patients, {n} studies to {out}/export "
+                  f"(truth: {out}/truth.json, procedures: {out}/procedures.csv)")
+
+
+@app.command()
+def assess(
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="patient_id,ablation_date CSV")] = None,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML merged over configs/default.yaml")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Assess every study of a PACS export (batch Prefect flow)."""
+    _quiet_prefect()
+    from flows.assess import run_assessment
+
+    summary = run_assessment(export_dir, out, procedures, config, workers, device, show_progress=True)
+    print_cohort(out)
+    console.print(f"{summary['studies']} studies ({summary['studies_reused']} reused), {summary['flagged']} flagged, "
+                  f"{summary['errors']} rows in errors.csv, {summary['seconds']} s")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the generated export and the outputs")] = Path("demo_out"),
+    patients: Annotated[int, typer.Option(min=1)] = 4,
+    seed: Annotated[int, typer.Option()] = 7,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+) -> None:
+    """Generate the bundled synthetic export and assess it (the README's first command)."""
+    _quiet_prefect()
+    from flows.assess import run_assessment
+    from pipeline.phantom import generate_export
+
+    data = out / "data"
+    if not (data / "truth.json").exists():
+        console.print(f"generating a synthetic export of {patients} patients in {data} ...")
+        generate_export(data, patients, seed)
+    summary = run_assessment(data / "export", out / "results", data / "procedures.csv", None, workers, "auto",
+                             show_progress=True)
+    print_cohort(out / "results")
+    console.print(f"{summary['studies']} studies, {summary['flagged']} flagged, {summary['seconds']} s. "
+                  f"Outputs in {out / 'results'}; ground truth in {data / 'truth.json'}.")
+
+
+@app.command("serve-nightly")
+def serve_nightly(
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option("--out")],
+    cron: Annotated[str, typer.Option(help="cron schedule")] = "0 2 * * *",
+    procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+    device: Annotated[str, typer.Option()] = "auto",
+) -> None:
+    """Serve a scheduled Prefect deployment that re-reads the export (only new studies are processed)."""
+    from flows.assess import serve_nightly as serve
+
+    serve(export_dir, out, cron, procedures, config, workers, device)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,141 @@
+"""One validated configuration schema for the whole pipeline (configs/*.yaml).
+
+The values live only in ``configs/default.yaml`` (with their sources); the schema here
+fixes names, types and bounds. A site's config file may override any subset: it is
+merged over the default file before validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestConfig(_Section):
+    defer_recent_seconds: float = Field(ge=0)
+    t2_min_echo_time_ms: float
+    post_contrast_keywords: list[str]
+    pre_contrast_keywords: list[str]
+    subtraction_keywords: list[str]
+    t2_keywords: list[str]
+    t1_keywords: list[str]
+    ignore_keywords: list[str]
+
+
+class RegistrationStageConfig(_Section):
+    transforms: list[Literal["rigid", "affine"]]
+    shrink_factors: list[int]
+    smoothing_sigmas_mm: list[float]
+    sampling_fraction: float = Field(gt=0, le=1)
+    iterations: int = Field(gt=0)
+    min_ncc_after: float = Field(ge=-1, le=1)
+
+
+class RegistrationConfig(_Section):
+    backend: Literal["simpleitk"]
+    threads: int = Field(ge=1)
+    max_residual_motion_mm: float = Field(gt=0)
+    intra_study: RegistrationStageConfig
+    inter_study: RegistrationStageConfig
+
+
+class EnhancementConfig(_Section):
+    relative_enhancement_threshold: float = Field(gt=0, lt=5)
+    min_component_mm: float = Field(ge=0)
+    phase: Literal["latest"] | int
+
+
+class SegmentationConfig(_Section):
+    method: Literal["classical"]
+    az_min_pre_ratio: float = Field(gt=1)
+    az_min_volume_ml: float = Field(gt=0)
+    rim_search_mm: float = Field(gt=0)
+
+
+class RimConfig(_Section):
+    benign_max_thickness_mm: float = Field(gt=0)
+    benign_min_coverage_deg: float = Field(ge=0, le=360)
+    benign_max_cv: float = Field(gt=0)
+
+
+class FociConfig(_Section):
+    min_thickness_mm: float = Field(gt=0)
+    min_thickness_ratio_to_rim: float = Field(gt=0)
+    strongly_suspicious_diameter_mm: float = Field(gt=0)
+    local_max_distance_mm: float = Field(ge=0)
+    new_lesion_search_mm: float = Field(gt=0)
+    vessel_min_elongation: float = Field(gt=1)
+    vessel_min_length_mm: float = Field(gt=0)
+    focal_max_deg: float
+    crescentic_max_deg: float
+
+
+class RulesConfig(_Section):
+    baseline_min_days: int
+    baseline_max_days: int
+    growth_min_days: int
+    growth_min_abs_mm: float
+    growth_min_pct: float
+    review_confidence_below: float = Field(ge=0, le=1)
+
+
+class OutputsConfig(_Section):
+    write_key_image: bool
+    key_image_dpi: int = Field(gt=10)
+
+
+class PipelineConfig(_Section):
+    ingest: IngestConfig
+    registration: RegistrationConfig
+    enhancement: EnhancementConfig
+    segmentation: SegmentationConfig
+    rim: RimConfig
+    foci: FociConfig
+    rules: RulesConfig
+    outputs: OutputsConfig
+
+    def digest(self) -> str:
+        """Stable hash of the settings: a change invalidates cached study results."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(path: Path | str | None = None) -> PipelineConfig:
+    """Load ``configs/default.yaml``, merge ``path`` over it, validate.
+
+    Raises ``pydantic.ValidationError`` naming each wrong field, or ``FileNotFoundError``.
+    """
+    raw = _read_yaml(DEFAULT_CONFIG_PATH)
+    if path is not None and Path(path).resolve() != DEFAULT_CONFIG_PATH:
+        raw = _merge(raw, _read_yaml(Path(path)))
+    return PipelineConfig.model_validate(raw)

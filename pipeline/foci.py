@@ -1,0 +1,122 @@
+"""Describe enhancing foci and decide which are suspicious (criteria.md §6 rules 4 and 9).
+
+A focus candidate (thick enhancing tissue, from the segmentation) is suspicious when it is
+compact (not vessel-like), and either locally >= 5 mm thick and >= 2x the rim's median
+thickness, or > 10 mm across [S10][S12][S24]; it is local when <= 10 mm from the AZ surface,
+otherwise a new lesion [S6]. Its pattern along the margin is focal (< 90 deg), crescentic
+(90-270 deg) or circumferential (> 270 deg) [S12].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+from scipy.spatial import ConvexHull, QhullError
+
+from pipeline.config import PipelineConfig
+from pipeline.rim import angular_extent_deg
+from pipeline.segment_classical import SegmentationResult, spacing_zyx
+from pipeline.types import AxisMeasurement, Focus, RimMetrics
+
+
+def voxels_to_lps(image: sitk.Image, zyx: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel indices in (z, y, x) order -> (N, 3) LPS points in mm, direction kept."""
+    direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    ijk = zyx[:, ::-1].astype(float) * np.array(image.GetSpacing())
+    return np.array(image.GetOrigin()) + ijk @ direction.T
+
+
+def _max_diameter_mm(points: np.ndarray, voxel_mm: float) -> float:
+    """Largest distance between voxel centres, plus one voxel (centres underestimate by one)."""
+    if len(points) < 2:
+        return voxel_mm
+    try:
+        hull = points[ConvexHull(points).vertices] if len(points) > 4 else points
+    except QhullError:  # flat or collinear component
+        hull = points
+    diffs = hull[:, None, :] - hull[None, :, :]
+    return float(np.sqrt((diffs ** 2).sum(-1)).max()) + voxel_mm
+
+
+def _elongation(points: np.ndarray) -> tuple[float, float]:
+    """(ratio of the two largest principal extents, length along the first axis in mm)."""
+    if len(points) < 4:
+        return 1.0, 0.0
+    centred = points - points.mean(0)
+    eigval, eigvec = np.linalg.eigh(np.cov(centred.T))
+    eigval = np.clip(eigval[::-1], 1e-6, None)
+    proj = centred @ eigvec[:, -1]
+    return float(np.sqrt(eigval[0] / eigval[1])), float(proj.max() - proj.min())
+
+
+def analyse_foci(
+    seg: SegmentationResult,
+    relative_enhancement: sitk.Image,
+    grid: sitk.Image,
+    az: AxisMeasurement | None,
+    rim: RimMetrics | None,
+    cfg: PipelineConfig,
+) -> tuple[list[Focus], list[np.ndarray]]:
+    """Describe each focus candidate; returns (all foci near the AZ, masks of the suspicious ones)."""
+    if not seg.found or az is None or not seg.focus_candidates:
+        return [], []
+    fc = cfg.foci
+    spacing = spacing_zyx(grid)
+    in_plane = float(np.min(spacing[1:]))
+    re_a = sitk.GetArrayViewFromImage(relative_enhancement)
+    # Physical distance (mm) of every voxel to the AZ; 0 inside it.
+    dist_to_az = ndi.distance_transform_edt(~seg.az, sampling=spacing)
+    rim_median = rim.median_thickness_mm if (rim is not None and rim.present) else 0.0
+    foci: list[Focus] = []
+    masks: list[np.ndarray] = []
+    for mask in seg.focus_candidates:
+        outside = mask & ~seg.az
+        if not outside.any():
+            continue
+        # Distance from the AZ surface: voxel-centre distance minus half a voxel.
+        distance = max(0.0, float(dist_to_az[outside].min()) - 0.5 * in_plane)
+        if distance > fc.new_lesion_search_mm:
+            continue
+        zyx = np.argwhere(outside)
+        points = voxels_to_lps(grid, zyx)
+        volume_ml = float(len(zyx) * np.prod(spacing) / 1000.0)
+        diameter = _max_diameter_mm(points, in_plane)
+        thickness = 0.0
+        for k in np.unique(zyx[:, 0]):
+            edt = ndi.distance_transform_edt(outside[k], sampling=spacing[1:])
+            thickness = max(thickness, 2.0 * float(edt.max()))
+        elongation, length = _elongation(points)
+        extent = angular_extent_deg(points, np.asarray(az.centroid_lps))
+        mean_re = float(re_a[outside].mean())
+        local = distance <= fc.local_max_distance_mm
+        vessel = elongation >= fc.vessel_min_elongation and length >= fc.vessel_min_length_mm
+        thick = thickness >= fc.min_thickness_mm and thickness >= fc.min_thickness_ratio_to_rim * rim_median
+        large = diameter > fc.strongly_suspicious_diameter_mm
+        if vessel:
+            suspicious, reason = False, f"elongated enhancing structure (vessel-like: {elongation:.1f}:1, {length:.0f} mm)"
+        elif thick or large:
+            suspicious = True
+            why = []
+            if thick:
+                why.append(f"nodular, {thickness:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
+                           f"{fc.min_thickness_ratio_to_rim:g}x rim median {rim_median:.1f} mm)")
+            if large:
+                why.append(f"{diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)")
+            reason = "; ".join(why)
+        else:
+            suspicious, reason = False, f"thin enhancement ({thickness:.1f} mm), within the benign rim pattern"
+        if local:
+            pattern = ("focal" if extent < fc.focal_max_deg else
+                       "crescentic" if extent <= fc.crescentic_max_deg else "circumferential")
+        else:
+            pattern = "distant"
+        foci.append(Focus(
+            centroid_lps=[round(float(v), 2) for v in points.mean(0)], volume_ml=round(volume_ml, 3),
+            diameter_mm=round(diameter, 2), max_thickness_mm=round(thickness, 2),
+            distance_to_az_surface_mm=round(distance, 2), mean_relative_enhancement=round(mean_re, 3),
+            angular_extent_deg=round(extent, 1), pattern=pattern, local=local, suspicious=suspicious,
+            reason=reason))
+        if suspicious:
+            masks.append(outside)
+    return foci, masks

@@ -1,0 +1,98 @@
+"""key_image.png: the study (and its registered baseline) on the slice through the worst finding."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.colors import ListedColormap
+
+# The object-oriented Figure API (not pyplot): no display needed and safe in worker threads.
+from matplotlib.figure import Figure
+
+from pipeline.outputs import atomic_write_bytes
+
+_LABEL_COLOURS = ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1.0, 0.35), (1.0, 0.85, 0.1, 0.6), (1.0, 0.1, 0.1, 0.8)])
+_LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("I", "S")}  # LPS: +x left, +y posterior, +z superior
+
+
+def orientation_letters(image: sitk.Image) -> tuple[str, str, str, str]:
+    """Letters (left, right, top, bottom) of an array slice shown with row 0 at the top.
+
+    Columns run along the direction's first column (row cosine), rows along its second.
+    """
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+
+    def letters(vec: np.ndarray) -> tuple[str, str]:
+        axis = int(np.argmax(np.abs(vec)))
+        low, high = _LETTERS[axis]
+        return (low, high) if vec[axis] > 0 else (high, low)
+
+    left, right = letters(direction[:, 0])
+    top, bottom = letters(direction[:, 1])
+    return left, right, top, bottom
+
+
+def _window(a: np.ndarray) -> tuple[float, float]:
+    lo, hi = np.percentile(a, [1, 99.5]) if a.size else (0.0, 1.0)
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None = None, cmap: str = "gray",
+           symmetric: bool = False) -> None:
+    arr = sitk.GetArrayViewFromImage(image)
+    k = int(np.clip(k, 0, arr.shape[0] - 1))
+    sl = arr[k]
+    sx, sy = image.GetSpacing()[:2]
+    if symmetric:
+        v = float(np.percentile(np.abs(sl), 99.5)) or 1.0
+        ax.imshow(sl, cmap=cmap, vmin=-v, vmax=v, aspect=sy / sx, interpolation="nearest")
+    else:
+        lo, hi = _window(sl)
+        ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
+    if labels is not None:
+        lab = sitk.GetArrayViewFromImage(labels)[k]
+        ax.imshow(np.ma.masked_equal(lab, 0), cmap=_LABEL_COLOURS, vmin=0, vmax=3, aspect=sy / sx,
+                  interpolation="nearest")
+    left, right, top, bottom = orientation_letters(image)
+    h, w = sl.shape
+    style = dict(color="yellow", fontsize=8, ha="center", va="center")
+    ax.text(4, h / 2, left, **style)
+    ax.text(w - 5, h / 2, right, **style)
+    ax.text(w / 2, 4, top, **style)
+    ax.text(w / 2, h - 5, bottom, **style)
+    bar_px = 20.0 / sx  # 20 mm scale bar
+    ax.plot([w - 8 - bar_px, w - 8], [h - 12, h - 12], color="white", lw=2)
+    ax.text(w - 8 - bar_px / 2, h - 18, "20 mm", color="white", fontsize=6, ha="center")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def render_key_image(
+    path: Path,
+    current: dict[str, sitk.Image],
+    key_slice: int,
+    title: str,
+    baseline: dict[str, sitk.Image] | None = None,
+    dpi: int = 100,
+) -> None:
+    """Write a PNG: pre, post, subtraction+labels of the study, and of the baseline when given.
+
+    ``current``/``baseline`` map "pre", "post", "subtraction", "labels" to images on the
+    current study's post grid (the baseline already resampled through the registration).
+    """
+    rows = 2 if baseline else 1
+    fig = Figure(figsize=(9, 3.2 * rows))
+    axes = fig.subplots(rows, 3, squeeze=False)
+    for row, (name, imgs) in enumerate([("this study", current), ("baseline (registered)", baseline)][:rows]):
+        _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre")
+        _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post")
+        _panel(axes[row, 2], imgs["subtraction"], key_slice, f"{name}: subtraction + labels",
+               labels=imgs.get("labels"), symmetric=True)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,162 @@
+"""Classical segmentation of the ablation zone, its rim and enhancing foci.
+
+Works on a registered, intensity-normalised pre/post pair on the post-contrast grid:
+- **Ablation zone (AZ)**: the necrotic core is T1-bright before contrast and does not enhance
+  (criteria.md §2 "Other sequences" [S4][S15][S20]); AZ = connected region that is bright on
+  the pre-contrast image and below the enhancement threshold, bounded by the inner edge of the
+  enhancing rim. A soft (partial-volume) map of the core is returned for sub-voxel measurement.
+- **Enhancing tissue**: relative enhancement >= threshold (rule 6).
+- **Rim**: enhancing tissue in a shell around the AZ.
+- **Foci**: enhancing tissue thick enough not to be a benign rim: it holds an in-plane disc of
+  diameter >= the focus thickness threshold on at least two consecutive slices. Slice-wise
+  (in-plane) thickness is used on purpose: with 3-5 mm slices, a thin rim cut tangentially at
+  the AZ poles looks thick across slices but never persists over two slices.
+This is the reference and the fallback of the network of models/ (its own issue).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from pipeline.config import PipelineConfig
+
+
+@dataclass
+class SegmentationResult:
+    """Arrays in SimpleITK's (z, y, x) order on the post-contrast grid."""
+
+    az: np.ndarray  # bool
+    az_soft: np.ndarray  # float32 in [0, 1], partial-volume fraction of the necrotic core
+    enhancing: np.ndarray  # bool, RE >= threshold inside the body
+    rim: np.ndarray  # bool
+    focus_candidates: list[np.ndarray]  # bool masks of thick enhancing components
+    found: bool
+    reason: str
+
+
+def spacing_zyx(image: sitk.Image) -> np.ndarray:
+    return np.array(image.GetSpacing()[::-1], dtype=float)
+
+
+def _ball_zyx(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Structuring element of a physical ball (mm) on an anisotropic grid."""
+    r = np.maximum(np.floor(radius_mm / spacing), 0).astype(int)
+    zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    d2 = (zz * spacing[0]) ** 2 + (yy * spacing[1]) ** 2 + (xx * spacing[2]) ** 2
+    return d2 <= radius_mm ** 2 + 1e-6
+
+
+def _component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None, spacing: np.ndarray,
+                       min_voxels: int) -> int:
+    """Label of the component to keep: nearest to the hint when given, else the largest compact one."""
+    best, best_score = 0, -np.inf
+    sizes = ndi.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    centroids = ndi.center_of_mass(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    for idx in range(1, n + 1):
+        size = sizes[idx - 1]
+        if size < min_voxels:
+            continue
+        if point_zyx is not None:
+            dist = float(np.linalg.norm((np.asarray(centroids[idx - 1]) - point_zyx) * spacing))
+            score = -dist
+        else:
+            score = float(size)
+        if score > best_score:
+            best, best_score = idx, score
+    return best
+
+
+def segment(
+    pre: sitk.Image,
+    relative_enhancement: sitk.Image,
+    body: sitk.Image,
+    cfg: PipelineConfig,
+    target_hint_lps: tuple[float, float, float] | None = None,
+) -> SegmentationResult:
+    """Segment AZ, rim and focus candidates on the post-contrast grid.
+
+    ``pre`` is the pre-contrast image resampled onto the post grid (after registration),
+    ``relative_enhancement`` the RE map (post_norm - pre) / pre on that grid, ``body`` a uint8 mask.
+    """
+    spacing = spacing_zyx(pre)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    pre_a = sitk.GetArrayViewFromImage(pre).astype(np.float32)
+    body_a = sitk.GetArrayViewFromImage(body) > 0
+    # Light in-plane median filter: the RE of single voxels is noisy (noise adds in the ratio).
+    re_a = ndi.median_filter(sitk.GetArrayViewFromImage(relative_enhancement).astype(np.float32), size=(1, 3, 3))
+    thr = cfg.enhancement.relative_enhancement_threshold
+    tissue = body_a & (pre_a > 0)
+    empty = np.zeros(pre_a.shape, bool)
+    if tissue.sum() < 100:
+        return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
+    ref = float(np.median(pre_a[tissue & (pre_a > np.percentile(pre_a[tissue], 25))]))
+    enhancing = body_a & (re_a >= thr)
+    # Drop enhancing specks smaller than the minimum component size (rule 6).
+    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    lab, n = ndi.label(enhancing)
+    if n:
+        sizes = ndi.sum_labels(enhancing, lab, index=np.arange(1, n + 1))
+        enhancing &= np.isin(lab, 1 + np.flatnonzero(sizes >= min_vox))
+
+    bright = body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref) & (re_a < thr)
+    bright = ndi.binary_opening(bright, structure=_ball_zyx(1.6, spacing))
+    lab, n = ndi.label(bright)
+    hint = None
+    if target_hint_lps is not None:
+        idx_xyz = pre.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))
+        hint = np.array(idx_xyz[::-1])
+    min_az_vox = int(cfg.segmentation.az_min_volume_ml / voxel_ml)
+    keep = _component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
+    if keep == 0:
+        return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
+                                  "no T1-bright non-enhancing zone found")
+    core = lab == keep
+    # Refine the boundary at half-way between the core and its surroundings (partial volume):
+    # a fixed ratio threshold would shift the edge with the core's brightness.
+    near = ndi.binary_dilation(core, structure=_ball_zyx(6.0, spacing)) & ~ndi.binary_dilation(
+        core, structure=_ball_zyx(2.0, spacing)) & body_a
+    core_level = float(np.median(pre_a[ndi.binary_erosion(core, structure=_ball_zyx(2.0, spacing))] if
+                                 ndi.binary_erosion(core, structure=_ball_zyx(2.0, spacing)).any() else pre_a[core]))
+    outside_level = float(np.median(pre_a[near & ~enhancing])) if (near & ~enhancing).any() else ref
+    half = 0.5 * (core_level + outside_level)
+    region = ndi.binary_dilation(core, structure=_ball_zyx(4.0, spacing)) & body_a
+    soft = np.clip((pre_a - outside_level) / max(core_level - outside_level, 1e-6), 0.0, 1.0).astype(np.float32)
+    soft[~region] = 0.0
+    az = region & (pre_a >= half)
+    az_lab, n = ndi.label(az)
+    if n > 1:
+        overlap = ndi.sum_labels(core, az_lab, index=np.arange(1, n + 1))
+        az = az_lab == (1 + int(np.argmax(overlap)))
+    az = ndi.binary_fill_holes(az)
+    soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
+
+    shell = ndi.binary_dilation(az, structure=_ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
+    rim = enhancing & shell
+    foci = _focus_candidates(enhancing, spacing, cfg.foci.min_thickness_mm)
+    return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
+
+
+def _focus_candidates(enhancing: np.ndarray, spacing: np.ndarray, min_thickness_mm: float) -> list[np.ndarray]:
+    """Enhancing regions holding an in-plane disc of diameter >= ``min_thickness_mm`` on >= 2 slices."""
+    radius = min_thickness_mm / 2.0
+    core = np.zeros_like(enhancing)
+    for k in range(enhancing.shape[0]):
+        if enhancing[k].any():
+            # In-plane distance to the nearest non-enhancing voxel centre, in mm. A voxel centre at
+            # distance d from the background sits in a structure about 2d - pixel wide.
+            dist = ndi.distance_transform_edt(enhancing[k], sampling=spacing[1:])
+            core[k] = dist >= radius + 0.5 * float(np.min(spacing[1:]))
+    persistent = core & (np.roll(core, 1, axis=0) | np.roll(core, -1, axis=0))
+    persistent[0] &= core[1] if core.shape[0] > 1 else False
+    persistent[-1] &= core[-2] if core.shape[0] > 1 else False
+    if not persistent.any():
+        return []
+    # Grow the cores back to the tissue they stand for (within the enhancing mask).
+    grown = ndi.binary_dilation(persistent, structure=_ball_zyx(radius + float(np.max(spacing[1:])), spacing),
+                                mask=enhancing)
+    lab, n = ndi.label(grown)
+    return [lab == i for i in range(1, n + 1)]

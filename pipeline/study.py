@@ -1,0 +1,168 @@
+"""Per-study imaging: load, register post->pre, subtract, segment, measure (one study, no history).
+
+``analyse_study`` never raises for bad input: a study it cannot read comes back with
+``ok=False`` and the reason, plus error rows for errors.csv.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.config import PipelineConfig
+from pipeline.foci import analyse_foci
+from pipeline.imageio import SeriesGeometryError, load_series
+from pipeline.measure import measure_ablation_zone
+from pipeline.registration import body_mask, register_intra_study, resample_to
+from pipeline.rim import rim_metrics, rim_thickness_profile
+from pipeline.segment_classical import segment
+from pipeline.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
+from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
+
+LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
+
+
+@dataclass
+class StudyImages:
+    """Images of one study on the grid of the post-contrast series used."""
+
+    post: sitk.Image
+    pre_registered: sitk.Image
+    subtraction: sitk.Image
+    labels: sitk.Image
+
+
+@dataclass
+class StudyAnalysis:
+    imaging: StudyImaging
+    images: StudyImages | None
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+
+def _error(study: StudyRecord, series: SeriesRecord | None, stage: str, reason: str) -> ErrorRecord:
+    return ErrorRecord(
+        path=str(series.files[0].parent) if series and series.files else "",
+        patient_id=study.patient_id, study_instance_uid=study.study_instance_uid,
+        series_instance_uid=series.series_instance_uid if series else "", stage=stage, reason=reason)
+
+
+def _phase_order(posts: list[SeriesRecord], choice: str | int) -> list[SeriesRecord]:
+    """Post-contrast phases in the order they are tried: the configured one first."""
+    if choice == "latest":
+        return list(reversed(posts))
+    preferred = [p for p in posts if p.phase_index == choice]
+    return preferred + [p for p in reversed(posts) if p not in preferred]
+
+
+def analyse_study(
+    study: StudyRecord,
+    cfg: PipelineConfig,
+    target_hint_lps: tuple[float, float, float] | None = None,
+    device: str = "cpu",
+) -> StudyAnalysis:
+    """Run the per-study stages on one study. See module docstring."""
+    timings: dict[str, float] = {}
+    errors: list[ErrorRecord] = []
+    pres = study.with_role(SeriesRole.T1_PRE)
+    posts = study.with_role(SeriesRole.T1_POST)
+    used = {}
+    if not posts:
+        reason = "no post-contrast T1 series in the study"
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, None, "select_series", reason)])
+    if not pres:
+        reason = "no pre-contrast T1 series in the study (subtraction impossible)"
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, None, "select_series", reason)])
+
+    t0 = time.perf_counter()
+    pre_series = pres[0]
+    try:
+        pre = load_series(pre_series)
+    except (SeriesGeometryError, OSError, ValueError) as exc:
+        reason = f"pre-contrast series unreadable: {exc}"
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, pre_series, "load", reason)])
+    used[SeriesRole.T1_PRE.value] = pre_series.series_instance_uid
+    timings["load"] = time.perf_counter() - t0
+
+    # Rule 5: register each phase to the pre-contrast; a phase failing QC is not used.
+    registrations: list[RegistrationQC] = []
+    chosen = None
+    for post_series in _phase_order(posts, cfg.enhancement.phase):
+        t0 = time.perf_counter()
+        try:
+            post = load_series(post_series)
+        except (SeriesGeometryError, OSError, ValueError) as exc:
+            errors.append(_error(study, post_series, "load", f"post-contrast phase unreadable: {exc}"))
+            continue
+        timings["load"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # The post grid is the output grid (DESIGN.md): the pre-contrast is moved onto it.
+        transform, qc = register_intra_study(post, pre, cfg.registration, name=f"pre_to_post_phase{post_series.phase_index}")
+        timings["register_intra"] = timings.get("register_intra", 0.0) + time.perf_counter() - t0
+        registrations.append(qc)
+        if qc.ok:
+            chosen = (post_series, post, transform)
+            break
+        errors.append(_error(study, post_series, "register_intra", f"phase not used: {qc.reason}"))
+    if chosen is None:
+        reason = ("no usable post-contrast phase: " + "; ".join(f"{q.name}: {q.reason}" for q in registrations)
+                  if registrations else "no post-contrast phase could be read")
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason, registration=registrations, series_used=used,
+                                          timings_s=timings), None, errors)
+    post_series, post, transform = chosen
+    used[SeriesRole.T1_POST.value] = post_series.series_instance_uid
+
+    t0 = time.perf_counter()
+    pre_on_post = resample_to(pre, post, transform)
+    body = body_mask(pre_on_post)
+    post_norm, _factor = normalise_post_to_pre(pre_on_post, post, body)
+    sub = subtraction(pre_on_post, post_norm)
+    rel = relative_enhancement(pre_on_post, post_norm, body)
+    timings["subtract"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    seg = segment(pre_on_post, rel, body, cfg, target_hint_lps)
+    timings["segment"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels_a = np.zeros(seg.az.shape, np.uint8)
+    az_measure = rim = None
+    foci = []
+    if seg.found:
+        az_img = _like(seg.az.astype(np.uint8), post)
+        az_measure = measure_ablation_zone(az_img, _like(seg.az_soft, post))
+        enh_img = _like(seg.enhancing.astype(np.uint8), post)
+        profile = rim_thickness_profile(az_img, enh_img, max_search_mm=cfg.segmentation.rim_search_mm)
+        rim_volume_ml = float(seg.rim.sum() * np.prod(post.GetSpacing()) / 1000.0)
+        rim = rim_metrics(profile, rim_volume_ml, cfg.rim.benign_max_thickness_mm,
+                          cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
+        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg)
+        labels_a[seg.rim] = LABEL_RIM
+        labels_a[seg.az] = LABEL_AZ
+        for mask in focus_masks:
+            labels_a[mask & ~seg.az] = LABEL_FOCUS
+    timings["measure"] = time.perf_counter() - t0
+
+    labels = _like(labels_a, post)
+    key_slice = None
+    if seg.found:
+        key_slice = int(az_measure.slice_index) if az_measure else None
+        suspicious = [f for f in foci if f.suspicious]
+        if suspicious:
+            worst = max(suspicious, key=lambda f: f.diameter_mm)
+            key_slice = int(round(post.TransformPhysicalPointToContinuousIndex(tuple(worst.centroid_lps))[2]))
+    imaging = StudyImaging(
+        ok=True, series_used=used, post_phase_used=post_series.phase_index, registration=registrations,
+        az_found=seg.found and az_measure is not None, ablation_zone=az_measure, rim=rim, foci=foci,
+        segmentation_method="classical", device=device, key_slice_index=key_slice, timings_s=timings,
+        reason="" if seg.found else seg.reason)
+    images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
+    return StudyAnalysis(imaging, images, errors)
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image

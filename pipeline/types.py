@@ -1,0 +1,183 @@
+"""Typed records passed between the stages.
+
+Internal records (what ingest finds) are dataclasses; everything that is written to
+``assessment.json`` and read back on a resumed run is a pydantic model.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+# --------------------------------------------------------------------------- ingest
+class SeriesRole(str, Enum):
+    T1_PRE = "t1_pre"
+    T1_POST = "t1_post"
+    T2 = "t2"
+    SUBTRACTION = "subtraction"
+    OTHER = "other"
+
+
+@dataclass
+class SeriesRecord:
+    """One DICOM series as found in the export (headers only, no pixels)."""
+
+    patient_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    series_number: int | None
+    series_description: str
+    modality: str
+    manufacturer: str
+    files: list[Path]
+    role: SeriesRole = SeriesRole.OTHER
+    role_reason: str = ""
+    # 1-based order of a post-contrast phase within its study (None for other roles).
+    phase_index: int | None = None
+    contrast_agent: str = ""
+    acquisition_time: str = ""
+    echo_time_ms: float | None = None
+
+
+@dataclass
+class StudyRecord:
+    """One imaging study (StudyInstanceUID) with its series."""
+
+    patient_id: str
+    study_instance_uid: str
+    study_date: dt.date | None
+    study_description: str
+    series: list[SeriesRecord] = field(default_factory=list)
+
+    def with_role(self, role: SeriesRole) -> list[SeriesRecord]:
+        found = [s for s in self.series if s.role == role]
+        if role == SeriesRole.T1_POST:
+            found.sort(key=lambda s: (s.phase_index or 0))
+        return found
+
+
+@dataclass
+class ErrorRecord:
+    """A file, series or study that was skipped or failed; one row of errors.csv."""
+
+    path: str
+    patient_id: str
+    study_instance_uid: str
+    series_instance_uid: str
+    stage: str
+    reason: str
+
+
+# --------------------------------------------------------------------------- timeline
+class Timepoint(str, Enum):
+    PRE_ABLATION = "pre_ablation"
+    BASELINE = "baseline"
+    FOLLOW_UP = "follow_up"
+
+
+@dataclass
+class TimelineEntry:
+    """Where one study sits in its patient's treatment history."""
+
+    study: StudyRecord
+    timepoint: Timepoint
+    session: int | None  # 1-based ablation session, None before the first
+    ablation_date: dt.date | None
+    days_since_ablation: int | None
+    baseline_study_instance_uid: str | None
+    flags: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- imaging results
+class Category(str, Enum):
+    PRE_ABLATION = "pre_ablation"
+    COMPLETE_ABLATION = "complete_ablation"
+    RESIDUAL_UNABLATED_TUMOUR = "residual_unablated_tumour"
+    NO_EVIDENCE_OF_LTP = "no_evidence_of_ltp"
+    LOCAL_TUMOUR_PROGRESSION = "local_tumour_progression"
+    SUSPECTED_LOCAL_TUMOUR_PROGRESSION = "suspected_local_tumour_progression"
+    INDETERMINATE = "indeterminate"
+
+
+class RegistrationQC(BaseModel):
+    """Quality of one registration (post->pre within a study, or follow-up->baseline)."""
+
+    name: str
+    method: str
+    metric: str
+    metric_before: float
+    metric_after: float
+    iterations: int
+    stop_condition: str
+    # Mean displacement (mm) the found transform applies over the body: the motion corrected.
+    motion_corrected_mm: float
+    ok: bool
+    reason: str = ""
+    seconds: float = 0.0
+
+
+class AxisMeasurement(BaseModel):
+    """Size of the ablation zone per DESIGN.md "Measurement conventions" (mm, mL, LPS)."""
+
+    long_axis_mm: float
+    short_axis_mm: float
+    max_3d_diameter_mm: float
+    volume_ml: float
+    slice_index: int  # slice (of the measured grid) holding the long axis
+    long_axis_endpoints_lps: list[list[float]]
+    short_axis_endpoints_lps: list[list[float]]
+    centroid_lps: list[float]
+    measured_on: str  # "acquired_axial" or "axial_reformat"
+    in_plane_spacing_mm: list[float]
+
+
+class RimMetrics(BaseModel):
+    """Enhancing rim around the AZ, thickness along surface normals (rule 7)."""
+
+    present: bool
+    median_thickness_mm: float
+    max_thickness_mm: float
+    coverage_deg: float
+    cv: float
+    volume_ml: float
+    benign_pattern: bool
+    reason: str = ""
+
+
+class Focus(BaseModel):
+    """One enhancing focus outside the benign-rim pattern."""
+
+    centroid_lps: list[float]
+    volume_ml: float
+    diameter_mm: float
+    max_thickness_mm: float
+    distance_to_az_surface_mm: float
+    mean_relative_enhancement: float
+    angular_extent_deg: float
+    pattern: str  # focal | crescentic | circumferential | distant
+    local: bool
+    suspicious: bool
+    reason: str
+
+
+class StudyImaging(BaseModel):
+    """Everything the per-study imaging stages found; reloaded on a resumed run."""
+
+    ok: bool
+    reason: str = ""
+    series_used: dict[str, str] = Field(default_factory=dict)  # role -> SeriesInstanceUID
+    post_phase_used: int | None = None
+    registration: list[RegistrationQC] = Field(default_factory=list)
+    az_found: bool = False
+    ablation_zone: AxisMeasurement | None = None
+    rim: RimMetrics | None = None
+    foci: list[Focus] = Field(default_factory=list)
+    segmentation_method: str = ""
+    device: str = "cpu"
+    key_slice_index: int | None = None
+    timings_s: dict[str, float] = Field(default_factory=dict)

@@ -1,0 +1,84 @@
+"""Output contract helpers and the configuration schema."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from pydantic import ValidationError
+
+from pipeline.classify import Decision
+from pipeline.config import load_config
+from pipeline.outputs import (
+    COHORT_COLUMNS, AssessmentRecord, atomic_write_image, atomic_write_text, cohort_row, read_assessment,
+    safe_name, write_assessment, write_cohort_csv,
+)
+from pipeline.types import Category
+from tests.helpers import focus, imaging
+
+
+def test_cohort_columns_are_the_contract_in_order(tmp_path):
+    record = AssessmentRecord(
+        patient_id="P1", study_instance_uid="1.2.3", study_date="2024-04-01", timepoint="baseline", session=1,
+        ablation_date="2024-03-01", days_since_ablation=31, baseline_study_instance_uid="1.2.3",
+        imaging=imaging(31.234, [focus(diameter=9.5)]),
+        decision=Decision(category=Category.RESIDUAL_UNABLATED_TUMOUR, rule_id="r", rule="r", confidence=0.9,
+                          flagged=True, flag_reasons=["a;b", "c"]))
+    path = write_cohort_csv(tmp_path, [record])
+    with path.open() as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == COHORT_COLUMNS
+        row = next(reader)
+    assert row["az_long_axis_mm"] == "31.23" and row["largest_focus_mm"] == "9.50"
+    assert row["flagged"] == "true" and row["new_lesion"] == "false"
+    assert row["flag_reasons"] == "a,b;c"  # ';' separates reasons, so it never appears inside one
+    assert row["az_long_axis_change_pct"] == ""  # empty cell where not applicable
+    assert cohort_row(record)["registration_ok"] == ""
+
+
+def test_assessment_round_trip(tmp_path):
+    record = AssessmentRecord(
+        patient_id="P1", study_instance_uid="1.2.3", study_date=None, timepoint="follow_up", session=None,
+        ablation_date=None, days_since_ablation=None, baseline_study_instance_uid=None, imaging=imaging(20.0),
+        decision=Decision(category=Category.INDETERMINATE, rule_id="x", rule="x", confidence=0, flagged=True))
+    write_assessment(tmp_path / "a" / "assessment.json", record)
+    again = read_assessment(tmp_path / "a" / "assessment.json")
+    assert again == record and again.schema_version == 1
+    (tmp_path / "broken.json").write_text("{")
+    assert read_assessment(tmp_path / "broken.json") is None
+
+
+def test_atomic_writes_leave_no_temporary_files(tmp_path):
+    atomic_write_text(tmp_path / "x.txt", "hello")
+    img = sitk.GetImageFromArray(np.arange(24, dtype=np.uint8).reshape(2, 3, 4))
+    img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    atomic_write_image(img, tmp_path / "l.nii.gz")
+    assert sorted(os.listdir(tmp_path)) == ["l.nii.gz", "x.txt"]
+    back = sitk.ReadImage(str(tmp_path / "l.nii.gz"))
+    assert back.GetDirection() == img.GetDirection()
+
+
+def test_safe_name():
+    assert safe_name("ABL/001 ^x") == "ABL_001_x"
+    assert safe_name("..") == "unknown"
+
+
+def test_config_default_and_override(tmp_path):
+    cfg = load_config()
+    assert cfg.enhancement.relative_enhancement_threshold == 0.15
+    override = tmp_path / "site.yaml"
+    override.write_text("enhancement:\n  relative_enhancement_threshold: 0.2\n")
+    site = load_config(override)
+    assert site.enhancement.relative_enhancement_threshold == 0.2
+    assert site.rules == cfg.rules and site.digest() != cfg.digest()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("enhancement:\n  relative_enhancement_threshold: -1\n")
+    with pytest.raises(ValidationError):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("rulez: {}\n")
+    with pytest.raises(ValidationError):
+        load_config(typo)

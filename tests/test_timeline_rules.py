@@ -1,0 +1,156 @@
+"""IWG-IGTA rules on hand-built timelines: every path of the state machine (criteria.md §6)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from pipeline.classify import classify_patient
+from pipeline.config import load_config
+from pipeline.timeline import Procedure, build_patient_timeline, read_procedures
+from pipeline.types import Category, Timepoint
+from tests.helpers import DAY0, focus, imaging, study
+
+CFG = load_config()
+C = Category
+
+
+def run(studies, imgs, sessions=(0,)):
+    procs = [Procedure("P1", DAY0 + dt.timedelta(days=d)) for d in sessions] if sessions is not None else None
+    az_present = {s.study_instance_uid: imgs[s.study_instance_uid].az_found for s in studies}
+    entries = build_patient_timeline(studies, procs, az_present, CFG.rules)
+    decisions = classify_patient(entries, imgs, CFG)
+    return entries, [decisions[e.study.study_instance_uid] for e in entries]
+
+
+def cats(decisions):
+    return [d.category for d in decisions]
+
+
+def test_complete_then_clean_follow_ups():
+    studies = [study("s0", -10), study("s1", 30), study("s2", 90), study("s3", 180)]
+    imgs = {"s0": imaging(None), "s1": imaging(30), "s2": imaging(27), "s3": imaging(25)}
+    entries, d = run(studies, imgs)
+    assert [e.timepoint for e in entries] == [Timepoint.PRE_ABLATION, Timepoint.BASELINE, Timepoint.FOLLOW_UP,
+                                              Timepoint.FOLLOW_UP]
+    assert cats(d) == [C.PRE_ABLATION, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP, C.NO_EVIDENCE_OF_LTP]
+    assert not any(x.flagged for x in d)
+    assert d[2].changes.long_axis_change_pct == pytest.approx(-10.0)
+
+
+def test_residual_at_baseline_persists_as_residual():
+    studies = [study("s1", 30), study("s2", 90)]
+    imgs = {"s1": imaging(30, [focus()]), "s2": imaging(30, [focus(10)])}
+    _, d = run(studies, imgs)
+    assert cats(d) == [C.RESIDUAL_UNABLATED_TUMOUR, C.RESIDUAL_UNABLATED_TUMOUR]
+    assert d[1].rule_id == "R2-residual-persisting"
+    assert all(x.flagged for x in d)
+
+
+def test_clean_then_ltp_at_12_months():
+    studies = [study("s1", 30), study("s2", 90), study("s3", 180), study("s4", 365)]
+    imgs = {"s1": imaging(30), "s2": imaging(28), "s3": imaging(27), "s4": imaging(27, [focus()])}
+    _, d = run(studies, imgs)
+    assert cats(d) == [C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP, C.NO_EVIDENCE_OF_LTP, C.LOCAL_TUMOUR_PROGRESSION]
+    assert d[3].rule_id == "R2-ltp-after-documented-complete"
+    assert d[3].values["largest_focus_mm"] == 8.0
+
+
+def test_ltp_never_at_first_contrast_study():
+    # The focus is on the first contrast study: residual, never LTP, whatever came later.
+    studies = [study("s1", 30), study("s2", 90)]
+    imgs = {"s1": imaging(30, [focus()]), "s2": imaging(30)}
+    _, d = run(studies, imgs)
+    assert d[0].category == C.RESIDUAL_UNABLATED_TUMOUR
+    assert d[1].category == C.NO_EVIDENCE_OF_LTP and "residual_no_longer_seen" in d[1].flag_reasons
+
+
+def test_residual_then_reablation_then_clean():
+    studies = [study("s1", 30), study("s2", 100), study("s3", 200)]
+    imgs = {"s1": imaging(30, [focus()]), "s2": imaging(35), "s3": imaging(33)}
+    entries, d = run(studies, imgs, sessions=(0, 70))
+    assert [e.session for e in entries] == [1, 2, 2]
+    assert [e.timepoint for e in entries] == [Timepoint.BASELINE, Timepoint.BASELINE, Timepoint.FOLLOW_UP]
+    assert cats(d) == [C.RESIDUAL_UNABLATED_TUMOUR, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP]
+    assert entries[2].baseline_study_instance_uid == "s2"
+    assert entries[1].days_since_ablation == 30
+
+
+def test_growth_only_is_suspected_progression_from_3_months():
+    studies = [study("s1", 30), study("s2", 90), study("s3", 180), study("s4", 365)]
+    imgs = {"s1": imaging(30), "s2": imaging(27), "s3": imaging(36), "s4": imaging(31)}
+    _, d = run(studies, imgs)
+    # nadir 27 mm: +9 mm >= max(5, 5.4) -> suspected; 31 mm: +4 mm over nadir 27 -> not.
+    assert cats(d) == [C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP, C.SUSPECTED_LOCAL_TUMOUR_PROGRESSION,
+                       C.NO_EVIDENCE_OF_LTP]
+    assert d[2].values["growth_needed_mm"] == pytest.approx(5.4)
+
+
+def test_growth_before_3_months_is_ignored():
+    studies = [study("s1", 30), study("s2", 60)]
+    imgs = {"s1": imaging(30), "s2": imaging(40)}
+    _, d = run(studies, imgs)
+    assert d[1].category == C.NO_EVIDENCE_OF_LTP
+
+
+def test_new_lesion_only_does_not_change_local_category():
+    studies = [study("s1", 30), study("s2", 90)]
+    imgs = {"s1": imaging(30), "s2": imaging(28, [focus(distance=25.0)])}
+    _, d = run(studies, imgs)
+    assert d[1].category == C.NO_EVIDENCE_OF_LTP
+    assert d[1].new_lesion and d[1].flagged
+
+
+def test_missing_post_contrast_is_indeterminate_and_not_baseline():
+    studies = [study("s1", 30), study("s2", 90, post=False), study("s3", 180)]
+    imgs = {"s1": imaging(30), "s2": imaging(None, ok=False, reason="no post-contrast T1 series in the study"),
+            "s3": imaging(28, [focus()])}
+    entries, d = run(studies, imgs)
+    assert cats(d) == [C.COMPLETE_ABLATION, C.INDETERMINATE, C.LOCAL_TUMOUR_PROGRESSION]
+    assert d[1].flagged and "no post-contrast" in d[1].flag_reasons[-1]
+
+
+def test_first_study_without_contrast_cannot_be_baseline():
+    studies = [study("s1", 30, post=False), study("s2", 90)]
+    imgs = {"s1": imaging(None, ok=False, reason="no post-contrast"), "s2": imaging(30)}
+    entries, d = run(studies, imgs)
+    assert entries[0].timepoint == Timepoint.FOLLOW_UP and "before_baseline" in entries[0].flags
+    assert entries[1].timepoint == Timepoint.BASELINE
+    assert cats(d) == [C.INDETERMINATE, C.COMPLETE_ABLATION]
+
+
+@pytest.mark.parametrize("days,flag", [(10, "early_baseline"), (90, "late_baseline")])
+def test_baseline_outside_window_is_still_baseline_but_flagged(days, flag):
+    studies = [study("s1", days)]
+    entries, d = run(studies, {"s1": imaging(30)})
+    assert entries[0].timepoint == Timepoint.BASELINE and flag in entries[0].flags
+    assert d[0].category == C.COMPLETE_ABLATION and d[0].flagged and flag in d[0].flag_reasons
+
+
+def test_no_ablation_zone_where_one_must_be_is_indeterminate():
+    studies = [study("s1", 30), study("s2", 90)]
+    _, d = run(studies, {"s1": imaging(30), "s2": imaging(None)})
+    assert d[1].category == C.INDETERMINATE and d[1].rule_id == "R5-no-ablation-zone"
+
+
+def test_sessions_inferred_from_images_without_procedures():
+    studies = [study("s0", -20), study("s1", 30), study("s2", 90)]
+    imgs = {"s0": imaging(None), "s1": imaging(30), "s2": imaging(28)}
+    entries, d = run(studies, imgs, sessions=None)
+    assert [e.timepoint for e in entries] == [Timepoint.PRE_ABLATION, Timepoint.BASELINE, Timepoint.FOLLOW_UP]
+    assert entries[1].days_since_ablation is None and "session_inferred_from_images" in entries[1].flags
+    assert cats(d) == [C.PRE_ABLATION, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP]
+
+
+def test_read_procedures(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("patient_id,ablation_date,organ,target_x,target_y,target_z\nA,2024-05-02,liver,1,2,3\n"
+                    "A,2024-01-02,,,,\nB,2024-02-03,,,,\n")
+    sessions = read_procedures(path)
+    assert [p.ablation_date.isoformat() for p in sessions["A"]] == ["2024-01-02", "2024-05-02"]
+    assert sessions["A"][1].target_lps == (1.0, 2.0, 3.0)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("patient_id,ablation_date\nA,02/05/2024\n")
+    with pytest.raises(ValueError, match="bad.csv:2"):
+        read_procedures(bad)
