@@ -70,8 +70,8 @@ def analyse_study(
     posts = study.with_role(SeriesRole.T1_POST)
     used = {}
     if not posts:
-        reason = "no post-contrast T1 series in the study"
-        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, None, "select_series", reason)])
+        # Ingest already reported the missing series in errors.csv (stage series_roles).
+        return StudyAnalysis(StudyImaging(ok=False, reason="no post-contrast T1 series in the study"), None, [])
     if not pres:
         reason = "no pre-contrast T1 series in the study (subtraction impossible)"
         return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, None, "select_series", reason)])

@@ -1,0 +1,80 @@
+"""End to end: generate a small export, run the real Prefect flow, compare with truth.json.
+
+One module-scoped run (the flow's local ephemeral server starts once) shared by the checks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from pipeline.evaluation import evaluate_run
+from pipeline.phantom import generate_export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.assess import run_assessment
+
+    root = tmp_path_factory.mktemp("e2e")
+    truth = generate_export(root / "data", n_patients=2, seed=11)
+    out = root / "out"
+    summary = run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", workers=2, device="cpu")
+    return root, out, truth, summary
+
+
+def _cohort(out):
+    with (out / "cohort.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_study_is_in_the_cohort_with_the_true_category(run):
+    root, out, truth, summary = run
+    report = evaluate_run(out, root / "data" / "truth.json")
+    assert report["missing_from_cohort"] == []
+    assert report["studies_in_cohort"] == report["studies_in_truth"] == summary["studies"]
+    assert report["viable_tumour"]["sensitivity"] == 1.0, report["wrong"]
+    assert report["category_accuracy"] == 1.0, report["wrong"]
+
+
+def test_measurements_match_truth_within_tolerance(run):
+    root, out, truth, _ = run
+    report = evaluate_run(out, root / "data" / "truth.json")
+    # Registration, interpolation and segmentation compound: allow two in-plane voxels.
+    assert report["long_axis_error_mm"]["max_abs"] <= 3.5, report["long_axis_error_mm"]
+    assert report["short_axis_error_mm"]["max_abs"] <= 3.5, report["short_axis_error_mm"]
+    assert report["volume_error_pct"]["median_abs"] <= 15, report["volume_error_pct"]
+
+
+def test_outputs_of_the_contract_exist(run):
+    root, out, truth, _ = run
+    rows = _cohort(out)
+    for row in rows:
+        folders = list((out / "patients").glob(f"*/{row['study_date']}_*"))
+        assert folders, row
+        folder = folders[0]
+        record = json.loads((folder / "assessment.json").read_text())
+        assert record["schema_version"] == 1 and record["decision"]["category"] == row["category"]
+        if row["timepoint"] != "pre_ablation" and row["az_long_axis_mm"]:
+            assert (folder / "labels.nii.gz").exists() and (folder / "subtraction.nii.gz").exists()
+            assert (folder / "key_image.png").stat().st_size > 10_000
+        if row["timepoint"] == "follow_up" and row["category"] != "indeterminate":
+            assert (folder / "to_baseline.tfm").exists()
+    errors = (out / "errors.csv").read_text()
+    assert "truncated" in errors.lower() or "not a dicom" in errors.lower()
+
+
+def test_rerun_reuses_every_study_and_gives_the_same_cohort(run):
+    root, out, truth, summary = run
+    from flows.assess import run_assessment
+
+    before = (out / "cohort.csv").read_text()
+    again = run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", workers=1, device="cpu")
+    assert again["studies_reused"] == again["studies"] == summary["studies"]
+    assert (out / "cohort.csv").read_text() == before

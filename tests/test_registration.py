@@ -1,0 +1,327 @@
+"""Registration on synthetic volumes with a known transform (pipeline/registration.py).
+
+The phantom is analytical in physical space (LPS, mm), so a "moving" study is sampled exactly
+under the true transform on any grid (oblique, other spacing) without an interpolation step
+that would favour the registration's own interpolator. ITK convention: the true transform
+maps a fixed (baseline) point to the moving (follow-up) point, so the moving image at ``y``
+shows the anatomy found at ``T^-1(y)``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.config import load_config
+from pipeline.registration import (
+    body_mask,
+    motion_magnitude_mm,
+    register_intra_study,
+    register_to_baseline,
+    resample_to,
+)
+
+
+# --------------------------------------------------------------------------- phantom
+def _rot(ax_deg: float, ay_deg: float, az_deg: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad([ax_deg, ay_deg, az_deg])
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+class Phantom:
+    """Body-like analytical volume: elliptic trunk, fat layer, spine, organs, texture, blobs.
+
+    ``values(points)`` evaluates the signal at (N, 3) LPS points (mm); tissue ~ 200 a.u.
+    """
+
+    def __init__(self, seed: int = 0, semi_axes=(95.0, 72.0)):
+        rng = np.random.default_rng(seed)
+        self.a, self.b = semi_axes
+        self.organs = [  # centre (mm), semi-axes (mm), relative signal
+            (rng.uniform([-50, -35, -35], [50, 30, 35]), rng.uniform(14, 32, 3), rng.choice([0.5, 0.7, 1.4, 1.7]))
+            for _ in range(6)
+        ]
+        self.texture = [(rng.uniform([-80, -60, -70], [80, 60, 70]), rng.uniform(4, 10), rng.uniform(-0.25, 0.25))
+                        for _ in range(90)]
+        self.blobs = [(np.array(c, float), 6.0) for c in ([25.0, -10.0, 5.0], [-35.0, 20.0, -20.0], [5.0, 35.0, 25.0])]
+
+    def values(self, p: np.ndarray) -> np.ndarray:
+        x, y, z = p[:, 0], p[:, 1], p[:, 2]
+        a = self.a * (1 + 0.06 * np.sin(z / 35.0))
+        r = np.sqrt((x / a) ** 2 + (y / self.b) ** 2)
+        body = 1.0 / (1.0 + np.exp(-(1.0 - r) / 0.01))
+        sig = np.ones_like(x)
+        sig += 0.5 / (1.0 + np.exp(-(r - 0.9) / 0.01))  # subcutaneous fat (bright on T1)
+        spine = ((x / 14.0) ** 2 + ((y - 48.0) / 12.0) ** 2) < 1.0
+        sig[spine] = 0.35
+        for c, s, v in self.organs:
+            inside = (((p - c) / s) ** 2).sum(axis=1) < 1.0
+            sig[inside] = v
+        for c, s, amp in self.texture:
+            d2 = ((p - c) ** 2).sum(axis=1)
+            sig += amp * np.exp(-d2 / (2 * s * s))
+        for c, rad in self.blobs:
+            sig[((p - c) ** 2).sum(axis=1) < rad * rad] = 2.2
+        return 200.0 * body * sig
+
+
+def make_grid(size, spacing, direction=np.eye(3), centre=(0.0, 0.0, 0.0)) -> sitk.Image:
+    """Empty float32 image whose centre lies at ``centre`` (LPS, mm)."""
+    img = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
+    img.SetSpacing([float(s) for s in spacing])
+    d = np.asarray(direction, float)
+    img.SetDirection(d.ravel().tolist())
+    half = (np.array(size) - 1) * np.array(spacing) / 2.0
+    img.SetOrigin((np.asarray(centre) - d @ half).tolist())
+    return img
+
+
+def grid_points(img: sitk.Image) -> np.ndarray:
+    """(N, 3) LPS points of all voxels, in numpy (k, j, i) order."""
+    size = img.GetSize()
+    k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+    idx = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(float)
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    return np.asarray(img.GetOrigin()) + (idx * np.array(img.GetSpacing())) @ d.T
+
+
+def render(ph: Phantom, grid: sitk.Image, true_tx: sitk.Transform | None = None, scale=1.0,
+           noise=0.0, seed=0, enhance=None) -> sitk.Image:
+    """Sample the phantom on ``grid``; with ``true_tx`` (fixed->moving) the anatomy is moved."""
+    pts = grid_points(grid)
+    if true_tx is not None:
+        inv = true_tx.GetInverse()
+        pts = np.array([inv.TransformPoint(p) for p in pts]) if not isinstance(true_tx, sitk.Euler3DTransform) \
+            else _apply_affine_inverse(true_tx, pts)
+    vals = ph.values(pts)
+    if enhance is not None:
+        vals = enhance(pts, vals)
+    arr = (scale * vals).reshape(grid.GetSize()[::-1]).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(grid)
+    img = sitk.SmoothingRecursiveGaussian(img, 0.7)  # partial-volume-like blur
+    if noise:
+        rng = np.random.default_rng(seed)
+        a = sitk.GetArrayFromImage(img)
+        a = np.abs(a + rng.normal(0, noise * scale * 200.0, a.shape)).astype(np.float32)  # Rician-ish floor
+        out = sitk.GetImageFromArray(a)
+        out.CopyInformation(img)
+        img = out
+    return img
+
+
+def _apply_affine_inverse(tx: sitk.Euler3DTransform, pts: np.ndarray) -> np.ndarray:
+    m = np.array(tx.GetMatrix()).reshape(3, 3)
+    c = np.array(tx.GetCenter())
+    t = np.array(tx.GetTranslation())
+    return (pts - c - t) @ np.linalg.inv(m).T + c
+
+
+def euler(angles_deg, translation, centre=(0.0, 0.0, 0.0)) -> sitk.Euler3DTransform:
+    e = sitk.Euler3DTransform()
+    e.SetCenter(centre)
+    e.SetRotation(*np.deg2rad(angles_deg))
+    e.SetTranslation(translation)
+    return e
+
+
+def tre_mm(found: sitk.Transform, true: sitk.Transform, points: np.ndarray) -> np.ndarray:
+    return np.array([np.linalg.norm(np.subtract(found.TransformPoint(p), true.TransformPoint(p)))
+                     for p in points])
+
+
+def body_points(fixed: sitk.Image, n=20, seed=1) -> np.ndarray:
+    """``n`` random voxel centres (LPS) inside the body, away from the FOV's first/last slices."""
+    m = sitk.GetArrayFromImage(body_mask(fixed))
+    m[:4] = 0
+    m[-4:] = 0
+    idx = np.argwhere(m > 0)
+    pick = idx[np.random.default_rng(seed).choice(len(idx), n, replace=False)]
+    return np.array([fixed.TransformIndexToPhysicalPoint([int(i), int(j), int(k)]) for k, j, i in pick])
+
+
+# --------------------------------------------------------------------------- fixtures
+FIXED_SIZE, FIXED_SPACING = (128, 128, 36), (1.6, 1.6, 3.0)
+TRUE_INTER = euler((4.0, -3.0, 2.5), (8.0, -6.0, 7.0), centre=(3.0, -2.0, 1.0))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config().registration
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return Phantom(seed=0)
+
+
+@pytest.fixture(scope="module")
+def baseline(phantom):
+    return render(phantom, make_grid(FIXED_SIZE, FIXED_SPACING), noise=0.02, seed=1)
+
+
+@pytest.fixture(scope="module")
+def followup(phantom):
+    # Oblique grid (12 deg about LR), other spacing, other FOV centre, other intensity scale.
+    grid = make_grid((140, 140, 32), (1.45, 1.45, 3.5), _rot(12.0, 0.0, 0.0), centre=(4.0, -3.0, 6.0))
+    return render(phantom, grid, TRUE_INTER, scale=1.8, noise=0.025, seed=2)
+
+
+# --------------------------------------------------------------------------- tests
+def test_body_mask_is_body(baseline):
+    m = body_mask(baseline)
+    assert m.GetPixelID() == sitk.sitkUInt8
+    assert m.GetOrigin() == baseline.GetOrigin() and m.GetDirection() == baseline.GetDirection()
+    arr = sitk.GetArrayViewFromImage(m)
+    # Ellipse a(z) x 72 mm per slice (a ~ 95 mm). The mask may be up to ~2 mm generous at the
+    # blurred skin edge (perimeter ~530 mm x 2 mm ~ 5 % of the area), never smaller.
+    z = np.array([baseline.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in range(arr.shape[0])])
+    expected = np.pi * 95.0 * (1 + 0.06 * np.sin(z / 35.0)) * 72.0 / 1.6**2
+    ratio = arr.sum(axis=(1, 2)) / expected
+    assert np.all((ratio > 0.98) & (ratio < 1.09)), ratio
+    # The dark spine and organs are inside the body (hole filling).
+    assert arr[18, 64 + int(48 / 1.6), 64] == 1
+
+
+def test_inter_study_tre(cfg, baseline, followup):
+    t0 = time.perf_counter()
+    tx, qc = register_to_baseline(baseline, followup, cfg)
+    dt = time.perf_counter() - t0
+    pts = body_points(baseline, 20)
+    tre = tre_mm(tx, TRUE_INTER, pts)
+    before = tre_mm(sitk.Euler3DTransform(), TRUE_INTER, pts)
+    print(f"\ninter-study: {dt:.2f} s, TRE mean {tre.mean():.2f} max {tre.max():.2f} mm "
+          f"(before {before.mean():.1f} mm); {qc.model_dump()}")
+    assert qc.ok, qc.reason
+    assert qc.metric_after < qc.metric_before
+    assert tre.mean() <= 1.0 and tre.max() <= 1.5
+    # The follow-up resampled onto the baseline grid keeps the baseline's geometry.
+    on_base = resample_to(followup, baseline, tx)
+    assert on_base.GetSize() == baseline.GetSize()
+    assert np.allclose(on_base.GetOrigin(), baseline.GetOrigin())
+    assert np.allclose(on_base.GetSpacing(), baseline.GetSpacing())
+    assert np.allclose(on_base.GetDirection(), baseline.GetDirection())
+
+
+def test_inter_study_large_repositioning(cfg, phantom, baseline):
+    """Beyond the expected range on every axis (5 deg about each axis, 21 mm), another oblique
+    grid (15 deg about AP), 4 mm slices, a lower intensity scale and more noise."""
+    true = euler((-5.0, 4.0, -5.0), (-15.0, 10.0, -12.0))
+    grid = make_grid((150, 150, 30), (1.3, 1.3, 4.0), _rot(0.0, 15.0, 0.0), centre=(-10.0, 5.0, -12.0))
+    moving = render(phantom, grid, true, scale=0.6, noise=0.03, seed=6)
+    t0 = time.perf_counter()
+    tx, qc = register_to_baseline(baseline, moving, cfg)
+    dt = time.perf_counter() - t0
+    tre = tre_mm(tx, true, body_points(baseline, 20))
+    print(f"\ninter-study large: {dt:.2f} s, TRE mean {tre.mean():.2f} max {tre.max():.2f} mm; "
+          f"{qc.stop_condition}")
+    assert qc.ok, qc.reason
+    assert tre.mean() <= 1.0
+
+
+def test_intra_study_small_motion(cfg, phantom, baseline):
+    true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2), centre=(0.0, 0.0, 0.0))
+
+    def enhance(pts, vals):  # blobs enhance by 80 %, one organ by 30 %: contrast differs
+        out = vals.copy()
+        for c, rad in phantom.blobs:
+            out[((pts - c) ** 2).sum(axis=1) < rad * rad] *= 1.8
+        c, s, _ = phantom.organs[0]
+        out[(((pts - c) / s) ** 2).sum(axis=1) < 1.0] *= 1.3
+        return out
+
+    post = render(phantom, make_grid(FIXED_SIZE, FIXED_SPACING), true, scale=1.3, noise=0.02, seed=3,
+                  enhance=enhance)
+    t0 = time.perf_counter()
+    tx, qc = register_intra_study(baseline, post, cfg)
+    dt = time.perf_counter() - t0
+    m = body_mask(baseline)
+    err = tre_mm(tx, true, body_points(baseline, 20))
+    print(f"\nintra-study: {dt:.2f} s, error mean {err.mean():.2f} max {err.max():.2f} mm, "
+          f"motion {motion_magnitude_mm(true, m):.2f} mm true / {qc.motion_corrected_mm:.2f} found; "
+          f"{qc.model_dump()}")
+    assert qc.ok, qc.reason
+    assert err.mean() <= 0.7
+    assert abs(qc.motion_corrected_mm - motion_magnitude_mm(true, m)) < 0.7
+
+
+@pytest.mark.parametrize("seed,semi_axes", [(7, (80.0, 88.0)), (11, (92.0, 75.0))])
+def test_wrong_patient_flagged(cfg, baseline, seed, semi_axes):
+    # Another patient: other organs and texture; the second has nearly the same body outline,
+    # which an affine can match (whole-body NCC ~0.6): only the interior tells them apart.
+    other = Phantom(seed=seed, semi_axes=semi_axes)
+    wrong = render(other, make_grid((140, 140, 32), (1.45, 1.45, 3.5)), scale=1.5, noise=0.02, seed=4)
+    t0 = time.perf_counter()
+    tx, qc = register_to_baseline(baseline, wrong, cfg)
+    print(f"\nwrong patient {semi_axes}: {time.perf_counter() - t0:.2f} s; {qc.reason}")
+    assert not qc.ok and qc.reason
+    assert np.allclose(tx.TransformPoint((10.0, 20.0, 30.0)), (10.0, 20.0, 30.0))  # identity returned
+
+
+def test_rotated_90_flagged(cfg, phantom, baseline):
+    # The same anatomy rotated 90 deg about LR (axial <-> coronal): out of any capture range.
+    rotated = render(phantom, make_grid(FIXED_SIZE, FIXED_SPACING), euler((90.0, 0.0, 0.0), (0, 0, 0)),
+                     noise=0.02, seed=5)
+    for fn in (register_to_baseline, register_intra_study):
+        tx, qc = fn(baseline, rotated, cfg)
+        print(f"\nrotated 90 ({fn.__name__}): {qc.model_dump()}")
+        assert not qc.ok and qc.reason
+
+
+def test_failed_optimisation_does_not_raise(cfg, baseline):
+    blank = sitk.Image(baseline.GetSize(), sitk.sitkFloat32)
+    blank.CopyInformation(baseline)
+    tx, qc = register_to_baseline(baseline, blank, cfg)
+    assert not qc.ok and qc.reason
+    tx, qc = register_intra_study(blank, baseline, cfg)
+    assert not qc.ok and qc.reason
+
+
+def test_resample_flipped_reference_keeps_physical_position():
+    """A reference with a flipped axis (and its origin at the other end) must still show the
+    blob at the same physical place: the direction matrix is never dropped."""
+    src = make_grid((60, 60, 20), (2.0, 2.0, 3.0))
+    pts = grid_points(src)
+    blob = np.array([20.0, -14.0, 9.0])
+    arr = (1000.0 * (((pts - blob) ** 2).sum(axis=1) < 36.0)).reshape(src.GetSize()[::-1]).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(src)
+    flip = make_grid((60, 60, 20), (2.0, 2.0, 3.0), np.diag([-1.0, 1.0, -1.0]))
+    out = resample_to(img, flip, sitk.Euler3DTransform())
+    assert out.GetDirection() == flip.GetDirection() and out.GetOrigin() == flip.GetOrigin()
+    a = sitk.GetArrayViewFromImage(out)
+    centroid_idx = np.argwhere(a > 500).mean(axis=0)[::-1]
+    centroid = np.array(out.TransformContinuousIndexToPhysicalPoint(centroid_idx.tolist()))
+    assert np.linalg.norm(centroid - blob) < 1.0
+    # In index space the blob moved (axis flipped): the test would catch a dropped direction.
+    src_idx = np.argwhere(arr > 500).mean(axis=0)[::-1]
+    assert abs(src_idx[0] - centroid_idx[0]) > 10
+    # Labels keep their type with nearest neighbour.
+    lab = resample_to(sitk.Cast(img > 500, sitk.sitkUInt8), flip, sitk.Euler3DTransform(), sitk.sitkNearestNeighbor)
+    assert lab.GetPixelID() == sitk.sitkUInt8
+
+
+def test_transform_file_roundtrip(tmp_path):
+    aff = sitk.AffineTransform(3)
+    aff.SetCenter((3.0, -2.0, 1.0))
+    aff.SetMatrix((_rot(4.0, -3.0, 2.5) @ np.diag([1.02, 0.99, 1.01])).ravel().tolist())
+    aff.SetTranslation((8.0, -6.0, 7.0))
+    for tx in (aff, TRUE_INTER):
+        path = tmp_path / "to_baseline.tfm"
+        sitk.WriteTransform(tx, str(path))
+        back = sitk.ReadTransform(str(path))
+        for p in ([0.0, 0.0, 0.0], [50.0, -40.0, 30.0], [-80.0, 60.0, -45.0]):
+            assert np.allclose(back.TransformPoint(p), tx.TransformPoint(p), atol=1e-6)
+
+
+def test_motion_magnitude_of_translation():
+    m = sitk.Image([20, 20, 10], sitk.sitkUInt8) + 1
+    t = sitk.TranslationTransform(3, (3.0, 4.0, 0.0))
+    assert motion_magnitude_mm(t, m) == pytest.approx(5.0)
+    assert motion_magnitude_mm(t, m * 0) == 0.0
