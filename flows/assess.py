@@ -65,13 +65,18 @@ def assess_export(
     workers: int = 1,
     device: str = "auto",
     show_progress: bool = False,
+    defer_recent_seconds: float | None = None,
 ) -> dict:
     """Assess every study of ``export_dir`` into ``out_dir`` (the output contract of DESIGN.md).
 
+    ``defer_recent_seconds`` overrides ``ingest.defer_recent_seconds`` (the nightly run defers
+    studies whose files changed in the last minutes: an export still being written).
     Returns a summary (counts and seconds); ``cohort.csv`` and ``errors.csv`` are written last.
     """
     started = time.perf_counter()
     cfg = load_config(config)
+    if defer_recent_seconds is not None:
+        cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"defer_recent_seconds": defer_recent_seconds})})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved_device = resolve_device(device)
@@ -113,7 +118,7 @@ def assess_export(
         "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
         "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
         "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
-        "files_deferred": index.n_deferred, "seconds": round(time.perf_counter() - started, 2),
+        "files_deferred": index.n_deferred, "studies_deferred": len(index.deferred_studies), "seconds": round(time.perf_counter() - started, 2),
     }
     write_json(out / "run_summary.json", summary)
     return summary
@@ -139,13 +144,15 @@ def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = No
 
 
 def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
-                  config: Path | None = None, workers: int = 1, device: str = "auto") -> None:
+                  config: Path | None = None, workers: int = 1, device: str = "auto",
+                  defer_recent_seconds: float = 300.0) -> None:
     """Serve a scheduled deployment of the same flow (blocks; Ctrl-C stops it)."""
     assess_export.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers))).serve(
         name="nightly",
         cron=cron,
         parameters={"export_dir": str(export_dir), "out_dir": str(out_dir),
                     "procedures": str(procedures) if procedures else None,
-                    "config": str(config) if config else None, "workers": workers, "device": device},
+                    "config": str(config) if config else None, "workers": workers, "device": device,
+                    "defer_recent_seconds": defer_recent_seconds},
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )

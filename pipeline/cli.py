@@ -35,6 +35,22 @@ def print_cohort(out_dir: Path) -> None:
     console.print(table)
 
 
+def _check_inputs(procedures: Path | None, config: Path | None) -> None:
+    """Fail fast, with the reason, on a bad procedures file or config (before any work)."""
+    from pydantic import ValidationError
+
+    from pipeline.config import load_config
+    from pipeline.timeline import ProceduresFileError, read_procedures
+
+    try:
+        load_config(config)
+        if procedures is not None:
+            read_procedures(procedures)
+    except (ProceduresFileError, ValidationError, ValueError, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+
+
 @app.command()
 def phantom(
     out: Annotated[Path, typer.Argument(help="folder to write export/, truth.json, procedures.csv into")],
@@ -62,6 +78,7 @@ def assess(
 ) -> None:
     """Assess every study of a PACS export (batch Prefect flow)."""
     _quiet_prefect()
+    _check_inputs(procedures, config)
     from flows.assess import run_assessment
 
     summary = run_assessment(export_dir, out, procedures, config, workers, device, show_progress=True)
@@ -102,11 +119,12 @@ def serve_nightly(
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
     workers: Annotated[int, typer.Option(min=1)] = 1,
     device: Annotated[str, typer.Option()] = "auto",
+    defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s)")] = 300.0,
 ) -> None:
     """Serve a scheduled Prefect deployment that re-reads the export (only new studies are processed)."""
     from flows.assess import serve_nightly as serve
 
-    serve(export_dir, out, cron, procedures, config, workers, device)
+    serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds)
 
 
 if __name__ == "__main__":

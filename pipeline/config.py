@@ -24,6 +24,7 @@ class _Section(BaseModel):
 
 class IngestConfig(_Section):
     defer_recent_seconds: float = Field(ge=0)
+    workers: int | None = Field(ge=1)
     t2_min_echo_time_ms: float
     post_contrast_keywords: list[str]
     pre_contrast_keywords: list[str]
@@ -40,12 +41,14 @@ class RegistrationStageConfig(_Section):
     sampling_fraction: float = Field(gt=0, le=1)
     iterations: int = Field(gt=0)
     min_ncc_after: float = Field(ge=-1, le=1)
+    # Sanity bounds (not clinical thresholds): None disables the check for that stage.
+    max_motion_mm: float | None = Field(default=None, gt=0)
+    max_scale_change: float | None = Field(default=None, gt=0, lt=1)
 
 
 class RegistrationConfig(_Section):
     backend: Literal["simpleitk"]
     threads: int = Field(ge=1)
-    max_residual_motion_mm: float = Field(gt=0)
     intra_study: RegistrationStageConfig
     inter_study: RegistrationStageConfig
 

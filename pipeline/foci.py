@@ -16,7 +16,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from pipeline.config import PipelineConfig
 from pipeline.rim import angular_extent_deg
-from pipeline.segment_classical import SegmentationResult, spacing_zyx
+from pipeline.segment_classical import SegmentationResult, ball_zyx, spacing_zyx
 from pipeline.types import AxisMeasurement, Focus, RimMetrics
 
 
@@ -68,6 +68,12 @@ def analyse_foci(
     # Physical distance (mm) of every voxel to the AZ; 0 inside it.
     dist_to_az = ndi.distance_transform_edt(~seg.az, sampling=spacing)
     rim_median = rim.median_thickness_mm if (rim is not None and rim.present) else 0.0
+    # Vessel test on the enhancing tissue beyond the benign-rim shell: a vessel touching the AZ
+    # merges with the rim into a compact-looking blob, but beyond the shell it runs on as a tube.
+    beyond = seg.enhancing & ~ndi.binary_dilation(
+        seg.az, structure=ball_zyx(cfg.rim.benign_max_thickness_mm, spacing))
+    beyond_lab, _ = ndi.label(beyond)
+    shapes: dict[int, tuple[float, float]] = {}
     foci: list[Focus] = []
     masks: list[np.ndarray] = []
     for mask in seg.focus_candidates:
@@ -82,11 +88,19 @@ def analyse_foci(
         points = voxels_to_lps(grid, zyx)
         volume_ml = float(len(zyx) * np.prod(spacing) / 1000.0)
         diameter = _max_diameter_mm(points, in_plane)
+        # Local thickness: the widest in-plane disc the focus holds. Distances between voxel
+        # centres overestimate a width by about one pixel on average, hence the correction.
         thickness = 0.0
         for k in np.unique(zyx[:, 0]):
             edt = ndi.distance_transform_edt(outside[k], sampling=spacing[1:])
-            thickness = max(thickness, 2.0 * float(edt.max()))
+            thickness = max(thickness, 2.0 * float(edt.max()) - in_plane)
         elongation, length = _elongation(points)
+        touching = np.unique(beyond_lab[ndi.binary_dilation(outside) & (beyond_lab > 0)])
+        for label in touching:
+            if label not in shapes:
+                shapes[label] = _elongation(voxels_to_lps(grid, np.argwhere(beyond_lab == label)))
+            if shapes[label][1] > length and shapes[label][0] >= fc.vessel_min_elongation:
+                elongation, length = shapes[label]
         extent = angular_extent_deg(points, np.asarray(az.centroid_lps))
         mean_re = float(re_a[outside].mean())
         local = distance <= fc.local_max_distance_mm

@@ -13,6 +13,7 @@ unchanged files (same path, size, mtime_ns) are served from the SQLite catalogue
 from __future__ import annotations
 
 import datetime as dt
+import multiprocessing
 import os
 import struct
 import time
@@ -331,7 +332,9 @@ def _read_all(abs_paths: list[str], workers: int) -> list[dict[str, Any]]:
     if workers <= 1 or len(abs_paths) < _PARALLEL_MIN_FILES:
         return _read_chunk(abs_paths)
     chunks = [abs_paths[i : i + _CHUNK] for i in range(0, len(abs_paths), _CHUNK)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # forkserver, not fork: the caller may be a Prefect worker thread, and forking a process
+    # that runs other threads can deadlock the child.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
         return [row for rows in pool.map(_read_chunk, chunks) for row in rows]
 
 
@@ -493,6 +496,8 @@ def index_export(
     export_dir = Path(export_dir).resolve()
     if not export_dir.is_dir():
         raise NotADirectoryError(f"export directory not found: {export_dir}")
+    if workers is None:
+        workers = cfg.workers
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     catalogue_path = Path(catalogue_path).resolve()

@@ -40,11 +40,24 @@ def _window(a: np.ndarray) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1e-6))
 
 
+def crop_box(labels: sitk.Image, k: int, margin_mm: float = 35.0) -> tuple[slice, slice] | None:
+    """Rows/columns around the labelled findings of slice ``k`` (None: show the whole slice)."""
+    lab = sitk.GetArrayViewFromImage(labels)
+    k = int(np.clip(k, 0, lab.shape[0] - 1))
+    rows, cols = np.nonzero(lab[k]) if lab[k].any() else np.nonzero(lab.any(axis=0))
+    if rows.size == 0:
+        return None
+    sx, sy = labels.GetSpacing()[:2]
+    mr, mc = int(margin_mm / sy), int(margin_mm / sx)
+    return (slice(max(rows.min() - mr, 0), rows.max() + mr + 1), slice(max(cols.min() - mc, 0), cols.max() + mc + 1))
+
+
 def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None = None, cmap: str = "gray",
-           symmetric: bool = False) -> None:
+           symmetric: bool = False, box: tuple[slice, slice] | None = None) -> None:
     arr = sitk.GetArrayViewFromImage(image)
     k = int(np.clip(k, 0, arr.shape[0] - 1))
-    sl = arr[k]
+    box = box or (slice(None), slice(None))
+    sl = arr[k][box]
     sx, sy = image.GetSpacing()[:2]
     if symmetric:
         v = float(np.percentile(np.abs(sl), 99.5)) or 1.0
@@ -53,7 +66,7 @@ def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None 
         lo, hi = _window(sl)
         ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
     if labels is not None:
-        lab = sitk.GetArrayViewFromImage(labels)[k]
+        lab = sitk.GetArrayViewFromImage(labels)[k][box]
         ax.imshow(np.ma.masked_equal(lab, 0), cmap=_LABEL_COLOURS, vmin=0, vmax=3, aspect=sy / sx,
                   interpolation="nearest")
     left, right, top, bottom = orientation_letters(image)
@@ -63,9 +76,9 @@ def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None 
     ax.text(w - 5, h / 2, right, **style)
     ax.text(w / 2, 4, top, **style)
     ax.text(w / 2, h - 5, bottom, **style)
-    bar_px = 20.0 / sx  # 20 mm scale bar
-    ax.plot([w - 8 - bar_px, w - 8], [h - 12, h - 12], color="white", lw=2)
-    ax.text(w - 8 - bar_px / 2, h - 18, "20 mm", color="white", fontsize=6, ha="center")
+    bar_px = 10.0 / sx  # 10 mm scale bar
+    ax.plot([w - 4 - bar_px, w - 4], [h - 4, h - 4], color="white", lw=2)
+    ax.text(w - 4 - bar_px / 2, h - 7, "10 mm", color="white", fontsize=6, ha="center")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -86,11 +99,12 @@ def render_key_image(
     rows = 2 if baseline else 1
     fig = Figure(figsize=(9, 3.2 * rows))
     axes = fig.subplots(rows, 3, squeeze=False)
+    box = crop_box(current["labels"], key_slice) if "labels" in current else None
     for row, (name, imgs) in enumerate([("this study", current), ("baseline (registered)", baseline)][:rows]):
-        _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre")
-        _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post")
+        _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre", box=box)
+        _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post", box=box)
         _panel(axes[row, 2], imgs["subtraction"], key_slice, f"{name}: subtraction + labels",
-               labels=imgs.get("labels"), symmetric=True)
+               labels=imgs.get("labels"), symmetric=True, box=box)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -526,9 +526,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
 
 # --------------------------------------------------------------------------- public API
 def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: RegistrationConfig,
-                         name: str = "post_to_pre", *,
-                         max_motion_mm: float = DEFAULT_MAX_INTRA_MOTION_MM,
-                         ) -> tuple[sitk.Transform, RegistrationQC]:
+                         name: str = "post_to_pre") -> tuple[sitk.Transform, RegistrationQC]:
     """Rigid registration of a post-contrast series onto the pre-contrast of the same study.
 
     Returns ``(transform, qc)``; ``transform`` (Euler3DTransform) maps a point of the pre
@@ -537,16 +535,15 @@ def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: Re
     Settings from ``cfg.intra_study``; ``qc.ok`` is False (and the transform the identity) when
     the optimisation failed, the Mattes metric got worse, the NCC of the registered pair inside
     the body interior (body mask eroded by 10 mm) is below ``cfg.intra_study.min_ncc_after`` or the corrected motion exceeds
-    ``max_motion_mm`` (mm; sanity bound, not a clinical threshold). Never raises on a failed
+    ``cfg.intra_study.max_motion_mm`` (mm; sanity bound, not a clinical threshold). Never raises on a failed
     optimisation. ``qc.stop_condition`` also carries the NCC values.
     """
     return _register(fixed_pre, moving_post, cfg, cfg.intra_study, name, intra=True,
-                     max_motion_mm=max_motion_mm, max_scale_change=None)
+                     max_motion_mm=cfg.intra_study.max_motion_mm, max_scale_change=None)
 
 
 def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image,
-                         cfg: RegistrationConfig, name: str = "followup_to_baseline", *,
-                         max_scale_change: float = DEFAULT_MAX_SCALE_CHANGE,
+                         cfg: RegistrationConfig, name: str = "followup_to_baseline",
                          ) -> tuple[sitk.Transform, RegistrationQC]:
     """Register a follow-up (moving) to the session's baseline (fixed); both pre-contrast.
 
@@ -557,10 +554,11 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     follow-up point: it is what ``to_baseline.tfm`` holds (``sitk.WriteTransform``).
     ``qc.ok`` as in :func:`register_intra_study` without the motion bound (repositioning between
     studies is expected) but with a plausibility bound on the affine: a scaling beyond
-    ``1 +- max_scale_change`` along any axis (unitless) fails; identity transform when not ok.
+    ``1 +- cfg.inter_study.max_scale_change`` along any axis (unitless) fails; identity transform
+    when not ok.
     """
     return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
-                     max_motion_mm=None, max_scale_change=max_scale_change)
+                     max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change)
 
 
 __all__: Sequence[str] = (

@@ -8,9 +8,10 @@ Works on a registered, intensity-normalised pre/post pair on the post-contrast g
 - **Enhancing tissue**: relative enhancement >= threshold (rule 6).
 - **Rim**: enhancing tissue in a shell around the AZ.
 - **Foci**: enhancing tissue thick enough not to be a benign rim: it holds an in-plane disc of
-  diameter >= the focus thickness threshold on at least two consecutive slices. Slice-wise
-  (in-plane) thickness is used on purpose: with 3-5 mm slices, a thin rim cut tangentially at
-  the AZ poles looks thick across slices but never persists over two slices.
+  diameter >= the focus thickness threshold. Slice-wise (in-plane) thickness is used on
+  purpose: with 3-5 mm slices, through-plane distances are too coarse to tell a 2 mm rim from
+  a 5 mm nodule, and a thin rim cut tangentially at the AZ's poles looks like a thick disc on
+  one slice (see ``_focus_candidates``).
 This is the reference and the fallback of the network of models/ (its own issue).
 """
 
@@ -42,7 +43,7 @@ def spacing_zyx(image: sitk.Image) -> np.ndarray:
     return np.array(image.GetSpacing()[::-1], dtype=float)
 
 
-def _ball_zyx(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+def ball_zyx(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
     """Structuring element of a physical ball (mm) on an anisotropic grid."""
     r = np.maximum(np.floor(radius_mm / spacing), 0).astype(int)
     zz, yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
@@ -103,7 +104,7 @@ def segment(
         enhancing &= np.isin(lab, 1 + np.flatnonzero(sizes >= min_vox))
 
     bright = body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref) & (re_a < thr)
-    bright = ndi.binary_opening(bright, structure=_ball_zyx(1.6, spacing))
+    bright = ndi.binary_opening(bright, structure=ball_zyx(1.6, spacing))
     lab, n = ndi.label(bright)
     hint = None
     if target_hint_lps is not None:
@@ -117,13 +118,13 @@ def segment(
     core = lab == keep
     # Refine the boundary at half-way between the core and its surroundings (partial volume):
     # a fixed ratio threshold would shift the edge with the core's brightness.
-    near = ndi.binary_dilation(core, structure=_ball_zyx(6.0, spacing)) & ~ndi.binary_dilation(
-        core, structure=_ball_zyx(2.0, spacing)) & body_a
-    core_level = float(np.median(pre_a[ndi.binary_erosion(core, structure=_ball_zyx(2.0, spacing))] if
-                                 ndi.binary_erosion(core, structure=_ball_zyx(2.0, spacing)).any() else pre_a[core]))
+    near = ndi.binary_dilation(core, structure=ball_zyx(6.0, spacing)) & ~ndi.binary_dilation(
+        core, structure=ball_zyx(2.0, spacing)) & body_a
+    core_level = float(np.median(pre_a[ndi.binary_erosion(core, structure=ball_zyx(2.0, spacing))] if
+                                 ndi.binary_erosion(core, structure=ball_zyx(2.0, spacing)).any() else pre_a[core]))
     outside_level = float(np.median(pre_a[near & ~enhancing])) if (near & ~enhancing).any() else ref
     half = 0.5 * (core_level + outside_level)
-    region = ndi.binary_dilation(core, structure=_ball_zyx(4.0, spacing)) & body_a
+    region = ndi.binary_dilation(core, structure=ball_zyx(4.0, spacing)) & body_a
     soft = np.clip((pre_a - outside_level) / max(core_level - outside_level, 1e-6), 0.0, 1.0).astype(np.float32)
     soft[~region] = 0.0
     az = region & (pre_a >= half)
@@ -134,14 +135,23 @@ def segment(
     az = ndi.binary_fill_holes(az)
     soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
 
-    shell = ndi.binary_dilation(az, structure=_ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
+    # The AZ is non-enhancing by definition: voxels it holds are not enhancing tissue.
+    enhancing &= ~az
+    shell = ndi.binary_dilation(az, structure=ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
     rim = enhancing & shell
-    foci = _focus_candidates(enhancing, spacing, cfg.foci.min_thickness_mm)
+    foci = _focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
     return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
 
 
-def _focus_candidates(enhancing: np.ndarray, spacing: np.ndarray, min_thickness_mm: float) -> list[np.ndarray]:
-    """Enhancing regions holding an in-plane disc of diameter >= ``min_thickness_mm`` on >= 2 slices."""
+def _focus_candidates(enhancing: np.ndarray, az: np.ndarray, spacing: np.ndarray,
+                      min_thickness_mm: float) -> list[np.ndarray]:
+    """Enhancing regions holding an in-plane disc of diameter >= ``min_thickness_mm``.
+
+    A thin rim cut tangentially at the AZ's top or bottom shows as a flat disc on one slice,
+    over or under the AZ: where the AZ lies through-plane from a core (within 10 mm), the core
+    only counts when it persists on two consecutive slices. Elsewhere one slice is enough (a
+    6-7 mm nodule at the side of the AZ spans 1-2 slices of 3 mm).
+    """
     radius = min_thickness_mm / 2.0
     core = np.zeros_like(enhancing)
     for k in range(enhancing.shape[0]):
@@ -150,13 +160,27 @@ def _focus_candidates(enhancing: np.ndarray, spacing: np.ndarray, min_thickness_
             # distance d from the background sits in a structure about 2d - pixel wide.
             dist = ndi.distance_transform_edt(enhancing[k], sampling=spacing[1:])
             core[k] = dist >= radius + 0.5 * float(np.min(spacing[1:]))
-    persistent = core & (np.roll(core, 1, axis=0) | np.roll(core, -1, axis=0))
-    persistent[0] &= core[1] if core.shape[0] > 1 else False
-    persistent[-1] &= core[-2] if core.shape[0] > 1 else False
-    if not persistent.any():
+    if not core.any():
+        return []
+    below = np.zeros_like(core)
+    above = np.zeros_like(core)
+    below[1:], above[:-1] = core[:-1], core[1:]
+    persistent = core & (below | above)
+    # Direction from the AZ to each core voxel: through-plane (the AZ's top or bottom) when the
+    # nearest AZ voxel lies mostly above or below it.
+    through_plane = np.zeros_like(core)
+    if az.any():
+        _, nearest = ndi.distance_transform_edt(~az, sampling=spacing, return_indices=True)
+        zyx = np.argwhere(core)
+        offset = (zyx - nearest[:, core].T) * spacing
+        length = np.linalg.norm(offset, axis=1)
+        near_az = length <= 10.0
+        through_plane[core] = near_az & (np.abs(offset[:, 0]) > 0.7071 * np.maximum(length, 1e-6))
+    valid = core & (persistent | ~through_plane)
+    if not valid.any():
         return []
     # Grow the cores back to the tissue they stand for (within the enhancing mask).
-    grown = ndi.binary_dilation(persistent, structure=_ball_zyx(radius + float(np.max(spacing[1:])), spacing),
+    grown = ndi.binary_dilation(valid, structure=ball_zyx(radius + float(np.max(spacing[1:])), spacing),
                                 mask=enhancing)
     lab, n = ndi.label(grown)
     return [lab == i for i in range(1, n + 1)]

@@ -1,0 +1,120 @@
+"""Classical segmentation and focus analysis on hand-built studies (no DICOM, no registration).
+
+Scenario checks of criteria.md §6 rules 8-9: a thin uniform rim is never tumour, a vessel
+touching the ablation zone is never tumour, a nodule at the margin is always tumour.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.config import load_config
+from pipeline.foci import analyse_foci
+from pipeline.measure import measure_ablation_zone
+from pipeline.rim import rim_metrics, rim_thickness_profile
+from pipeline.segment_classical import segment
+
+CFG = load_config()
+SPACING = (1.5, 1.5, 3.0)  # x, y, z (mm)
+SHAPE = (24, 100, 100)  # z, y, x
+MUSCLE = 260.0
+
+
+def _coords():
+    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    return x * SPACING[0] - 75.0, y * SPACING[1] - 75.0, z * SPACING[2] - 36.0
+
+
+def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0):
+    """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes."""
+    x, y, z = _coords()
+    r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
+    pre = np.full(SHAPE, MUSCLE)
+    post = pre * 1.06
+    az = r_az <= 1.0
+    # Distance outside the AZ surface (first-order, mm).
+    grad = np.sqrt((x / 225.0) ** 2 + (y / 144.0) ** 2 + (z / 144.0) ** 2) + 1e-9
+    dist = (r_az ** 2 - 1.0) / (2 * grad)
+    rim = (~az) & (dist <= rim_mm)
+    post = np.where(rim, MUSCLE * 1.6, post)
+    if nodule_mm:
+        nodule = (x - 15.0) ** 2 + y ** 2 + z ** 2 <= (nodule_mm / 2) ** 2
+        post = np.where(nodule, MUSCLE * 2.0, post)
+        pre = np.where(nodule, MUSCLE * 1.05, pre)
+        az &= ~nodule
+    pre = np.where(az, MUSCLE * 2.2, pre)
+    post = np.where(az, MUSCLE * 2.2, post)
+    if vessel:
+        # A 7 mm vessel running along z, tangent to the AZ's lateral surface.
+        tube = (x - 0.0) ** 2 + (y - 15.5) ** 2 <= 3.5 ** 2
+        pre = np.where(tube, 120.0, pre)
+        post = np.where(tube, 120.0 * 3.0, post)
+    rng = np.random.default_rng(seed)
+    pre = pre + rng.normal(0, 5, SHAPE)
+    post = post + rng.normal(0, 5, SHAPE)
+    images = []
+    for arr in (pre, (post - pre) / np.maximum(pre, 26.0), np.ones(SHAPE, np.uint8)):
+        img = sitk.GetImageFromArray(arr.astype(np.float32 if arr.dtype != np.uint8 else np.uint8))
+        img.SetSpacing(SPACING)
+        img.SetOrigin((-75.0, -75.0, -36.0))
+        images.append(img)
+    return images
+
+
+def run(**kwargs):
+    pre, rel, body = build(**kwargs)
+    seg = segment(pre, rel, body, CFG)
+    assert seg.found, seg.reason
+    az_img = sitk.GetImageFromArray(seg.az.astype(np.uint8))
+    az_img.CopyInformation(pre)
+    enh = sitk.GetImageFromArray(seg.enhancing.astype(np.uint8))
+    enh.CopyInformation(pre)
+    az = measure_ablation_zone(az_img, None)
+    rim = rim_metrics(rim_thickness_profile(az_img, enh, max_search_mm=6.0), 1.0)
+    foci, _ = analyse_foci(seg, rel, pre, az, rim, CFG)
+    return seg, az, rim, foci
+
+
+def test_az_is_the_t1_bright_non_enhancing_zone_and_measures_right():
+    seg, az, rim, foci = run()
+    assert az.long_axis_mm == pytest.approx(30.0, abs=1.5)
+    assert az.short_axis_mm == pytest.approx(24.0, abs=1.5)
+    assert az.volume_ml == pytest.approx(4 / 3 * np.pi * 15 * 12 * 12 / 1000, rel=0.1)
+    # The rim is not part of the AZ (DESIGN.md): the enhancing voxels never overlap it.
+    assert not (seg.az & seg.enhancing).any()
+
+
+@pytest.mark.parametrize("rim_mm", [1.0, 1.5, 2.5])
+def test_uniform_thin_rim_is_never_tumour(rim_mm):
+    seg, az, rim, foci = run(rim_mm=rim_mm)
+    assert rim.present
+    assert not [f for f in foci if f.suspicious]
+
+
+def test_vessel_touching_the_az_is_never_tumour():
+    seg, az, rim, foci = run(vessel=True)
+    assert foci, "the vessel should be seen as a thick enhancing structure"
+    assert not [f for f in foci if f.suspicious], foci
+    assert any("vessel" in f.reason for f in foci)
+
+
+@pytest.mark.parametrize("nodule_mm", [7.0, 10.0])
+def test_nodule_at_the_margin_is_always_tumour(nodule_mm):
+    seg, az, rim, foci = run(nodule_mm=nodule_mm)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    focus = suspicious[0]
+    assert focus.local and focus.distance_to_az_surface_mm <= 1.0
+    assert focus.pattern == "focal"
+    # The focus sits on the +x (patient's left) side of the AZ: a flipped axis would move it.
+    assert focus.centroid_lps[0] > 10.0
+
+
+def test_no_bright_zone_means_no_ablation_zone():
+    pre, rel, body = build()
+    flat = sitk.GetImageFromArray(np.full(SHAPE, MUSCLE, np.float32))
+    flat.CopyInformation(pre)
+    seg = segment(flat, rel, body, CFG)
+    assert not seg.found and "no T1-bright" in seg.reason
