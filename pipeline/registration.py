@@ -60,17 +60,15 @@ _METRIC_MASK_DILATION_MM = 6.0
 # one unit of the scaled parameter space ~ 1 mm): motion within a study is a few mm, between
 # studies up to ~15 mm.
 _MAX_STEP_MM = {"intra": 2.0, "inter": 4.0}
-# Intra-study sanity bound (ENG-DEFAULT): pre/post acquisitions of one study are seconds to
-# minutes apart; a rigid correction larger than this is a failed optimisation, not motion.
-DEFAULT_MAX_INTRA_MOTION_MM = 15.0
+# Fraction of the fixed body interior that must map inside the moving image for the QC
+# correlation to mean anything (studies cover different slabs; a pair that barely overlaps
+# cannot be checked).
+MIN_OVERLAP = 0.5
 # The NCC check runs on the body eroded by this much (mm). The skin/fat outline dominates a
 # whole-body NCC, and an affine can stretch another patient's outline onto this one's (NCC 0.66
 # for a wrong pair on the synthetic data); the interior correlates only when the anatomy matches
 # (>= 0.79 for correct pairs, <= 0.24 for wrong ones on the same data).
 _NCC_INTERIOR_EROSION_MM = 10.0
-# Inter-study sanity bound (ENG-DEFAULT): the same patient on calibrated scanners changes size by
-# a few percent at most; an affine scaling beyond +-15 % along any axis is a wrong pair.
-DEFAULT_MAX_SCALE_CHANGE = 0.15
 # Tolerance when comparing the metric before/after (Mattes MI is negative, lower is better).
 _METRIC_WORSE_TOL = 1e-4
 
@@ -304,18 +302,27 @@ def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> fl
 
 
 def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                     fixed_mask: sitk.Image) -> tuple[float, float]:
+                     fixed_mask: sitk.Image) -> tuple[float, float, float]:
     """Independent QC of a registered pair, inside ``fixed_mask`` on the fixed grid.
 
-    Returns ``(ncc, gradient_ncc)``: the Pearson correlation of the intensities (invariant to
-    the vendors' linear intensity scales) and the Pearson correlation of the gradient magnitudes
-    (sigma 1.5 mm; insensitive to enhancement that changes tissue contrast but not its edges).
-    Voxels mapped outside the moving image take part with value 0, so a pair that barely
-    overlaps scores low. Both are in [-1, 1]; 0.0 when undefined (constant images).
+    Returns ``(ncc, gradient_ncc, overlap)``: the Pearson correlation of the intensities
+    (invariant to the vendors' linear intensity scales) and of the gradient magnitudes (sigma
+    1.5 mm; insensitive to enhancement that changes tissue contrast but not its edges), both
+    over the voxels of the mask that map inside the moving image's field of view, and that
+    overlap as a fraction of the mask. Two studies rarely cover the same slab along z, so voxels
+    outside the moving image must not count as disagreement; the caller bounds the overlap.
+    Correlations are in [-1, 1]; 0.0 when undefined (constant images or no overlap).
     """
     mov = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    inside = sitk.GetArrayViewFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    mask = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    m = mask & inside
+    overlap = float(m.sum() / max(int(mask.sum()), 1))
+    if not m.any():
+        return 0.0, 0.0, 0.0
     fix = _as_float(fixed)
-    m = sitk.GetArrayViewFromImage(fixed_mask) > 0
 
     def corr(a: np.ndarray, b: np.ndarray) -> float:
         a = a[m].astype(np.float64)
@@ -330,7 +337,7 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     g.SetSigma(1.5)
     # GetArrayFromImage (a copy), not a view: a view of a temporary image dangles.
     gncc = corr(sitk.GetArrayFromImage(g.Execute(fix)), sitk.GetArrayFromImage(g.Execute(mov)))
-    return ncc, gncc
+    return ncc, gncc, overlap
 
 
 # --------------------------------------------------------------------------- SimpleITK backend
@@ -497,12 +504,15 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         stop += "; NOT CONVERGED: the finest level hit its iteration cap"
     metric_after = _evaluate_metric(fixed_eval, moving_eval, metric_mask, tx, eval_frac, threads)
     motion = motion_magnitude_mm(tx, fixed_body)
-    ncc, gncc = registration_ncc(fixed, moving, tx, _interior_mask(fixed_body, threads))
+    ncc, gncc, overlap = registration_ncc(fixed, moving, tx, _interior_mask(fixed_body, threads))
     scales = _scale_factors(tx)
 
     reasons = []
     if not np.isfinite(metric_after) or metric_after > metric_before + _METRIC_WORSE_TOL:
         reasons.append(f"metric got worse ({metric_before:.4f} -> {metric_after:.4f})")
+    if overlap < MIN_OVERLAP:
+        reasons.append(f"only {overlap:.0%} of the body interior overlaps after registration "
+                       f"(< {MIN_OVERLAP:.0%})")
     if ncc < stage.min_ncc_after:
         reasons.append(f"ncc of the body interior {ncc:.3f} < {stage.min_ncc_after} "
                        f"(gradient ncc {gncc:.3f})")
@@ -516,6 +526,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         name=name, method=method, metric=METRIC_NAME, metric_before=round(metric_before, 5),
         metric_after=round(metric_after, 5), iterations=res.iterations,
         stop_condition=f"{stop}; ncc_interior={ncc:.3f}; gradient_ncc_interior={gncc:.3f}; "
+                       f"overlap={overlap:.2f}; "
                        f"scales={np.round(scales, 3).tolist()}",
         motion_corrected_mm=round(motion, 3), ok=ok, reason="; ".join(reasons),
         seconds=round(time.perf_counter() - t0, 3))
