@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import time
@@ -26,7 +25,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench_out/evaluate"))
     args = parser.parse_args()
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
     from flows.assess import run_assessment
     from pipeline.evaluation import evaluate_run

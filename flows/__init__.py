@@ -1,1 +1,11 @@
-"""Prefect flows: thin wrappers over the plain stage functions of pipeline/."""
+"""Prefect flows: thin wrappers over the plain stage functions of pipeline/.
+
+Defaults for hospital networks, set before Prefect is imported (a user's environment wins):
+no telemetry (the machines are offline; Prefect would log a failed send at every start) and
+warnings only (the progress bar and the cohort table are what a user reads).
+"""
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

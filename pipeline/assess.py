@@ -25,6 +25,8 @@ from pipeline.study import StudyImages, analyse_study
 from pipeline.timeline import Procedure, build_patient_timeline
 from pipeline.types import ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry, Timepoint
 
+# Stages of errors.csv rows that per-study imaging produces (kept with a reused result).
+IMAGING_STAGES = {"select_series", "load", "register_intra", "imaging"}
 IMAGE_FILES = {"labels": "labels.nii.gz", "subtraction": "subtraction.nii.gz", "pre_registered": "pre_registered.nii.gz"}
 
 
@@ -34,13 +36,20 @@ class StudyState:
 
     study: StudyRecord
     imaging: StudyImaging
-    images: StudyImages | None
+    loaded: StudyImages | None
     imaging_key: str
+    folder: Path | None = None
     reused: bool = False
     to_baseline: RegistrationQC | None = None
     to_baseline_key: str = ""
     transform: sitk.Transform | None = None
     to_baseline_error: str = ""
+
+    def images(self) -> StudyImages | None:
+        """The study's images; a reused study reads them from its output folder on first use."""
+        if self.loaded is None and self.reused and self.imaging.ok and self.folder is not None:
+            self.loaded = _load_cached_images(self.folder, self.study, self.imaging)
+        return self.loaded
 
     @property
     def to_baseline_failure(self) -> str:
@@ -94,21 +103,25 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     folder = study_dir(out_dir, study)
     key = imaging_key(study, cfg)
     previous = read_assessment(folder / "assessment.json")
-    if previous is not None and previous.cache_keys.get("imaging") == key:
-        images = _load_cached_images(folder, study, previous.imaging) if previous.imaging.ok else None
-        if images is not None or not previous.imaging.ok:
-            return StudyState(study, previous.imaging, images, key, reused=True), []
+    if previous is not None and previous.cache_keys.get("imaging") == key and (
+            not previous.imaging.ok or all((folder / name).exists() for name in IMAGE_FILES.values())):
+        errors = [ErrorRecord(**e) for e in previous.errors if e.get("stage") in IMAGING_STAGES]
+        return StudyState(study, previous.imaging, None, key, folder, reused=True), errors
     analysis = analyse_study(study, cfg, device=device)
     if analysis.images is not None:
         atomic_write_image(analysis.images.labels, folder / IMAGE_FILES["labels"])
         atomic_write_image(analysis.images.subtraction, folder / IMAGE_FILES["subtraction"])
         atomic_write_image(sitk.Cast(analysis.images.pre_registered, sitk.sitkFloat32), folder / IMAGE_FILES["pre_registered"])
-    return StudyState(study, analysis.imaging, analysis.images, key), analysis.errors
+    return StudyState(study, analysis.imaging, analysis.images, key, folder), analysis.errors
+
+
+def to_baseline_key(state: StudyState, baseline: StudyState) -> str:
+    return hashlib.sha256(f"{state.imaging_key}|{baseline.imaging_key}".encode()).hexdigest()[:16]
 
 
 def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, folder: Path) -> None:
-    """Follow-up -> baseline registration; a failure makes the study not evaluable."""
-    key = hashlib.sha256(f"{state.imaging_key}|{baseline.imaging_key}".encode()).hexdigest()[:16]
+    """Follow-up -> baseline registration (cached by both studies' keys)."""
+    key = to_baseline_key(state, baseline)
     state.to_baseline_key = key
     tfm_path = folder / "to_baseline.tfm"
     previous = read_assessment(folder / "assessment.json")
@@ -118,8 +131,14 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
         state.transform = sitk.ReadTransform(str(tfm_path))
     else:
         # ITK convention, baseline fixed: the transform maps a baseline point to this study's point.
-        transform, qc = register_to_baseline(baseline.images.pre_registered, state.images.pre_registered,
-                                             cfg.registration)
+        # The ablation zone is the one structure both studies are centred on: its centroids
+        # give the optimiser a start within its capture range (one candidate among others).
+        hint = None
+        a, b = baseline.imaging.ablation_zone, state.imaging.ablation_zone
+        if a is not None and b is not None:
+            hint = [fu - base for fu, base in zip(b.centroid_lps, a.centroid_lps)]
+        transform, qc = register_to_baseline(baseline.images().pre_registered, state.images().pre_registered,
+                                             cfg.registration, hint_shift_lps=hint)
         state.to_baseline, state.transform = qc, transform
         if qc.ok:
             atomic_write_transform(transform, tfm_path)
@@ -127,17 +146,17 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
 
 def _key_image(state: StudyState, baseline: StudyState | None, record: AssessmentRecord, folder: Path,
                cfg: PipelineConfig) -> None:
-    images = state.images
+    images = state.images()
     if images is None:
         return
     current = {"pre": images.pre_registered, "post": images.post, "subtraction": images.subtraction,
                "labels": images.labels}
     base_view = None
-    if (baseline is not None and baseline.images is not None and state.transform is not None
+    if (baseline is not None and baseline.images() is not None and state.transform is not None
             and not state.to_baseline_failure):
         # Baseline onto this study's grid: needs this study -> baseline, the inverse of to_baseline.
         inverse = state.transform.GetInverse()
-        b = baseline.images
+        b = baseline.images()
         base_view = {
             "pre": resample_to(b.pre_registered, images.post, inverse),
             "post": resample_to(b.post, images.post, inverse),
@@ -156,6 +175,27 @@ def _series_used(study: StudyRecord) -> list[SeriesUsed]:
     return [SeriesUsed(role=s.role.value, series_instance_uid=s.series_instance_uid, series_number=s.series_number,
                        series_description=s.series_description, phase_index=s.phase_index,
                        role_reason=s.role_reason, n_files=len(s.files)) for s in study.series]
+
+
+def _unchanged_records(entries: list[TimelineEntry], states: dict[str, StudyState],
+                       out_dir: Path) -> list[AssessmentRecord] | None:
+    """The stored records when every study and the timeline are as in the last run, else None."""
+    uids = [e.study.study_instance_uid for e in entries]
+    records = []
+    for entry in entries:
+        state = states[entry.study.study_instance_uid]
+        folder = study_dir(out_dir, entry.study)
+        record = read_assessment(folder / "assessment.json")
+        if not state.reused or record is None or [p.study_instance_uid for p in record.patient_timeline] != uids:
+            return None
+        if record.timepoint != entry.timepoint.value or record.session != entry.session:
+            return None
+        base = states.get(entry.baseline_study_instance_uid or "")
+        if entry.timepoint == Timepoint.FOLLOW_UP and base is not None and state.imaging.ok and base.imaging.ok:
+            if record.cache_keys.get("to_baseline") != to_baseline_key(state, base):
+                return None
+        records.append(record)
+    return records
 
 
 def assess_patient(
@@ -178,7 +218,8 @@ def assess_patient(
             state, errors = imaging_fn(study, cfg, out_dir, device)
         except Exception as exc:  # noqa: BLE001 - a failing study must never kill the batch
             reason = f"imaging failed: {type(exc).__name__}: {exc}"
-            state, errors = StudyState(study, StudyImaging(ok=False, reason=reason), None, ""), [
+            state, errors = StudyState(study, StudyImaging(ok=False, reason=reason), None, "",
+                                       study_dir(out_dir, study)), [
                 ErrorRecord("", study.patient_id, study.study_instance_uid, "", "imaging", reason)]
         states[study.study_instance_uid] = state
         result.errors.extend(errors)
@@ -186,14 +227,20 @@ def assess_patient(
 
     az_present = {uid: s.imaging.ok and s.imaging.az_found for uid, s in states.items()}
     entries: list[TimelineEntry] = build_patient_timeline(studies, procedures, az_present, cfg.rules)
+    unchanged = _unchanged_records(entries, states, out_dir)
+    if unchanged is not None:
+        # Nothing new for this patient: the nightly rerun leaves its outputs as they are.
+        result.records = unchanged
+        result.errors = [ErrorRecord(**e) for r in unchanged for e in r.errors]
+        return result
 
     for entry in entries:
         state = states[entry.study.study_instance_uid]
         base_uid = entry.baseline_study_instance_uid
-        if entry.timepoint != Timepoint.FOLLOW_UP or not base_uid or not state.imaging.ok or state.images is None:
+        if entry.timepoint != Timepoint.FOLLOW_UP or not base_uid or not state.imaging.ok:
             continue
         baseline = states.get(base_uid)
-        if baseline is None or baseline.images is None:
+        if baseline is None or not baseline.imaging.ok or state.images() is None or baseline.images() is None:
             continue
         try:
             _register_follow_up(state, baseline, cfg, study_dir(out_dir, entry.study))
@@ -238,6 +285,7 @@ def assess_patient(
             except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the study
                 result.errors.append(ErrorRecord("", record.patient_id, uid, "", "key_image",
                                                  f"key image not rendered: {type(exc).__name__}: {exc}"))
+        record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
         write_assessment(folder / "assessment.json", record)
     if entries:
         patient_folder = study_dir(out_dir, entries[0].study).parent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,11 +13,6 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MRI follow-up after percutaneous ablation: IWG-IGTA call per study.")
 console = Console()
-
-
-def _quiet_prefect() -> None:
-    # Prefect logs every task run at INFO; the progress bar and the table are what a user reads.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 def print_cohort(out_dir: Path) -> None:
@@ -77,7 +71,6 @@ def assess(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Assess every study of a PACS export (batch Prefect flow)."""
-    _quiet_prefect()
     _check_inputs(procedures, config)
     from flows.assess import run_assessment
 
@@ -95,7 +88,6 @@ def demo(
     workers: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Generate the bundled synthetic export and assess it (the README's first command)."""
-    _quiet_prefect()
     from flows.assess import run_assessment
     from pipeline.phantom import generate_export
 

@@ -71,6 +71,8 @@ class AssessmentRecord(BaseModel):
     decision: Decision
     patient_timeline: list[TimelinePoint] = Field(default_factory=list)
     reviewed_category: str | None = None
+    # This study's rows of errors.csv from the stages after ingest (re-emitted when reused).
+    errors: list[dict[str, str]] = Field(default_factory=list)
     # What the cached imaging results depend on; a rerun reuses them only when these match.
     cache_keys: dict[str, str] = Field(default_factory=dict)
 

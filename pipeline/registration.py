@@ -60,6 +60,12 @@ _METRIC_MASK_DILATION_MM = 6.0
 # one unit of the scaled parameter space ~ 1 mm): motion within a study is a few mm, between
 # studies up to ~15 mm.
 _MAX_STEP_MM = {"intra": 2.0, "inter": 4.0}
+# Translations (mm) tried around the best initial candidate between studies (26 neighbours).
+_SEARCH_OFFSETS_MM = [np.array(o) for o in
+                      ((dx, dy, dz) for dx in (-20, 0, 20) for dy in (-20, 0, 20) for dz in (-20, 0, 20))
+                      if any(o)]
+# Starts (best coarse metric first) the inter-study optimiser tries before giving up.
+_MAX_STARTS = 3
 # Fraction of the fixed body interior that must map inside the moving image for the QC
 # correlation to mean anything (studies cover different slabs; a pair that barely overlaps
 # cannot be checked).
@@ -422,22 +428,27 @@ _BACKENDS: dict[str, _Backend] = {"simpleitk": _register_simpleitk}
 
 
 # --------------------------------------------------------------------------- shared driver
-def _initial_candidates_inter(fixed_body: sitk.Image, moving_body: sitk.Image,
-                              fixed: sitk.Image) -> list[tuple[str, sitk.Euler3DTransform]]:
+def _initial_candidates_inter(fixed_body: sitk.Image, moving_body: sitk.Image, fixed: sitk.Image,
+                              hint_shift_lps: Sequence[float] | None = None,
+                              ) -> list[tuple[str, sitk.Euler3DTransform]]:
     """Starting points for the inter-study search, all rotating about the fixed body centroid.
 
     - ``identity``: scanner coordinates (the patient lies on the same table; often within 15 mm);
     - ``moments``: body-mask centroids matched (CenteredTransformInitializer, MOMENTS);
     - ``moments_in_plane``: the same without the shift along the slice normal, because the two
-      studies rarely cover the same body length and a truncated body biases the centroid in z.
+      studies rarely cover the same body length and a truncated body biases the centroid in z;
+    - ``hint``: a translation the caller knows (e.g. matched ablation-zone centroids: the one
+      structure both studies are centred on).
     """
     c_fixed = _mask_centroid_lps(fixed_body)
     c_moving = _mask_centroid_lps(moving_body)
     shift = c_moving - c_fixed
     n = _slice_normal(fixed)
     out = []
-    for name, t in (("identity", np.zeros(3)), ("moments", shift),
-                    ("moments_in_plane", shift - n * float(shift @ n))):
+    named = [("identity", np.zeros(3)), ("moments", shift), ("moments_in_plane", shift - n * float(shift @ n))]
+    if hint_shift_lps is not None:
+        named.append(("hint", np.asarray(hint_shift_lps, dtype=float)))
+    for name, t in named:
         e = sitk.Euler3DTransform()
         e.SetCenter(c_fixed.tolist())
         e.SetTranslation(t.tolist())
@@ -448,6 +459,7 @@ def _initial_candidates_inter(fixed_body: sitk.Image, moving_body: sitk.Image,
 def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
               stage: RegistrationStageConfig, name: str, intra: bool,
               max_motion_mm: float | None, max_scale_change: float | None,
+              hint_shift_lps: Sequence[float] | None = None,
               ) -> tuple[sitk.Transform, RegistrationQC]:
     t0 = time.perf_counter()
     threads = int(cfg.threads)
@@ -482,21 +494,50 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
             # Same FrameOfReference: identity is the right start; rotate about the body centre.
             init = sitk.Euler3DTransform()
             init.SetCenter(_mask_centroid_lps(fixed_body).tolist())
-            init_name = "identity"
+            starts = [("identity", init)]
         else:
             moving_body = body_mask(moving, threads=threads)
             f0 = _pyramid_image(fixed, shrink0, sigma0, threads)
             m0 = _pyramid_image(moving, shrink0, sigma0, threads)
             frac0 = _sampling_fraction(f0, mask_frac, stage.sampling_fraction)
             scored = [(_evaluate_metric(f0, m0, metric_mask, e, frac0, threads), nm, e)
-                      for nm, e in _initial_candidates_inter(fixed_body, moving_body, fixed)]
-            _, init_name, init = min(scored, key=lambda s: s[0])
-
-        res = backend(fixed, moving, metric_mask, init, stage,
-                      _MAX_STEP_MM["intra" if intra else "inter"], threads)
+                      for nm, e in _initial_candidates_inter(fixed_body, moving_body, fixed, hint_shift_lps)]
+            best, best_name, best_init = min(scored, key=lambda c: c[0])
+            # Coarse search around the best start: repositioning between studies can exceed the
+            # optimiser's capture range (tens of mm with oblique slabs and other FOVs).
+            for offset in _SEARCH_OFFSETS_MM:
+                e = sitk.Euler3DTransform(best_init)
+                e.SetTranslation((np.array(best_init.GetTranslation()) + offset).tolist())
+                value = _evaluate_metric(f0, m0, metric_mask, e, frac0, threads)
+                scored.append((value, f"{best_name}+search", e))
+            # The optimiser runs from the best few starts in turn until one passes QC.
+            starts = [(nm, e) for _, nm, e in sorted(scored, key=lambda c: c[0])[:_MAX_STARTS]]
     except RuntimeError as exc:  # ITK: no overlap, too few samples, degenerate images...
-        return failed(f"optimisation failed: {str(exc).strip().splitlines()[-1][:300]}")
+        return failed(f"initialisation failed: {str(exc).strip().splitlines()[-1][:300]}")
 
+    first_failure = None
+    for init_name, init in starts:
+        try:
+            res = backend(fixed, moving, metric_mask, init, stage, _MAX_STEP_MM["intra" if intra else "inter"], threads)
+        except RuntimeError as exc:  # ITK: samples left the moving image during the search...
+            outcome = failed(f"optimisation failed (start {init_name}): {str(exc).strip().splitlines()[-1][:300]}",
+                             before=metric_before)
+        else:
+            outcome = _quality(res, init_name, fixed, moving, fixed_body, metric_mask, fixed_eval, moving_eval,
+                               eval_frac, metric_before, stage, max_scale_change, max_motion_mm, threads,
+                               name, method, t0)
+        if outcome[1].ok:
+            return outcome
+        first_failure = first_failure or outcome
+    return first_failure
+
+
+def _quality(res: "_BackendResult", init_name: str, fixed: sitk.Image, moving: sitk.Image, fixed_body: sitk.Image,
+             metric_mask: sitk.Image, fixed_eval: sitk.Image, moving_eval: sitk.Image, eval_frac: float,
+             metric_before: float, stage: RegistrationStageConfig, max_scale_change: float | None,
+             max_motion_mm: float | None, threads: int, name: str, method: str,
+             t0: float) -> tuple[sitk.Transform, RegistrationQC]:
+    """QC of one optimisation result; the identity transform when it fails."""
     tx = res.transform
     stop = f"init={init_name}; {res.stop_condition}"
     if not res.converged:
@@ -555,6 +596,7 @@ def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: Re
 
 def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image,
                          cfg: RegistrationConfig, name: str = "followup_to_baseline",
+                         hint_shift_lps: Sequence[float] | None = None,
                          ) -> tuple[sitk.Transform, RegistrationQC]:
     """Register a follow-up (moving) to the session's baseline (fixed); both pre-contrast.
 
@@ -569,7 +611,8 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     when not ok.
     """
     return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
-                     max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change)
+                     max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change,
+                     hint_shift_lps=hint_shift_lps)
 
 
 __all__: Sequence[str] = (

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 
 import pytest
 
@@ -19,7 +18,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     from flows.assess import run_assessment
 
     root = tmp_path_factory.mktemp("e2e")
