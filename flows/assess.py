@@ -143,11 +143,11 @@ def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = No
                       str(config) if config else None, workers, device, show_progress)
 
 
-def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
-                  config: Path | None = None, workers: int = 1, device: str = "auto",
-                  defer_recent_seconds: float = 300.0) -> None:
-    """Serve a scheduled deployment of the same flow (blocks; Ctrl-C stops it)."""
-    assess_export.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers))).serve(
+def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
+                       config: Path | None = None, workers: int = 1, device: str = "auto",
+                       defer_recent_seconds: float = 300.0):
+    """The scheduled deployment of the batch flow (a Prefect RunnerDeployment, not yet served)."""
+    return assess_export.with_options(task_runner=ThreadPoolTaskRunner(max_workers=max(1, workers))).to_deployment(
         name="nightly",
         cron=cron,
         parameters={"export_dir": str(export_dir), "out_dir": str(out_dir),
@@ -156,3 +156,12 @@ def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path |
                     "defer_recent_seconds": defer_recent_seconds},
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )
+
+
+def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
+                  config: Path | None = None, workers: int = 1, device: str = "auto",
+                  defer_recent_seconds: float = 300.0) -> None:
+    """Serve the nightly deployment (blocks; Ctrl-C stops it)."""
+    from prefect import serve
+
+    serve(nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device, defer_recent_seconds))

@@ -78,6 +78,7 @@ class FociConfig(_Section):
     strongly_suspicious_diameter_mm: float = Field(gt=0)
     local_max_distance_mm: float = Field(ge=0)
     new_lesion_search_mm: float = Field(gt=0)
+    new_lesion_min_relative_enhancement: float = Field(gt=0)
     vessel_min_elongation: float = Field(gt=1)
     vessel_min_length_mm: float = Field(gt=0)
     focal_max_deg: float

@@ -57,8 +57,15 @@ def analyse_foci(
     az: AxisMeasurement | None,
     rim: RimMetrics | None,
     cfg: PipelineConfig,
+    rim_typical_mm: float | None = None,
 ) -> tuple[list[Focus], list[np.ndarray]]:
-    """Describe each focus candidate; returns (all foci near the AZ, masks of the suspicious ones)."""
+    """Describe each focus candidate; returns (all foci near the AZ, masks of the suspicious ones).
+
+    ``rim_typical_mm``: the rim's typical thickness around the whole margin (median over every
+    surface normal, 0 where there is no rim), the reference of rule 9's "2x the rim median".
+    The rim's own median (over normals that have rim) would compare a focus with itself on a
+    margin where the focus is the only enhancement. Defaults to ``rim.median_thickness_mm``.
+    """
     if not seg.found or az is None or not seg.focus_candidates:
         return [], []
     fc = cfg.foci
@@ -67,7 +74,10 @@ def analyse_foci(
     re_a = sitk.GetArrayViewFromImage(relative_enhancement)
     # Physical distance (mm) of every voxel to the AZ; 0 inside it.
     dist_to_az = ndi.distance_transform_edt(~seg.az, sampling=spacing)
-    rim_median = rim.median_thickness_mm if (rim is not None and rim.present) else 0.0
+    if rim_typical_mm is not None:
+        rim_median = rim_typical_mm
+    else:
+        rim_median = rim.median_thickness_mm if (rim is not None and rim.present) else 0.0
     # Vessel test on the enhancing tissue beyond the benign-rim shell: a vessel touching the AZ
     # merges with the rim into a compact-looking blob, but beyond the shell it runs on as a tube.
     beyond = seg.enhancing & ~ndi.binary_dilation(
@@ -107,14 +117,18 @@ def analyse_foci(
         vessel = elongation >= fc.vessel_min_elongation and length >= fc.vessel_min_length_mm
         thick = thickness >= fc.min_thickness_mm and thickness >= fc.min_thickness_ratio_to_rim * rim_median
         large = diameter > fc.strongly_suspicious_diameter_mm
+        weak_distant = (not local) and mean_re < fc.new_lesion_min_relative_enhancement
         if vessel:
             suspicious, reason = False, f"elongated enhancing structure (vessel-like: {elongation:.1f}:1, {length:.0f} mm)"
+        elif weak_distant:
+            suspicious, reason = False, (f"distant and weakly enhancing (mean RE {mean_re:.2f} < "
+                                         f"{fc.new_lesion_min_relative_enhancement:g}): parenchyma, not a new lesion")
         elif thick or large:
             suspicious = True
             why = []
             if thick:
                 why.append(f"nodular, {thickness:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
-                           f"{fc.min_thickness_ratio_to_rim:g}x rim median {rim_median:.1f} mm)")
+                           f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
             if large:
                 why.append(f"{diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)")
             reason = "; ".join(why)

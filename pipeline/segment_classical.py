@@ -94,7 +94,7 @@ def segment(
     empty = np.zeros(pre_a.shape, bool)
     if tissue.sum() < 100:
         return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
-    ref = float(np.median(pre_a[tissue & (pre_a > np.percentile(pre_a[tissue], 25))]))
+    ref = float(np.median(pre_a[tissue & (pre_a >= np.percentile(pre_a[tissue], 25))]))
     enhancing = body_a & (re_a >= thr)
     # Drop enhancing specks smaller than the minimum component size (rule 6).
     min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))

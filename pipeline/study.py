@@ -138,7 +138,8 @@ def analyse_study(
         rim_volume_ml = float(seg.rim.sum() * np.prod(post.GetSpacing()) / 1000.0)
         rim = rim_metrics(profile, rim_volume_ml, cfg.rim.benign_max_thickness_mm,
                           cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
-        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg)
+        rim_typical = float(np.median(profile.thickness_mm)) if profile.n else 0.0
+        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg, rim_typical)
         labels_a[seg.rim] = LABEL_RIM
         labels_a[seg.az] = LABEL_AZ
         for mask in focus_masks:

@@ -44,3 +44,13 @@ def test_phantom_command_writes_an_export_with_truth(tmp_path):
     truth = json.loads((tmp_path / "d" / "truth.json").read_text())
     assert len(truth["patients"]) == 1 and (tmp_path / "d" / "procedures.csv").exists()
     assert any((tmp_path / "d" / "export").rglob("*"))
+
+
+def test_nightly_deployment_is_scheduled_with_the_flow_parameters(tmp_path):
+    from flows.assess import nightly_deployment
+
+    deployment = nightly_deployment(tmp_path / "export", tmp_path / "out", "0 2 * * *", workers=2)
+    assert deployment.name == "nightly"
+    assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+    assert deployment.parameters["defer_recent_seconds"] == 300.0
+    assert deployment.parameters["out_dir"] == str(tmp_path / "out")
