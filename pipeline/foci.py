@@ -50,6 +50,27 @@ def _elongation(points: np.ndarray) -> tuple[float, float]:
     return float(np.sqrt(eigval[0] / eigval[1])), float(proj.max() - proj.min())
 
 
+# Radius (mm) of the neighbourhood whose enhancing tissue tells a vessel piece from a nodule.
+_LOCAL_BALL_MM = 15.0
+
+
+def _local_shape(enhancing: np.ndarray, focus: np.ndarray, centre_zyx: np.ndarray, grid: sitk.Image,
+                 spacing: np.ndarray, radius_mm: float) -> tuple[float, float]:
+    """Elongation and length of the enhancing tissue connected to ``focus`` within a ball."""
+    lo = np.maximum(np.floor(centre_zyx - radius_mm / spacing).astype(int), 0)
+    hi = np.minimum(np.ceil(centre_zyx + radius_mm / spacing).astype(int) + 1, enhancing.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    zz, yy, xx = np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij")
+    inside = (((zz - centre_zyx[0]) * spacing[0]) ** 2 + ((yy - centre_zyx[1]) * spacing[1]) ** 2
+              + ((xx - centre_zyx[2]) * spacing[2]) ** 2) <= radius_mm ** 2
+    lab, _ = ndi.label(enhancing[box] & inside)
+    keep = np.unique(lab[focus[box] & (lab > 0)])
+    region = np.isin(lab, keep) & (lab > 0)
+    if region.sum() < 4:
+        return 1.0, 0.0
+    return _elongation(voxels_to_lps(grid, np.argwhere(region) + lo))
+
+
 def analyse_foci(
     seg: SegmentationResult,
     relative_enhancement: sitk.Image,
@@ -105,6 +126,11 @@ def analyse_foci(
             edt = ndi.distance_transform_edt(outside[k], sampling=spacing[1:])
             thickness = max(thickness, 2.0 * float(edt.max()) - in_plane)
         elongation, length = _elongation(points)
+        # A vessel whose calibre hovers around the focus threshold breaks into short, compact-
+        # looking pieces: look at the enhancing tissue within a ball around the piece as well.
+        local_e, local_len = _local_shape(seg.enhancing, outside, zyx.mean(0), grid, spacing, _LOCAL_BALL_MM)
+        if local_len > length and local_e >= fc.vessel_min_elongation:
+            elongation, length = local_e, local_len
         touching = np.unique(beyond_lab[ndi.binary_dilation(outside) & (beyond_lab > 0)])
         for label in touching:
             if label not in shapes:
