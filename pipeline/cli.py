@@ -13,6 +13,8 @@ from rich.table import Table
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="MRI follow-up after percutaneous ablation: IWG-IGTA call per study.")
 console = Console()
+# Outside a terminal (CI logs, pipes) rich assumes 80 columns and folds every cell.
+table_console = console if console.is_terminal else Console(width=170)
 
 
 def print_cohort(out_dir: Path) -> None:
@@ -20,13 +22,14 @@ def print_cohort(out_dir: Path) -> None:
     with (out_dir / "cohort.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     table = Table(title=f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}")
-    for col in ("patient", "date", "timepoint", "category", "flag", "long mm", "short mm", "vol mL", "why flagged"):
-        table.add_column(col, overflow="fold")
+    for col in ("patient", "date", "timepoint", "category", "flag", "long mm", "short mm", "vol mL"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("why flagged", overflow="fold")
     for r in rows:
         table.add_row(r["patient_id"], r["study_date"], r["timepoint"], r["category"],
                       "yes" if r["flagged"] == "true" else "", r["az_long_axis_mm"], r["az_short_axis_mm"],
                       r["az_volume_ml"], r["flag_reasons"][:90])
-    console.print(table)
+    table_console.print(table)
 
 
 def _check_inputs(procedures: Path | None, config: Path | None) -> None:
