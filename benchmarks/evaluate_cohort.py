@@ -50,6 +50,9 @@ def main() -> None:
     print(f"category accuracy   {report['category_accuracy']:.3f}")
     print(f"viable tumour       sensitivity {vt['sensitivity']}  specificity {vt['specificity']}  "
           f"(tp {vt['tp']} fn {vt['fn']} tn {vt['tn']} fp {vt['fp']})")
+    ac = report["actionable"]
+    print(f"residual+LTP+susp.  sensitivity {ac['sensitivity']}  specificity {ac['specificity']}  "
+          f"(tp {ac['tp']} fn {ac['fn']} tn {ac['tn']} fp {ac['fp']})")
     for key in ("long_axis_error_mm", "short_axis_error_mm", "volume_error_pct"):
         s = report[key]
         print(f"{key:<20}n {s['n']}  mean|e| {s['mean_abs']}  median|e| {s['median_abs']}  max|e| {s['max_abs']}  "

@@ -5,7 +5,6 @@ baseline, classification, outputs. Plain functions; the Prefect flow in flows/ w
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from pipeline.outputs import (
 from pipeline.registration import register_to_baseline, resample_to
 from pipeline.study import StudyImages, analyse_study
 from pipeline.timeline import Procedure, build_patient_timeline
+from pipeline.timeline_plot import render_timeline_plot
 from pipeline.types import ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry, Timepoint
 
 # Stages of errors.csv rows that per-study imaging produces (kept with a reused result).
@@ -289,6 +289,11 @@ def assess_patient(
         write_assessment(folder / "assessment.json", record)
     if entries:
         patient_folder = study_dir(out_dir, entries[0].study).parent
-        write_json(patient_folder / "timeline.json", json.loads(json.dumps([p.model_dump() for p in points])))
+        write_json(patient_folder / "timeline.json", [p.model_dump() for p in points])
+        try:
+            render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi)
+        except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
+            result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
+                                             f"timeline plot not rendered: {type(exc).__name__}: {exc}"))
     result.records = [records[e.study.study_instance_uid] for e in entries]
     return result

@@ -16,13 +16,13 @@ and the flags a radiologist must check: every label is a proposal (rule 18).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
 from pipeline.config import PipelineConfig
 from pipeline.measure import percent_change
-from pipeline.types import Category, Focus, StudyImaging, TimelineEntry, Timepoint
+from pipeline.types import Category, Focus, RimMetrics, StudyImaging, TimelineEntry, Timepoint
 
 FLAGGED_CATEGORIES = {
     Category.RESIDUAL_UNABLATED_TUMOUR,
@@ -31,9 +31,14 @@ FLAGGED_CATEGORIES = {
     Category.INDETERMINATE,
 }
 
-# Timeline situations a radiologist should look at even when the category is benign.
-REVIEW_TIMELINE_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
-                         "no_study_date"}
+# Situations a radiologist should look at even when the category is benign (flag name before
+# any ":" detail).
+REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
+                "no_study_date", "rim_persisting", "rim_increasing"}
+
+
+def _needs_review(flag: str) -> bool:
+    return flag.split(":", 1)[0] in REVIEW_FLAGS
 
 
 class Changes(BaseModel):
@@ -42,7 +47,9 @@ class Changes(BaseModel):
     baseline_long_axis_mm: float | None = None
     nadir_long_axis_mm: float | None = None
     long_axis_change_pct: float | None = None
+    long_axis_change_mm: float | None = None
     short_axis_change_pct: float | None = None
+    short_axis_change_mm: float | None = None
     volume_change_pct: float | None = None
     long_axis_change_vs_nadir_pct: float | None = None
     long_axis_change_vs_nadir_mm: float | None = None
@@ -62,6 +69,8 @@ class Decision(BaseModel):
     flag_reasons: list[str] = Field(default_factory=list)
     new_lesion: bool = False
     changes: Changes = Field(default_factory=Changes)
+    # Facts worth recording that need no image review (e.g. a missed follow-up time point).
+    notes: list[str] = Field(default_factory=list)
 
 
 @dataclass
@@ -72,7 +81,7 @@ class _SessionState:
     nadir_long_mm: float | None = None
     nadir_volume_ml: float | None = None
     seen_contrast_study: bool = False
-    history: list[str] = field(default_factory=list)
+    previous_rim: RimMetrics | None = None
 
 
 def _suspicious_local(foci: list[Focus]) -> list[Focus]:
@@ -88,7 +97,9 @@ def _changes(imaging: StudyImaging, state: _SessionState) -> Changes:
     out = Changes(baseline_long_axis_mm=base.long_axis_mm if base else None, nadir_long_axis_mm=state.nadir_long_mm)
     if base is not None:
         out.long_axis_change_pct = percent_change(az.long_axis_mm, base.long_axis_mm)
+        out.long_axis_change_mm = az.long_axis_mm - base.long_axis_mm
         out.short_axis_change_pct = percent_change(az.short_axis_mm, base.short_axis_mm)
+        out.short_axis_change_mm = az.short_axis_mm - base.short_axis_mm
         out.volume_change_pct = percent_change(az.volume_ml, base.volume_ml)
     if state.nadir_long_mm is not None:
         out.long_axis_change_vs_nadir_pct = percent_change(az.long_axis_mm, state.nadir_long_mm)
@@ -134,6 +145,50 @@ def _focus_values(foci: list[Focus]) -> dict[str, float | int | str]:
         "focus_pattern": worst.pattern,
         "focus_reason": worst.reason,
     }
+
+
+def _rim_flags(rim: RimMetrics | None, previous: RimMetrics | None, entry: TimelineEntry,
+               cfg: PipelineConfig) -> list[str]:
+    """Rule 10 (rim beyond its expected window) and rule 11 (rim increasing between studies)."""
+    rules = cfg.rules
+    flags = []
+    present = rim is not None and rim.present and rim.coverage_deg >= rules.rim_min_coverage_deg
+    window = rules.for_organ(rules.expected_rim_days, entry.organ) + rules.schedule_tolerance_days
+    if present and entry.days_since_ablation is not None and entry.days_since_ablation > window:
+        flags.append(f"rim_persisting: enhancing rim over {rim.coverage_deg:.0f} deg on day "
+                     f"{entry.days_since_ablation} (expected within {window} days)")
+    if rim is not None and previous is not None and rim.present and previous.present:
+        grew_ml = rim.volume_ml - previous.volume_ml
+        grew_pct = 100.0 * grew_ml / previous.volume_ml if previous.volume_ml > 0 else 0.0
+        thicker = rim.max_thickness_mm - previous.max_thickness_mm
+        if (grew_pct > rules.rim_increase_pct and grew_ml > rules.rim_increase_ml) or thicker > rules.rim_thickness_increase_mm:
+            flags.append(f"rim_increasing: volume {previous.volume_ml:.2f} -> {rim.volume_ml:.2f} mL, "
+                         f"max thickness {previous.max_thickness_mm:.1f} -> {rim.max_thickness_mm:.1f} mm")
+    return flags
+
+
+def schedule_notes(entries: list[TimelineEntry], cfg: PipelineConfig) -> dict[str, list[str]]:
+    """Rule 17: expected follow-up time points with no study within the tolerance.
+
+    A time point counts as missed once a later study of the same session exists; the note goes
+    on the first study after the missed window. Needs the ablation date (procedures file).
+    """
+    rules = cfg.rules
+    notes: dict[str, list[str]] = {}
+    sessions: dict[int, list[TimelineEntry]] = {}
+    for e in entries:
+        if e.session is not None and e.days_since_ablation is not None:
+            sessions.setdefault(e.session, []).append(e)
+    for session, rows in sessions.items():
+        days = [e.days_since_ablation for e in rows]
+        for expected in rules.for_organ(rules.schedule_days, rows[0].organ):
+            if any(abs(d - expected) <= rules.schedule_tolerance_days for d in days):
+                continue
+            later = [e for e in rows if e.days_since_ablation > expected + rules.schedule_tolerance_days]
+            if later:
+                notes.setdefault(later[0].study.study_instance_uid, []).append(
+                    f"missed_timepoint: no study {expected} +- {rules.schedule_tolerance_days} days after session {session}")
+    return notes
 
 
 def classify_patient(
@@ -243,11 +298,12 @@ def classify_patient(
                 if state.residual_open:
                     flags.append("residual_no_longer_seen")
 
+        flags.extend(_rim_flags(result.rim, state.previous_rim, entry, cfg))
         confidence = _confidence(result, margin, flags)
         if confidence < rules.review_confidence_below and category not in FLAGGED_CATEGORIES:
             flags.append(f"low_confidence ({confidence:.2f})")
         flagged = (category in FLAGGED_CATEGORIES or new_lesion or confidence < rules.review_confidence_below
-                   or any(f in REVIEW_TIMELINE_FLAGS for f in flags))
+                   or any(_needs_review(f) for f in flags))
         decisions[uid] = Decision(
             category=category, rule_id=rule_id, rule=rule, values=values, thresholds=thresholds,
             confidence=confidence, flagged=flagged, flag_reasons=flags if flagged else [],
@@ -262,6 +318,9 @@ def classify_patient(
             state.residual_open = True
         if state.baseline is None:
             state.baseline = result
+        state.previous_rim = result.rim
         state.nadir_long_mm = az.long_axis_mm if state.nadir_long_mm is None else min(state.nadir_long_mm, az.long_axis_mm)
         state.nadir_volume_ml = az.volume_ml if state.nadir_volume_ml is None else min(state.nadir_volume_ml, az.volume_ml)
+    for uid, notes in schedule_notes(entries, cfg).items():
+        decisions[uid].notes.extend(notes)
     return decisions

@@ -92,6 +92,17 @@ class RulesConfig(_Section):
     growth_min_abs_mm: float
     growth_min_pct: float
     review_confidence_below: float = Field(ge=0, le=1)
+    expected_rim_days: dict[str, int]
+    rim_min_coverage_deg: float = Field(ge=0, le=360)
+    rim_increase_pct: float = Field(ge=0)
+    rim_increase_ml: float = Field(ge=0)
+    rim_thickness_increase_mm: float = Field(ge=0)
+    schedule_days: dict[str, list[int]]
+    schedule_tolerance_days: int = Field(ge=0)
+
+    def for_organ(self, table: dict, organ: str):
+        """The organ's entry of a per-organ table, else its ``default``."""
+        return table.get((organ or "").strip().lower(), table["default"])
 
 
 class OutputsConfig(_Section):

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 VIABLE = {"residual_unablated_tumour", "local_tumour_progression"}
+# Issue 3's wider positive class: anything a radiologist must act on at the ablation site.
+ACTIONABLE = VIABLE | {"suspected_local_tumour_progression"}
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -31,6 +33,7 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
                 pairs.append((patient, study, row))
     confusion: Counter[tuple[str, str]] = Counter()
     tp = fn = tn = fp = 0
+    atp = afn = atn = afp = 0
     long_err, short_err, vol_err = [], [], []
     wrong = []
     for patient, study, row in pairs:
@@ -44,6 +47,10 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
             tp, fn = tp + (p in VIABLE), fn + (p not in VIABLE)
         elif t != "pre_ablation":
             tn, fp = tn + (p not in VIABLE), fp + (p in VIABLE)
+        if t in ACTIONABLE:
+            atp, afn = atp + (p in ACTIONABLE), afn + (p not in ACTIONABLE)
+        elif t != "pre_ablation":
+            atn, afp = atn + (p not in ACTIONABLE), afp + (p in ACTIONABLE)
         az = study.get("az")
         if az and row["az_long_axis_mm"]:
             long_err.append(float(row["az_long_axis_mm"]) - az["long_axis_mm"])
@@ -65,6 +72,8 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         "category_accuracy": _rate(n_correct, len(pairs)),
         "viable_tumour": {"tp": tp, "fn": fn, "tn": tn, "fp": fp,
                           "sensitivity": _rate(tp, tp + fn), "specificity": _rate(tn, tn + fp)},
+        "actionable": {"tp": atp, "fn": afn, "tn": atn, "fp": afp,
+                       "sensitivity": _rate(atp, atp + afn), "specificity": _rate(atn, atn + afp)},
         "long_axis_error_mm": stats(long_err),
         "short_axis_error_mm": stats(short_err),
         "volume_error_pct": stats(vol_err),

@@ -49,6 +49,9 @@ class TimelinePoint(BaseModel):
     session: int | None
     category: str
     az_long_axis_mm: float | None
+    days_since_ablation: int | None = None
+    az_short_axis_mm: float | None = None
+    az_volume_ml: float | None = None
 
 
 class AssessmentRecord(BaseModel):
@@ -226,7 +229,8 @@ def timeline_points(entries: list[TimelineEntry], records: dict[str, AssessmentR
             study_date=e.study.study_date.isoformat() if e.study.study_date else None,
             timepoint=e.timepoint.value, session=e.session,
             category=rec.decision.category.value if rec else "indeterminate",
-            az_long_axis_mm=az.long_axis_mm if az else None))
+            az_long_axis_mm=az.long_axis_mm if az else None, days_since_ablation=e.days_since_ablation,
+            az_short_axis_mm=az.short_axis_mm if az else None, az_volume_ml=az.volume_ml if az else None))
     return points
 
 

@@ -116,6 +116,7 @@ def build_patient_timeline(
             entries.append(TimelineEntry(study, Timepoint.PRE_ABLATION, None, None, None, None, flags))
             continue
         days = (study.study_date - ablation_date).days if ablation_date else None
+        organ = procedures[index - 1].organ if procedures else ""
         baseline_uid = baseline_of_session.get(index)
         if baseline_uid is None and has_post_contrast(study):
             baseline_of_session[index] = study.study_instance_uid
@@ -124,11 +125,12 @@ def build_patient_timeline(
             elif days is not None and days > rules.baseline_max_days:
                 flags.append("late_baseline")
             entries.append(TimelineEntry(study, Timepoint.BASELINE, index, ablation_date, days,
-                                         study.study_instance_uid, flags))
+                                         study.study_instance_uid, flags, organ))
             continue
         if baseline_uid is None:
             flags.append("before_baseline")
-        entries.append(TimelineEntry(study, Timepoint.FOLLOW_UP, index, ablation_date, days, baseline_uid, flags))
+        entries.append(TimelineEntry(study, Timepoint.FOLLOW_UP, index, ablation_date, days, baseline_uid, flags,
+                                     organ))
     return entries
 
 

@@ -91,6 +91,7 @@ class TimelineEntry:
     days_since_ablation: int | None
     baseline_study_instance_uid: str | None
     flags: list[str] = field(default_factory=list)
+    organ: str = ""  # from the procedures file when given
 
 
 # --------------------------------------------------------------------------- imaging results

@@ -82,3 +82,24 @@ def test_config_default_and_override(tmp_path):
     typo.write_text("rulez: {}\n")
     with pytest.raises(ValidationError):
         load_config(typo)
+
+
+def test_timeline_plot_renders(tmp_path):
+    from pipeline.outputs import TimelinePoint
+    from pipeline.timeline_plot import render_timeline_plot
+
+    points = [
+        TimelinePoint(study_instance_uid="1", study_date="2024-01-01", timepoint="pre_ablation", session=None,
+                      category="pre_ablation", az_long_axis_mm=None),
+        TimelinePoint(study_instance_uid="2", study_date="2024-02-10", timepoint="baseline", session=1,
+                      category="complete_ablation", az_long_axis_mm=35.0, az_short_axis_mm=30.0, az_volume_ml=15.0,
+                      days_since_ablation=30),
+        TimelinePoint(study_instance_uid="3", study_date="2024-05-10", timepoint="follow_up", session=1,
+                      category="indeterminate", az_long_axis_mm=None, days_since_ablation=120),
+        TimelinePoint(study_instance_uid="4", study_date="2024-11-10", timepoint="follow_up", session=1,
+                      category="local_tumour_progression", az_long_axis_mm=33.0, az_short_axis_mm=28.0,
+                      az_volume_ml=12.0, days_since_ablation=300),
+    ]
+    render_timeline_plot(tmp_path / "timeline.png", "P1", points)
+    data = (tmp_path / "timeline.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -100,7 +100,7 @@ def test_vessel_touching_the_az_is_never_tumour():
     assert any("vessel" in f.reason for f in foci)
 
 
-@pytest.mark.parametrize("nodule_mm", [7.0, 10.0])
+@pytest.mark.parametrize("nodule_mm", [6.0, 7.0, 10.0])
 def test_nodule_at_the_margin_is_always_tumour(nodule_mm):
     seg, az, rim, foci = run(nodule_mm=nodule_mm)
     suspicious = [f for f in foci if f.suspicious]

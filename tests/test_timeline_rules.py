@@ -154,3 +154,46 @@ def test_read_procedures(tmp_path):
     bad.write_text("patient_id,ablation_date\nA,02/05/2024\n")
     with pytest.raises(ValueError, match="bad.csv:2"):
         read_procedures(bad)
+
+
+def _with_rim(img, volume_ml=1.0, max_mm=2.0, coverage=350.0):
+    rim = img.rim.model_copy(update={"volume_ml": volume_ml, "max_thickness_mm": max_mm, "coverage_deg": coverage})
+    return img.model_copy(update={"rim": rim})
+
+
+def test_rim_beyond_its_expected_window_is_flagged_by_organ():
+    studies = [study("s1", 30), study("s2", 90), study("s3", 250)]
+    imgs = {"s1": _with_rim(imaging(30)), "s2": _with_rim(imaging(28), 0.8), "s3": _with_rim(imaging(27), 0.5)}
+    _, d = run(studies, imgs)
+    # default / liver window 180 days (+ 28 tolerance): the rim at day 250 is flagged, not re-categorised.
+    assert d[2].category == C.NO_EVIDENCE_OF_LTP and d[2].flagged
+    assert d[2].flag_reasons[0].startswith("rim_persisting")
+    assert not d[1].flagged
+    # kidney cryoablation: enhancement up to 9 months is expected [S15]-[S17].
+    procs = [Procedure("P1", DAY0, organ="kidney")]
+    entries = build_patient_timeline(studies, procs, {}, CFG.rules)
+    kidney = classify_patient(entries, imgs, CFG)
+    assert not kidney["s3"].flagged
+    # A rim covering under 90 deg is not "a rim".
+    imgs["s3"] = _with_rim(imaging(27), 0.5, coverage=40)
+    _, d = run(studies, imgs)
+    assert not d[2].flagged
+
+
+def test_rim_increasing_between_studies_is_flagged():
+    studies = [study("s1", 30), study("s2", 90)]
+    imgs = {"s1": _with_rim(imaging(30), 0.5, 1.5), "s2": _with_rim(imaging(29), 0.9, 1.8)}
+    _, d = run(studies, imgs)
+    assert d[1].category == C.NO_EVIDENCE_OF_LTP and d[1].flagged and "rim_increasing" in d[1].flag_reasons[0]
+    imgs["s2"] = _with_rim(imaging(29), 0.6, 1.8)  # +20 % but only +0.1 mL: not enough
+    _, d = run(studies, imgs)
+    assert not d[1].flagged
+
+
+def test_missed_timepoint_is_noted_not_flagged():
+    studies = [study("s1", 30), study("s3", 365)]
+    late = imaging(25)
+    late = late.model_copy(update={"rim": late.rim.model_copy(update={"present": False, "coverage_deg": 0.0})})
+    _, d = run(studies, {"s1": imaging(30), "s3": late})
+    assert d[1].notes and "90" in d[1].notes[0] and "180" in d[1].notes[1]
+    assert not d[1].flagged
