@@ -1,8 +1,8 @@
 """Describe enhancing foci and decide which are suspicious (criteria.md §6 rules 4 and 9).
 
 A focus candidate (thick enhancing tissue, from the segmentation) is suspicious when it is
-compact (not vessel-like), and either locally >= 5 mm thick and >= 2x the rim's median
-thickness, or > 10 mm across [S10][S12][S24]; it is local when <= 10 mm from the AZ surface,
+compact (not vessel-like) and locally >= 5 mm thick and >= 2x the rim's typical thickness;
+strongly so when > 10 mm across [S10][S12][S24]. It is local when <= 10 mm from the AZ surface,
 otherwise a new lesion [S6]. Its pattern along the margin is focal (< 90 deg), crescentic
 (90-270 deg) or circumferential (> 270 deg) [S12].
 """
@@ -183,10 +183,11 @@ def analyse_foci(
         local = distance <= fc.local_max_distance_mm
         vessel = elongation >= fc.vessel_min_elongation and length >= fc.vessel_min_length_mm
         thick = thickness >= fc.min_thickness_mm and thickness >= fc.min_thickness_ratio_to_rim * rim_median
-        # "A focus > 10 mm" means tissue that size standing out of the rim, not a stretch of rim
-        # (with 3 mm slices an oblique 2.5 mm rim reads up to ~4.5 mm along its normals).
-        large = (diameter > fc.strongly_suspicious_diameter_mm and thickness > cfg.rim.benign_max_thickness_mm
-                 and thickness >= fc.min_thickness_ratio_to_rim * rim_median)
+        # Rule 9: a nodular focus (thick) is suspicious, and strongly so when > 10 mm across. Size
+        # alone is not enough: a stretch of patchy rim is long (and, with 3 mm slices, an oblique
+        # 2.5 mm rim reads up to ~4.5 mm along its normals). The rule's "or coverage under 90 deg"
+        # is not applied for the same reason: a patchy benign rim breaks into pieces under 90 deg.
+        large = diameter > fc.strongly_suspicious_diameter_mm
         weak_distant = (not local) and mean_re < fc.new_lesion_min_relative_enhancement
         if not local and thickness > 0:
             # Away from the AZ a branching vessel tree is one component that PCA cannot call
@@ -200,15 +201,12 @@ def analyse_foci(
         elif weak_distant:
             suspicious, reason = False, (f"distant and weakly enhancing (mean RE {mean_re:.2f} < "
                                          f"{fc.new_lesion_min_relative_enhancement:g}): parenchyma, not a new lesion")
-        elif thick or large:
+        elif thick:
             suspicious = True
-            why = []
-            if thick:
-                why.append(f"nodular, {thickness:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
-                           f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
+            reason = (f"nodular, {thickness:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
+                      f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
             if large:
-                why.append(f"{diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)")
-            reason = "; ".join(why)
+                reason += f"; strongly suspicious: {diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)"
         else:
             suspicious, reason = False, f"thin enhancement ({thickness:.1f} mm), within the benign rim pattern"
         if local:

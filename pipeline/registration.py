@@ -515,20 +515,26 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     except RuntimeError as exc:  # ITK: no overlap, too few samples, degenerate images...
         return failed(f"initialisation failed: {str(exc).strip().splitlines()[-1][:300]}")
 
+    # When the full chain (e.g. rigid + affine) fails QC from a start, its first, most
+    # constrained stage is tried alone from the same start: an affine can stretch along a
+    # short slab overlap where the rigid answer was right.
+    chains = [stage] if len(stage.transforms) == 1 else [stage, stage.model_copy(update={"transforms": stage.transforms[:1]})]
     first_failure = None
     for init_name, init in starts:
-        try:
-            res = backend(fixed, moving, metric_mask, init, stage, _MAX_STEP_MM["intra" if intra else "inter"], threads)
-        except RuntimeError as exc:  # ITK: samples left the moving image during the search...
-            outcome = failed(f"optimisation failed (start {init_name}): {str(exc).strip().splitlines()[-1][:300]}",
-                             before=metric_before)
-        else:
-            outcome = _quality(res, init_name, fixed, moving, fixed_body, metric_mask, fixed_eval, moving_eval,
-                               eval_frac, metric_before, stage, max_scale_change, max_motion_mm, threads,
-                               name, method, t0)
-        if outcome[1].ok:
-            return outcome
-        first_failure = first_failure or outcome
+        for chain in chains:
+            try:
+                res = backend(fixed, moving, metric_mask, init, chain, _MAX_STEP_MM["intra" if intra else "inter"], threads)
+            except RuntimeError as exc:  # ITK: samples left the moving image during the search...
+                outcome = failed(f"optimisation failed (start {init_name}): {str(exc).strip().splitlines()[-1][:300]}",
+                                 before=metric_before)
+            else:
+                chain_method = f"{cfg.backend}:" + "+".join(chain.transforms)
+                outcome = _quality(res, init_name, fixed, moving, fixed_body, metric_mask, fixed_eval, moving_eval,
+                                   eval_frac, metric_before, chain, max_scale_change, max_motion_mm, threads,
+                                   name, chain_method, t0)
+            if outcome[1].ok:
+                return outcome
+            first_failure = first_failure or outcome
     return first_failure
 
 

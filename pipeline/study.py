@@ -20,6 +20,7 @@ from pipeline.registration import body_mask, register_intra_study, resample_to
 from pipeline.rim import rim_metrics, rim_thickness_profile
 from pipeline.segment_classical import segment
 from pipeline.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
+from pipeline.supporting import enhancement_by_phase, t2_ratios
 from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
 
 LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
@@ -140,11 +141,17 @@ def analyse_study(
                           cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
         rim_typical = float(np.median(profile.thickness_mm)) if profile.n else 0.0
         foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg, rim_typical)
+        timings["measure"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        foci = _with_supporting_signals(study, foci, focus_masks, pre, post_series, post, transform, rel, seg,
+                                        sitk.GetArrayViewFromImage(body) > 0, cfg)
+        timings["supporting_signals"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         labels_a[seg.rim] = LABEL_RIM
         labels_a[seg.az] = LABEL_AZ
         for mask in focus_masks:
             labels_a[mask & ~seg.az] = LABEL_FOCUS
-    timings["measure"] = time.perf_counter() - t0
+    timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t0
 
     labels = _like(labels_a, post)
     key_slice = None
@@ -161,6 +168,20 @@ def analyse_study(
         reason="" if seg.found else seg.reason)
     images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
     return StudyAnalysis(imaging, images, errors)
+
+
+def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg):
+    """Add enhancement by phase and T2 ratios to the suspicious foci (same order as ``masks``)."""
+    suspicious = [i for i, f in enumerate(foci) if f.suspicious]
+    if not suspicious:
+        return foci
+    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg)
+    t2, _note = t2_ratios(study, post, seg.az, body, masks)
+    out = list(foci)
+    for index, by_phase, (to_az, to_body) in zip(suspicious, phases, t2):
+        out[index] = foci[index].model_copy(update={
+            "enhancement_by_phase": by_phase, "t2_ratio_to_az": to_az, "t2_ratio_to_body": to_body})
+    return out
 
 
 def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:

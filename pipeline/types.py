@@ -164,6 +164,11 @@ class Focus(BaseModel):
     local: bool
     suspicious: bool
     reason: str
+    # Supporting signals (suspicious foci only; never decide the category): mean RE per
+    # post-contrast phase index, and T2 signal relative to the AZ and to the body's median.
+    enhancement_by_phase: dict[str, float] = Field(default_factory=dict)
+    t2_ratio_to_az: float | None = None
+    t2_ratio_to_body: float | None = None
 
 
 class StudyImaging(BaseModel):

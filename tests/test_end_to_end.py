@@ -1,6 +1,6 @@
 """End to end: generate a small export, run the real Prefect flow, compare with truth.json.
 
-One module-scoped run (the flow's local ephemeral server starts once) shared by the checks.
+One run of the flow (the session fixture `assessed_run` of conftest.py) shared by the checks.
 """
 
 from __future__ import annotations
@@ -11,20 +11,13 @@ import json
 import pytest
 
 from pipeline.evaluation import evaluate_run
-from pipeline.phantom import generate_export
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from flows.assess import run_assessment
-
-    root = tmp_path_factory.mktemp("e2e")
-    truth = generate_export(root / "data", n_patients=2, seed=11)
-    out = root / "out"
-    summary = run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", workers=2, device="cpu")
-    return root, out, truth, summary
+def run(assessed_run):
+    return assessed_run
 
 
 def _cohort(out):
@@ -64,6 +57,12 @@ def test_outputs_of_the_contract_exist(run):
             assert (folder / "key_image.png").stat().st_size > 10_000
         if row["timepoint"] == "follow_up" and row["category"] != "indeterminate":
             assert (folder / "to_baseline.tfm").exists()
+        if row["category"] == "local_tumour_progression":
+            focus = next(f for f in record["imaging"]["foci"] if f["suspicious"])
+            # Supporting signals: enhancement in every phase, T2-brighter than the necrotic zone.
+            assert focus["enhancement_by_phase"] and min(focus["enhancement_by_phase"].values()) > 0.15
+            assert focus["t2_ratio_to_az"] > 1.2
+    assert list((out / "patients").glob("*/timeline.png"))
     errors = (out / "errors.csv").read_text()
     assert "truncated" in errors.lower() or "not a dicom" in errors.lower()
 
