@@ -19,7 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+# 2: stack attributes (acquisition number, trigger time, b-value), DICOMDIR references,
+# pseudonyms.
+SCHEMA_VERSION = 2
 
 # Header columns, in table order. Values are stored as DICOM-ish text (multi-values joined
 # with a backslash, as in the standard's own encoding) or numbers where they are compared.
@@ -57,8 +59,12 @@ HEADER_COLUMNS: dict[str, str] = {
     "columns": "INTEGER",
     "instance_number": "INTEGER",
     "n_frames": "INTEGER",
+    "acquisition_number": "INTEGER",
+    "trigger_time": "REAL",
+    "diffusion_b_value": "REAL",
 }
-# status: "ok" (an image file usable downstream) or "error" (skipped; ``reason`` says why).
+# status: "ok" (an image file usable downstream), "dicomdir" (a media index: the files it lists
+# are in ``dicomdir_refs``) or "error" (skipped; ``reason`` says why).
 FILE_COLUMNS: dict[str, str] = {
     "path": "TEXT PRIMARY KEY",  # relative to the export directory, POSIX separators
     "size": "INTEGER NOT NULL",
@@ -129,10 +135,16 @@ class Catalogue:
                 for view in ("series", "studies", "patients"):
                     con.execute(f"DROP VIEW IF EXISTS {view}")
                 con.execute("DROP TABLE IF EXISTS files")
+                con.execute("DROP TABLE IF EXISTS dicomdir_refs")
             cols = ", ".join(f"{name} {kind}" for name, kind in FILE_COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS files ({cols})")
             con.execute("CREATE INDEX IF NOT EXISTS files_series ON files(series_uid)")
             con.execute("CREATE INDEX IF NOT EXISTS files_study ON files(study_uid)")
+            # Files a DICOMDIR lists (path relative to the export), to report those missing.
+            con.execute("CREATE TABLE IF NOT EXISTS dicomdir_refs (dicomdir TEXT NOT NULL, ref TEXT NOT NULL)")
+            con.execute("CREATE INDEX IF NOT EXISTS dicomdir_refs_dir ON dicomdir_refs(dicomdir)")
+            # Pseudonymisation: PatientID -> pseudonym (kept with the catalogue, never in outputs).
+            con.execute("CREATE TABLE IF NOT EXISTS pseudonyms (patient_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL)")
             for statement in filter(None, (s.strip() for s in _VIEWS.split(";"))):
                 con.execute(statement)
             con.execute(
@@ -152,6 +164,13 @@ class Catalogue:
         for values in cur:
             yield dict(zip(names, values))
 
+    def dicomdir_refs(self) -> dict[str, list[str]]:
+        """``{DICOMDIR relative path: [listed file, relative to the export]}``."""
+        out: dict[str, list[str]] = {}
+        for d, ref in self._con.execute("SELECT dicomdir, ref FROM dicomdir_refs ORDER BY rowid"):
+            out.setdefault(d, []).append(ref)
+        return out
+
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         """Run a read-only query (e.g. on the ``series``/``studies`` views)."""
         return self._con.execute(sql, tuple(params)).fetchall()
@@ -170,8 +189,25 @@ class Catalogue:
             f"INSERT OR REPLACE INTO files ({', '.join(names)}) "
             f"VALUES ({', '.join('?' * len(names))})"
         )
+        rows = list(rows)
         self._con.executemany(sql, ([row.get(n) for n in names] for row in rows))
+        for row in rows:
+            if row.get("status") == "dicomdir":
+                self._con.execute("DELETE FROM dicomdir_refs WHERE dicomdir = ?", (row["path"],))
+                base = row["path"].rpartition("/")[0]
+                self._con.executemany("INSERT INTO dicomdir_refs VALUES (?, ?)",
+                                      ((row["path"], f"{base}/{r}" if base else r) for r in row["dicomdir_refs"]))
+
+    def save_pseudonyms(self, mapping: dict[str, str]) -> None:
+        """Store PatientID -> pseudonym pairs (idempotent)."""
+        with self._con:
+            self._con.executemany("INSERT OR REPLACE INTO pseudonyms VALUES (?, ?)", mapping.items())
+
+    def pseudonyms(self) -> dict[str, str]:
+        return dict(self._con.execute("SELECT patient_id, pseudonym FROM pseudonyms"))
 
     def delete(self, paths: Iterable[str]) -> None:
         """Drop the rows of files that left the export (or changed and are deferred)."""
+        paths = list(paths)
         self._con.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in paths))
+        self._con.executemany("DELETE FROM dicomdir_refs WHERE dicomdir = ?", ((p,) for p in paths))

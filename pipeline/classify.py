@@ -34,7 +34,7 @@ FLAGGED_CATEGORIES = {
 # Situations a radiologist should look at even when the category is benign (flag name before
 # any ":" detail).
 REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
-                "no_study_date", "rim_persisting", "rim_increasing"}
+                "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous"}
 
 
 def _needs_review(flag: str) -> bool:

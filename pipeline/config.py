@@ -25,13 +25,11 @@ class _Section(BaseModel):
 class IngestConfig(_Section):
     defer_recent_seconds: float = Field(ge=0)
     workers: int | None = Field(ge=1)
-    t2_min_echo_time_ms: float
-    post_contrast_keywords: list[str]
-    pre_contrast_keywords: list[str]
-    subtraction_keywords: list[str]
-    t2_keywords: list[str]
-    t1_keywords: list[str]
-    ignore_keywords: list[str]
+    # Series role rules YAML (keywords, vendor additions, confidences): a path, or a file name
+    # in configs/ (pipeline/series_roles.py, docs/ingest.md).
+    series_roles_file: str
+    # Outputs carry HMAC-SHA256 pseudonyms of PatientID (key beside the catalogue).
+    pseudonymise_patient_ids: bool
 
 
 class RegistrationStageConfig(_Section):

@@ -3,8 +3,11 @@
 Why not ``sitk.ImageSeriesReader``: it sorts and stacks whatever it is given and says
 nothing when a slice is missing, duplicated or from another orientation; here each of those
 is a :class:`SeriesGeometryError` with a precise reason, because a silently wrong geometry
-would corrupt every measurement downstream. Pixels are decoded by pydicom (its pixel
-handlers decode compressed transfer syntaxes when pylibjpeg / GDCM are installed).
+would corrupt every measurement downstream; it also reads multi-frame (Enhanced MR) files,
+whose per-frame geometry the ITK reader ignores. Pixels are decoded by pydicom: its pixel
+decoders handle RLE natively and JPEG baseline/extended/lossless, JPEG-LS and JPEG 2000
+through the plugins declared in pyproject.toml (pylibjpeg + pylibjpeg-libjpeg,
+pylibjpeg-openjpeg, pylibjpeg-rle; pyjpegls).
 
 Conventions (DICOM PS3.3 C.7.6.2): ImageOrientationPatient = row cosine r (direction of
 increasing column index) then column cosine c; PixelSpacing = (row spacing, column
@@ -16,31 +19,17 @@ direction columns (r, c, n) and origin = ImagePositionPatient of the first sorte
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from pipeline.series_geometry import SeriesGeometryError, SeriesPixelDataError, check_volume
 from pipeline.types import SeriesRecord
 
-# Orientation cosines written with ~6-8 digits agree within this.
-_IOP_TOL = 1e-4
-# Relative tolerance on PixelSpacing between slices.
-_PIXEL_SPACING_TOL = 1e-3
-# Two slices closer than this along the normal are at the same position (mm).
-_DUPLICATE_TOL_MM = 0.01
-# Slice-spacing uniformity: a gap is accepted within max(1 % of the spacing, 0.05 mm).
-_SPACING_REL_TOL = 0.01
-_SPACING_ABS_TOL_MM = 0.05
-
-
-class SeriesGeometryError(ValueError):
-    """The series cannot be loaded as one regular 3D volume; the message says exactly why."""
-
-
-class SeriesPixelDataError(SeriesGeometryError):
-    """A slice's pixel data cannot be decoded (truncated file, missing decoder, ...)."""
+__all__ = ["SeriesGeometryError", "SeriesPixelDataError", "load_series"]
 
 
 def _label(series: SeriesRecord) -> str:
@@ -58,130 +47,114 @@ def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path, label: str) -
     return arr
 
 
-def _orthonormal(r: np.ndarray, c: np.ndarray, label: str) -> np.ndarray:
-    """Direction matrix with columns (r, c, r x c), made exactly orthonormal.
+@dataclass
+class _Slice:
+    """One 2D image of the series: a single-frame file, or one frame of a multi-frame file."""
 
-    IOP strings are rounded; ITK's resampling inverts the direction, so the nearest
-    rotation (polar decomposition by SVD) is used instead of the rounded cosines.
-    """
-    if abs(np.linalg.norm(r) - 1) > 1e-3 or abs(np.linalg.norm(c) - 1) > 1e-3 or abs(r @ c) > 1e-3:
+    path: Path
+    frame: int | None  # None for a single-frame file
+    ds: pydicom.Dataset
+    ipp: np.ndarray
+    iop: np.ndarray
+    pixel_spacing: np.ndarray
+    shape: tuple[int, int]
+    slope: float
+    intercept: float
+    # Values that tell stacks apart when several share one SeriesInstanceUID.
+    stack_keys: dict[str, str]
+
+    @property
+    def name(self) -> str:
+        return self.path.name if self.frame is None else f"{self.path.name} frame {self.frame + 1}"
+
+
+def _first_item(ds: pydicom.Dataset | None, keyword: str) -> pydicom.Dataset | None:
+    seq = ds.get(keyword) if ds is not None else None
+    return seq[0] if seq else None
+
+
+def _group_value(per_frame: pydicom.Dataset | None, shared: pydicom.Dataset | None, sequence: str, keyword: str):
+    """A functional-group attribute: the per-frame group wins over the shared one (PS3.3 C.7.6.16)."""
+    for group in (per_frame, shared):
+        item = _first_item(group, sequence)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _stack_value(value) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _frames_of(path: Path, ds: pydicom.Dataset, label: str) -> list[_Slice]:
+    """The 2D images of one file, with their geometry (functional groups for multi-frame)."""
+    frames = int(ds.get("NumberOfFrames") or 1)
+    shape = (int(ds.Rows), int(ds.Columns))
+    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
+    per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
+    if frames == 1 and per_frame_seq is None:
+        return [_Slice(
+            path, None, ds,
+            _floats(ds, "ImagePositionPatient", 3, path, label),
+            _floats(ds, "ImageOrientationPatient", 6, path, label),
+            _floats(ds, "PixelSpacing", 2, path, label), shape,
+            float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0),
+            {kw: _stack_value(ds.get(kw)) for kw in _SINGLE_FRAME_STACK_KEYS},
+        )]
+    if per_frame_seq is None or len(per_frame_seq) != frames:
         raise SeriesGeometryError(
-            f"{label}: ImageOrientationPatient is not two orthogonal unit vectors "
-            f"(|r|={np.linalg.norm(r):.4f}, |c|={np.linalg.norm(c):.4f}, r.c={r @ c:.4f})"
-        )
-    m = np.column_stack([r, c, np.cross(r, c)])
-    u, _, vt = np.linalg.svd(m)
-    return u @ vt
+            f"{label}: {path.name}: multi-frame image (NumberOfFrames={frames}) without a per-frame "
+            f"functional group per frame ({0 if per_frame_seq is None else len(per_frame_seq)} found): "
+            "frame positions unknown")
+    out = []
+    for k, pf in enumerate(per_frame_seq):
+        def vec(sequence: str, keyword: str, n: int) -> np.ndarray:
+            value = _group_value(pf, shared, sequence, keyword)
+            try:
+                arr = np.asarray([float(v) for v in value], dtype=float)
+            except (TypeError, ValueError):
+                arr = np.empty(0)
+            if arr.size != n:
+                raise SeriesGeometryError(
+                    f"{label}: {path.name} frame {k + 1}: {keyword} missing or malformed in the "
+                    f"functional groups ({value!r})")
+            return arr
+
+        slope = _group_value(pf, shared, "PixelValueTransformationSequence", "RescaleSlope")
+        intercept = _group_value(pf, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+        keys = {
+            "EchoTime": _stack_value(_group_value(pf, shared, "MREchoSequence", "EffectiveEchoTime")),
+            "TemporalPositionIndex": _stack_value(_group_value(pf, shared, "FrameContentSequence",
+                                                               "TemporalPositionIndex")),
+            "StackID": _stack_value(_group_value(pf, shared, "FrameContentSequence", "StackID")),
+            "DiffusionBValue": _stack_value(_group_value(pf, shared, "MRDiffusionSequence", "DiffusionBValue")),
+        }
+        out.append(_Slice(
+            path, k, ds, vec("PlanePositionSequence", "ImagePositionPatient", 3),
+            vec("PlaneOrientationSequence", "ImageOrientationPatient", 6),
+            vec("PixelMeasuresSequence", "PixelSpacing", 2), shape,
+            float(slope if slope not in (None, "") else ds.get("RescaleSlope") or 1.0),
+            float(intercept if intercept not in (None, "") else ds.get("RescaleIntercept") or 0.0),
+            keys,
+        ))
+    return out
 
 
-def load_series(series: SeriesRecord) -> sitk.Image:
-    """Read ``series.files`` into a float32 image in LPS physical space.
+# Attributes that differ between stacks sharing a SeriesInstanceUID (multi-echo, dynamic
+# phases, diffusion b-values, repeated acquisitions), in the order they are reported.
+_SINGLE_FRAME_STACK_KEYS = ("EchoTime", "TemporalPositionIdentifier", "DiffusionBValue", "TriggerTime",
+                            "AcquisitionTime", "AcquisitionNumber")
 
-    Rescale slope/intercept are applied per slice. Raises :class:`SeriesGeometryError`
-    (or its subclass :class:`SeriesPixelDataError`) for: multi-frame files (not supported
-    yet), a single slice, mixed orientations, matrix sizes or pixel spacings, duplicate
-    slice positions, slices not stacked along the normal, missing slices or non-uniform
-    spacing, and undecodable pixel data.
-    """
-    label = _label(series)
-    files = [Path(p) for p in series.files]
-    if not files:
-        raise SeriesGeometryError(f"{label}: no files")
-    datasets: list[tuple[Path, pydicom.Dataset]] = []
-    for path in files:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(path, force=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise SeriesPixelDataError(f"{label}: {path.name}: unreadable DICOM: {exc}") from exc
-        frames = int(ds.get("NumberOfFrames") or 1)
-        if frames > 1:
-            raise SeriesGeometryError(
-                f"{label}: {path.name}: multi-frame image (NumberOfFrames={frames}) "
-                "is not supported yet (enhanced/multi-frame MR arrives with a later issue)"
-            )
-        datasets.append((path, ds))
-    if len(datasets) < 2:
-        raise SeriesGeometryError(f"{label}: a single slice ({files[0].name}) is not a volume")
 
-    # ---- one orientation, one matrix, one pixel spacing
-    path0, ds0 = datasets[0]
-    iop0 = _floats(ds0, "ImageOrientationPatient", 6, path0, label)
-    ps0 = _floats(ds0, "PixelSpacing", 2, path0, label)
-    shape0 = (int(ds0.Rows), int(ds0.Columns))
-    for path, ds in datasets[1:]:
-        iop = _floats(ds, "ImageOrientationPatient", 6, path, label)
-        if np.max(np.abs(iop - iop0)) > _IOP_TOL:
-            n_iops = len({tuple(np.round(_floats(d, "ImageOrientationPatient", 6, p, label), 3))
-                          for p, d in datasets})
-            raise SeriesGeometryError(
-                f"{label}: mixed orientations: {n_iops} different ImageOrientationPatient values "
-                f"(e.g. {path0.name}: {np.round(iop0, 4).tolist()} vs {path.name}: "
-                f"{np.round(iop, 4).tolist()})"
-            )
-        if (int(ds.Rows), int(ds.Columns)) != shape0:
-            raise SeriesGeometryError(
-                f"{label}: mixed matrix sizes: {path0.name} is {shape0[0]}x{shape0[1]}, "
-                f"{path.name} is {int(ds.Rows)}x{int(ds.Columns)} (rows x columns)"
-            )
-        ps = _floats(ds, "PixelSpacing", 2, path, label)
-        if np.max(np.abs(ps - ps0) / ps0) > _PIXEL_SPACING_TOL:
-            raise SeriesGeometryError(
-                f"{label}: mixed pixel spacings: {path0.name} {ps0.tolist()} mm, "
-                f"{path.name} {ps.tolist()} mm"
-            )
-    if np.any(ps0 <= 0):
-        raise SeriesGeometryError(f"{label}: non-positive PixelSpacing {ps0.tolist()}")
-    direction = _orthonormal(iop0[:3], iop0[3:], label)
-    normal = direction[:, 2]
-
-    # ---- sort along the normal; check duplicates, stacking and uniform spacing
-    ipps = np.array([_floats(ds, "ImagePositionPatient", 3, p, label) for p, ds in datasets])
-    dist = ipps @ normal
-    order = np.argsort(dist, kind="stable")
-    dist, ipps = dist[order], ipps[order]
-    datasets = [datasets[i] for i in order]
-    gaps = np.diff(dist)
-    dup = np.flatnonzero(gaps < _DUPLICATE_TOL_MM)
-    if dup.size:
-        i = dup[0]
-        raise SeriesGeometryError(
-            f"{label}: duplicate slice positions: {dup.size + 0} pair(s), e.g. "
-            f"{datasets[i][0].name} and {datasets[i + 1][0].name} both at {dist[i]:.2f} mm "
-            "along the slice normal (several echoes, phases or repeated exports in one series?)"
-        )
-    lateral = (ipps - ipps[0]) - np.outer(dist - dist[0], normal)
-    shift = np.linalg.norm(lateral, axis=1).max()
-    if shift > max(_SPACING_ABS_TOL_MM, 0.1 * ps0.min()):
-        raise SeriesGeometryError(
-            f"{label}: slices are not stacked along the slice normal (in-plane shift up to "
-            f"{shift:.2f} mm: sheared or tilted stack)"
-        )
-    ref = float(np.median(gaps))
-    tol = max(_SPACING_REL_TOL * ref, _SPACING_ABS_TOL_MM)
-    bad = np.flatnonzero(np.abs(gaps - ref) > tol)
-    if bad.size:
-        i = bad[0]
-        ratio = gaps[i] / ref
-        missing = round(ratio) - 1
-        if missing >= 1 and abs(gaps[i] - round(ratio) * ref) <= tol * round(ratio):
-            n_missing = int(sum(round(g / ref) - 1 for g in gaps[bad] if g > ref))
-            raise SeriesGeometryError(
-                f"{label}: missing slice(s): gap of {gaps[i]:.2f} mm between "
-                f"{datasets[i][0].name} ({dist[i]:.2f} mm) and {datasets[i + 1][0].name} "
-                f"({dist[i + 1]:.2f} mm) where the spacing is {ref:.2f} mm "
-                f"({n_missing} slice(s) missing in all)"
-            )
-        raise SeriesGeometryError(
-            f"{label}: non-uniform slice spacing: gap of {gaps[i]:.3f} mm between "
-            f"{datasets[i][0].name} and {datasets[i + 1][0].name}, median {ref:.3f} mm "
-            f"(tolerance {tol:.3f} mm)"
-        )
-
-    # ---- pixels
-    volume = np.empty((len(datasets), *shape0), dtype=np.float32)
-    for k, (path, ds) in enumerate(datasets):
+def _decode(sl: list[_Slice], label: str) -> dict[tuple[Path, int | None], np.ndarray]:
+    """Pixel arrays per (file, frame), each file decoded once."""
+    out: dict[tuple[Path, int | None], np.ndarray] = {}
+    for path in dict.fromkeys(s.path for s in sl):
+        ds = next(s.ds for s in sl if s.path == path)
         if int(ds.get("SamplesPerPixel") or 1) != 1:
             raise SeriesGeometryError(f"{label}: {path.name}: colour image (SamplesPerPixel > 1)")
         try:
@@ -189,21 +162,70 @@ def load_series(series: SeriesRecord) -> sitk.Image:
                 warnings.simplefilter("ignore")
                 pixels = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - decoder and truncation errors vary by handler
+            ts = ds.file_meta.get("TransferSyntaxUID", "unknown") if hasattr(ds, "file_meta") else "unknown"
+            name = getattr(ts, "name", "") or ""
             raise SeriesPixelDataError(
                 f"{label}: {path.name}: pixel data cannot be decoded "
-                f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', 'unknown')}): {exc}"
+                f"(transfer syntax {ts}{f' {name}' if name and name != str(ts) else ''}): {exc}"
             ) from exc
-        if pixels.shape != shape0:
-            raise SeriesPixelDataError(
-                f"{label}: {path.name}: decoded pixel array {pixels.shape} != {shape0}"
-            )
-        slope = float(ds.get("RescaleSlope") or 1.0)
-        intercept = float(ds.get("RescaleIntercept") or 0.0)
-        volume[k] = pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        frames = int(ds.get("NumberOfFrames") or 1)
+        shape = (int(ds.Rows), int(ds.Columns))
+        if frames == 1 and ds.get("PerFrameFunctionalGroupsSequence") is None:
+            if pixels.shape != shape:
+                raise SeriesPixelDataError(f"{label}: {path.name}: decoded pixel array {pixels.shape} != {shape}")
+            out[(path, None)] = pixels
+        else:
+            pixels = pixels.reshape(frames, *shape) if pixels.size == frames * shape[0] * shape[1] else pixels
+            if pixels.shape != (frames, *shape):
+                raise SeriesPixelDataError(
+                    f"{label}: {path.name}: decoded pixel array {pixels.shape} != {(frames, *shape)}")
+            for k in range(frames):
+                out[(path, k)] = pixels[k]
+    return out
+
+
+def load_series(series: SeriesRecord) -> sitk.Image:
+    """Read ``series.files`` into a float32 image in LPS physical space.
+
+    Files may be single-frame (one slice each) or multi-frame (Enhanced MR: one file holding
+    the slices as frames, their positions in the per-frame functional groups), in any transfer
+    syntax pydicom can decode with the installed plugins (pylibjpeg, pylibjpeg-libjpeg,
+    pylibjpeg-openjpeg, pylibjpeg-rle, pyjpegls). Rescale slope/intercept are applied per slice
+    (per frame). Raises :class:`SeriesGeometryError` (or its subclass
+    :class:`SeriesPixelDataError`) for: a single slice, mixed orientations, matrix sizes or
+    pixel spacings, several stacks in one series (e.g. echoes or phases at the same positions),
+    duplicate slice positions, slices not stacked along the normal, missing slices or
+    non-uniform spacing, and undecodable pixel data.
+    """
+    label = _label(series)
+    files = [Path(p) for p in series.files]
+    if not files:
+        raise SeriesGeometryError(f"{label}: no files")
+    slices: list[_Slice] = []
+    for path in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path, force=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
+            raise SeriesPixelDataError(f"{label}: {path.name}: unreadable DICOM: {exc}") from exc
+        if "Rows" not in ds or "Columns" not in ds:
+            raise SeriesGeometryError(f"{label}: {path.name}: no image (Rows/Columns missing)")
+        slices.extend(_frames_of(path, ds, label))
+    slices, dist, direction = check_volume(slices, label)
+    ipps = np.array([s.ipp for s in slices])
+    shape0 = slices[0].shape
+
+    # ---- pixels
+    pixels = _decode(slices, label)
+    volume = np.empty((len(slices), *shape0), dtype=np.float32)
+    for k, s in enumerate(slices):
+        volume[k] = pixels[(s.path, s.frame)].astype(np.float32) * np.float32(s.slope) + np.float32(s.intercept)
 
     image = sitk.GetImageFromArray(volume)  # array [k, j, i] -> index (i, j, k)
     image.SetOrigin(tuple(float(v) for v in ipps[0]))
     spacing_z = (dist[-1] - dist[0]) / (len(dist) - 1)
+    ps0 = slices[0].pixel_spacing
     image.SetSpacing((float(ps0[1]), float(ps0[0]), float(spacing_z)))
     image.SetDirection(tuple(float(v) for v in direction.ravel()))  # row-major, columns r, c, n
     return image

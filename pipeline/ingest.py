@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.tag import BaseTag
@@ -31,6 +32,7 @@ from pydicom.uid import UID
 
 from pipeline.catalogue import Catalogue
 from pipeline.config import IngestConfig
+from pipeline.series_geometry import SeriesGeometryError, check_volume, describe_stacks
 from pipeline.series_roles import SeriesHeaders, assign_roles
 from pipeline.types import ErrorRecord, SeriesRecord, StudyRecord
 
@@ -70,17 +72,24 @@ _TAGS: dict[str, str] = {
     "Columns": "columns",
     "InstanceNumber": "instance_number",
     "NumberOfFrames": "n_frames",
+    "AcquisitionNumber": "acquisition_number",
+    "TriggerTime": "trigger_time",
+    "DiffusionBValue": "diffusion_b_value",
 }
 # Read too (for the pixel-size check) but not catalogued.
 _EXTRA_TAGS = ["BitsAllocated", "SamplesPerPixel"]
+# Enhanced (multi-frame) objects keep geometry, echo time and contrast in sequences.
+_SEQUENCE_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                  "ContrastBolusAgentSequence"]
 # As BaseTag objects: pydicom converts keywords to tags on every call otherwise.
 _TAG_VR = {
     kw: (BaseTag(tag_for_keyword(kw)), dictionary_VR(tag_for_keyword(kw)))
     for kw in [*_TAGS, *_EXTRA_TAGS]
 }
-_SPECIFIC_TAGS = [tag for tag, _ in _TAG_VR.values()]
-_INT_COLUMNS = {"series_number", "temporal_position", "rows", "columns", "instance_number", "n_frames"}
-_FLOAT_COLUMNS = {"echo_time", "repetition_time", "inversion_time"}
+_SPECIFIC_TAGS = [tag for tag, _ in _TAG_VR.values()] + [BaseTag(tag_for_keyword(k)) for k in _SEQUENCE_TAGS]
+_INT_COLUMNS = {"series_number", "temporal_position", "rows", "columns", "instance_number", "n_frames",
+                "acquisition_number"}
+_FLOAT_COLUMNS = {"echo_time", "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value"}
 
 _DICOMDIR_SOP = "1.2.840.10008.1.3.10"
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
@@ -113,6 +122,7 @@ class IndexResult:
     deferred: list[str] = field(default_factory=list)
     deferred_studies: list[str] = field(default_factory=list)
     series_headers: dict[str, SeriesHeaders] = field(default_factory=dict)
+    dicomdir_files: int = 0  # files listed by the DICOMDIR(s) of the export
 
 
 # --------------------------------------------------------------------------- walking
@@ -168,6 +178,12 @@ def _value(ds: pydicom.Dataset, keyword: str) -> Any:
             if len(raw) < 2:
                 return None
             return int.from_bytes(raw[:2], "little" if elem.is_little_endian else "big")
+        if vr in ("FD", "FL"):
+            size = 8 if vr == "FD" else 4
+            if len(raw) < size:
+                return None
+            fmt = ("<" if elem.is_little_endian else ">") + ("d" if vr == "FD" else "f")
+            return struct.unpack(fmt, raw[:size])[0]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -299,7 +315,9 @@ def read_header(abs_path: str) -> dict[str, Any]:
             row["sop_class_uid"] = sop or None
             row["transfer_syntax"] = str(getattr(meta, "TransferSyntaxUID", "") or "") or None
             if sop == _DICOMDIR_SOP:
-                return {**row, "status": "error", "reason": "DICOMDIR (media directory index) skipped"}
+                return _dicomdir_row(abs_path, row)
+            if (row["n_frames"] or 1) > 1 or "SharedFunctionalGroupsSequence" in ds:
+                _enhanced_fields(ds, row)
             is_image = _is_image_sop(sop) if sop else None
             if is_image is False:
                 name = _sop_class_name(sop)
@@ -322,6 +340,73 @@ def read_header(abs_path: str) -> dict[str, Any]:
             return {**row, "status": "ok", "reason": ""}
     except OSError as exc:
         return {"status": "error", "reason": f"unreadable file: {exc.strerror or exc}"}
+
+
+def _first_item(ds: Any, keyword: str) -> Any:
+    try:
+        seq = ds.get(keyword) if ds is not None else None
+    except Exception:  # noqa: BLE001 - a malformed sequence is "absent"
+        return None
+    return seq[0] if seq else None
+
+
+def _group_attr(ds: pydicom.Dataset, sequence: str, keyword: str) -> Any:
+    """An attribute of the shared functional groups, else of the first frame's (PS3.3 C.7.6.16)."""
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        item = _first_item(_first_item(ds, groups), sequence)
+        if item is not None and item.get(keyword) not in (None, ""):
+            return item.get(keyword)
+    return None
+
+
+def _enhanced_fields(ds: pydicom.Dataset, row: dict[str, Any]) -> None:
+    """Fill the catalogue fields that an Enhanced (multi-frame) object holds in functional
+    groups rather than at the top level: orientation, first frame position, pixel spacing,
+    echo time, contrast agent. Top-level values, when present, are kept."""
+    def text(value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            return "\\".join(str(v) for v in value)
+        return str(value)
+
+    for column, sequence, keyword in (("iop", "PlaneOrientationSequence", "ImageOrientationPatient"),
+                                      ("ipp", "PlanePositionSequence", "ImagePositionPatient"),
+                                      ("pixel_spacing", "PixelMeasuresSequence", "PixelSpacing")):
+        if not row[column]:
+            row[column] = text(_group_attr(ds, sequence, keyword))
+    if row["echo_time"] is None:
+        te = _group_attr(ds, "MREchoSequence", "EffectiveEchoTime")
+        row["echo_time"] = float(te) if te is not None else None
+    if not row["contrast_agent"]:
+        item = _first_item(ds, "ContrastBolusAgentSequence")
+        if item is not None:
+            row["contrast_agent"] = str(item.get("CodeMeaning") or item.get("CodeValue") or "") or None
+
+
+def dicomdir_references(abs_path: str) -> list[str]:
+    """Paths (relative to the DICOMDIR's folder, POSIX) of the files a DICOMDIR lists."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = pydicom.dcmread(abs_path, force=True)
+    refs = []
+    for record in ds.get("DirectoryRecordSequence") or []:
+        ref = record.get("ReferencedFileID")
+        if ref:
+            parts = [ref] if isinstance(ref, str) else list(ref)
+            refs.append("/".join(str(p).strip() for p in parts))
+    return refs
+
+
+def _dicomdir_row(abs_path: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A DICOMDIR is an index of the export, not an image: status "dicomdir", and the files
+    it lists (checked against the export by :func:`index_export`)."""
+    try:
+        refs = dicomdir_references(abs_path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable index is reported, never fatal
+        return {**row, "status": "error", "reason": f"DICOMDIR unreadable: {type(exc).__name__}: {exc}"}
+    return {**row, "status": "dicomdir", "reason": f"DICOMDIR listing {len(refs)} files",
+            "dicomdir_refs": refs}
 
 
 def _read_chunk(abs_paths: list[str]) -> list[dict[str, Any]]:
@@ -390,7 +475,83 @@ def _summarise(uid: str, rows: list[dict[str, Any]]) -> SeriesHeaders:
         columns=first["columns"],
         n_files=len(rows),
         n_frames=max((r["n_frames"] or 1) for r in rows),
+        manufacturer=first_of("manufacturer") or "",
     )
+
+
+@dataclass
+class _HeaderSlice:
+    """A catalogue row seen as a slice, for the header-level geometry checks."""
+
+    name: str
+    ipp: np.ndarray
+    iop: np.ndarray
+    pixel_spacing: np.ndarray
+    shape: tuple[int, int]
+    stack_keys: dict[str, str]
+    row: dict[str, Any]
+
+
+# Catalogue columns that tell stacks apart inside one series, named as in the DICOM standard
+# (the same attributes pipeline.imageio checks in the files).
+_STACK_COLUMNS = {"EchoTime": "echo_time", "TemporalPositionIdentifier": "temporal_position",
+                  "DiffusionBValue": "diffusion_b_value", "TriggerTime": "trigger_time",
+                  "AcquisitionTime": "acquisition_time", "AcquisitionNumber": "acquisition_number"}
+
+
+def _header_slices(rows: list[dict[str, Any]]) -> list[_HeaderSlice] | None:
+    """The series' rows as slices; None when a row is multi-frame or lacks geometry (the
+    checks then happen when the files are read, in pipeline.imageio)."""
+    out = []
+    for r in rows:
+        iop, ipp, ps = _floats(r["iop"]), _floats(r["ipp"]), _floats(r["pixel_spacing"])
+        if (r["n_frames"] or 1) > 1 or not (iop and ipp and ps) or len(iop) != 6 or len(ipp) != 3 \
+                or len(ps) != 2 or not (r["rows"] and r["columns"]):
+            return None
+        keys = {kw: "" if r[col] is None else f"{r[col]:g}" if isinstance(r[col], float) else str(r[col])
+                for kw, col in _STACK_COLUMNS.items()}
+        out.append(_HeaderSlice(Path(r["path"]).name, np.asarray(ipp), np.asarray(iop), np.asarray(ps),
+                                (int(r["rows"]), int(r["columns"])), keys, r))
+    return out
+
+
+def _split_stacks(series_uid: str, files: list[dict[str, Any]]) -> tuple[list[tuple[str, str, list[dict]]], str]:
+    """Split a series holding several stacks (echoes, dynamic phases, b-values, repeats at the
+    same positions) into one pseudo-series per stack.
+
+    Returns ([(series key, description suffix, rows)], reason); a single entry keyed by the
+    SeriesInstanceUID itself and an empty reason when the series is one stack. Split keys are
+    ``<SeriesInstanceUID>#<attribute>=<value>`` (not UIDs: the original UID stays recoverable
+    before the ``#``).
+    """
+    slices = _header_slices(files)
+    if slices is None or len(slices) < 4:
+        return [(series_uid, "", files)], ""
+    iop = slices[0].iop
+    normal = np.cross(iop[:3], iop[3:])
+    positions = [float(s.ipp @ normal) for s in slices]
+    if len({round(p / 0.01) for p in positions}) == len(positions):
+        return [(series_uid, "", files)], ""  # no two slices at one position: one stack
+    found = describe_stacks([s.stack_keys for s in slices], positions)
+    if found is None:
+        return [(series_uid, "", files)], ""  # duplicates without a distinguishing attribute
+    keyword, counts = found
+    parts = [(f"{series_uid}#{keyword}={value}", f" [{keyword} {value}]",
+              [s.row for s in slices if s.stack_keys[keyword] == value]) for value in counts]
+    listed = ", ".join(f"{v} ({n} slices)" for v, n in counts.items())
+    return parts, f"several stacks in one series: {len(counts)} stacks by {keyword}: {listed}; split into {len(counts)} series"
+
+
+def _geometry_problem(uid: str, number: Any, description: str, files: list[dict[str, Any]]) -> str:
+    """Why the series' slices do not form one regular volume, from the headers ("" if they do)."""
+    slices = _header_slices(files)
+    if slices is None or len(slices) < 2:
+        return ""
+    try:
+        check_volume(slices, f"series {number} '{description}'")
+    except SeriesGeometryError as exc:
+        return str(exc)
+    return ""
 
 
 def _common_dir(export_dir: Path, rels: list[str]) -> str:
@@ -450,32 +611,61 @@ def _group(
             err(where, "study date unknown (no valid StudyDate, SeriesDate or AcquisitionDate"
                 + (f": '{date_text}'" if date_text else "") + ")", pid, study_uid)
         study = StudyRecord(pid, study_uid, date, first["study_description"] or "")
-        for series_uid, files in by_series.items():
-            files.sort(key=lambda r: r["path"])
-            modality = (files[0]["modality"] or "").upper()
+        unusable: dict[str, str] = {}
+        for original_uid, all_files in by_series.items():
+            all_files.sort(key=lambda r: r["path"])
+            modality = (all_files[0]["modality"] or "").upper()
             if modality != "MR":
-                err(_common_dir(export_dir, [r["path"] for r in files]),
+                err(_common_dir(export_dir, [r["path"] for r in all_files]),
                     f"non-MR series (modality {modality or 'none'}) in an MR study skipped",
-                    pid, study_uid, series_uid)
+                    pid, study_uid, original_uid)
                 continue
-            h = headers[series_uid] = _summarise(series_uid, files)
-            study.series.append(SeriesRecord(
-                patient_id=pid,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                series_number=h.series_number,
-                series_description=h.series_description,
-                modality=modality,
-                manufacturer=files[0]["manufacturer"] or "",
-                files=[export_dir / r["path"] for r in files],
-            ))
+            stacks, split_reason = _split_stacks(original_uid, all_files)
+            if split_reason:
+                err(_common_dir(export_dir, [r["path"] for r in all_files]), split_reason, pid, study_uid,
+                    original_uid)
+            for series_uid, suffix, files in stacks:
+                h = headers[series_uid] = _summarise(series_uid, files)
+                h.series_description += suffix
+                if problem := _geometry_problem(series_uid, h.series_number, h.series_description, files):
+                    unusable[series_uid] = problem
+                study.series.append(SeriesRecord(
+                    patient_id=pid,
+                    study_instance_uid=study_uid,
+                    series_instance_uid=series_uid,
+                    series_number=h.series_number,
+                    series_description=h.series_description,
+                    modality=modality,
+                    manufacturer=files[0]["manufacturer"] or "",
+                    files=[export_dir / r["path"] for r in files],
+                ))
         study.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0,
                                          s.series_instance_uid))
-        errors.extend(assign_roles(study, headers, cfg))
+        errors.extend(assign_roles(study, headers, cfg, unusable))
         studies.append(study)
     studies.sort(key=lambda s: (s.patient_id, s.study_date is None,
                                 s.study_date or dt.date.min, s.study_instance_uid))
     return studies, headers, errors
+
+
+def _missing_from_dicomdir(export_dir: Path, listed: dict[str, list[str]], present: set[str]) -> list[ErrorRecord]:
+    """Files a DICOMDIR lists that are not in the export (an incomplete copy of the media).
+
+    Every file is found by walking the export whether a DICOMDIR lists it or not (exports are
+    often copied together with files the index does not know); the index is used to say
+    what is missing.
+
+    File IDs are matched case-insensitively: media written with ISO 9660 upper-case names are
+    often copied onto file systems that change the case.
+    """
+    lower = {p.lower() for p in present}
+    errors = []
+    for dicomdir, refs in listed.items():
+        for ref in refs:
+            if ref.lower() not in lower:
+                errors.append(ErrorRecord(str(export_dir / ref), "", "", "", STAGE,
+                                          "listed in DICOMDIR but missing from the export"))
+    return errors
 
 
 # --------------------------------------------------------------------------- entry point
@@ -524,12 +714,14 @@ def index_export(
                 for (rel, size, mtime), row in zip(to_read, new_rows)
             )
         rows = list(cat.rows())
+        listed = cat.dicomdir_refs()
 
     errors = [
         ErrorRecord(str(export_dir / r["path"]), r["patient_id"] or "", r["study_uid"] or "",
                     r["series_uid"] or "", STAGE, r["reason"])
-        for r in rows if r["status"] != "ok"
+        for r in rows if r["status"] == "error"
     ]
+    errors.extend(_missing_from_dicomdir(export_dir, listed, present))
     # Studies touched by a file still being written wait for the next run.
     deferred_studies = sorted({
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)
@@ -551,4 +743,5 @@ def index_export(
         deferred=[str(export_dir / rel) for rel in deferred],
         deferred_studies=deferred_studies,
         series_headers=headers,
+        dicomdir_files=sum(len(v) for v in listed.values()),
     )

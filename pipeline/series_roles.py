@@ -1,9 +1,13 @@
-"""Decide what each series of a study is: T1 pre-contrast, post-contrast phases, T2, subtraction.
+"""Decide what each series of a study is: T1 pre-contrast, post-contrast phases, T2, subtraction,
+DWI/ADC, localiser; with a confidence per assignment and an ambiguity flag per study.
 
-Rules (tags first, descriptions second; keywords come from ``IngestConfig``, matched
-case-insensitively at the start of a word so that "art" matches "arterial" but not "part"):
+Rules (tags first, descriptions second; keywords come from the role rules YAML file
+``configs/series_roles.yaml`` or the site's file named by ``ingest.series_roles_file``, with
+per-vendor additions, matched case-insensitively at the start of a word so that "art" matches
+"arterial" but not "part"):
 
-1. localisers, diffusion/ADC, MIP/MPR reformats and ignore keywords -> OTHER;
+1. localisers (ImageType LOCALIZER or keyword) -> LOCALIZER; diffusion (ImageType DIFFUSION,
+   TRACEW or keyword) -> DWI; ADC maps -> ADC; MIP/MPR reformats and ignore keywords -> OTHER;
 2. ImageType contains SUB, or a subtraction keyword -> SUBTRACTION;
 3. EchoTime >= ``t2_min_echo_time_ms`` or a T2 keyword -> T2;
 4. ContrastBolusAgent present or a post keyword -> T1_POST (unless the description
@@ -25,15 +29,141 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from pipeline.config import IngestConfig
+import yaml
+
+from pipeline.config import DEFAULT_CONFIG_PATH, IngestConfig
 from pipeline.types import ErrorRecord, SeriesRecord, SeriesRole, StudyRecord
 
 # ImageType values (any position) that mark series never used for enhancement.
 _IGNORE_IMAGE_TYPES = {
-    "LOCALIZER", "DIFFUSION", "ADC", "TRACEW", "EADC", "FA", "MIP", "MNIP", "MPR",
-    "PROJECTION IMAGE", "REFORMATTED", "CPR", "SCREENSHOT",
+    "FA", "MIP", "MNIP", "MPR", "PROJECTION IMAGE", "REFORMATTED", "CPR", "SCREENSHOT",
 }
+_LOCALIZER_IMAGE_TYPES = {"LOCALIZER"}
+_DWI_IMAGE_TYPES = {"DIFFUSION", "TRACEW"}
+_ADC_IMAGE_TYPES = {"ADC", "EADC"}
+DEFAULT_ROLE_RULES = DEFAULT_CONFIG_PATH.parent / "series_roles.yaml"
+_KEYWORD_KINDS = ("post_contrast", "pre_contrast", "subtraction", "t2", "t1", "localizer", "diffusion",
+                  "adc", "ignore")
+_CONFIDENCE_KINDS = ("tag", "whole_word", "prefix", "sequence_only", "conflict")
+
+
+class RoleRulesError(ValueError):
+    """The role rules file is missing or malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class RoleRules:
+    """The role rules of one YAML file (after ``extends: default`` merging)."""
+
+    t2_min_echo_time_ms: float
+    keywords: dict[str, list[str]]
+    vendors: dict[str, dict[str, list[str]]]
+    confidence: dict[str, float]
+    ambiguous_below: float
+    source: str = ""
+
+    def keywords_for(self, manufacturer: str) -> dict[str, list[str]]:
+        """Keywords with the additions of every vendor key that prefixes ``manufacturer``."""
+        out = {k: list(v) for k, v in self.keywords.items()}
+        m = (manufacturer or "").strip().lower()
+        for vendor, extra in self.vendors.items():
+            if m and m.startswith(vendor.lower()):
+                for kind, words in extra.items():
+                    out[kind] = out.get(kind, []) + [w for w in words if w not in out.get(kind, [])]
+        return out
+
+
+def _merge_rules(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_rules(out[key], value)
+        elif isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + [v for v in value if v not in out[key]]
+        else:
+            out[key] = value
+    return out
+
+
+def _validate_rules(raw: dict, source: str) -> RoleRules:
+    def fail(why: str) -> RoleRulesError:
+        return RoleRulesError(f"series role rules {source}: {why}")
+
+    known = {"version", "extends", "t2_min_echo_time_ms", "keywords", "vendors", "confidence", "ambiguous_below"}
+    if unknown := sorted(set(raw) - known):
+        raise fail(f"unknown key(s) {unknown}")
+    kw = raw.get("keywords") or {}
+    if unknown := sorted(set(kw) - set(_KEYWORD_KINDS)):
+        raise fail(f"unknown keyword kind(s) {unknown}; allowed {list(_KEYWORD_KINDS)}")
+    vendors = raw.get("vendors") or {}
+    for vendor, extra in vendors.items():
+        if not isinstance(extra, dict) or (bad := sorted(set(extra) - set(_KEYWORD_KINDS))):
+            raise fail(f"vendors.{vendor}: unknown keyword kind(s) {bad if isinstance(extra, dict) else extra}")
+    conf = raw.get("confidence") or {}
+    if missing := [k for k in _CONFIDENCE_KINDS if not isinstance(conf.get(k), (int, float))]:
+        raise fail(f"confidence.{missing[0]} missing or not a number")
+    try:
+        return RoleRules(
+            t2_min_echo_time_ms=float(raw["t2_min_echo_time_ms"]),
+            keywords={k: [str(w).lower() for w in (kw.get(k) or [])] for k in _KEYWORD_KINDS},
+            vendors={v: {k: [str(w).lower() for w in ws or []] for k, ws in e.items()} for v, e in vendors.items()},
+            confidence={k: float(conf[k]) for k in _CONFIDENCE_KINDS},
+            ambiguous_below=float(raw["ambiguous_below"]),
+            source=source,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise fail(f"missing or malformed {exc}") from None
+
+
+_RULES_CACHE: dict[tuple[str, int, int], RoleRules] = {}
+
+
+def _read_rules_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise RoleRulesError(f"series role rules {path}: cannot be read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise RoleRulesError(f"series role rules {path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RoleRulesError(f"series role rules {path}: not a mapping")
+    return raw
+
+
+def resolve_rules_path(name: str | os.PathLike | None) -> Path:
+    """A rules path as configured: absolute, relative to the working directory, or a bare name
+    of a file in the package's ``configs/`` folder (the shipped default)."""
+    if not name:
+        return DEFAULT_ROLE_RULES
+    path = Path(name)
+    if not path.is_absolute() and not path.exists() and (DEFAULT_ROLE_RULES.parent / path).exists():
+        return DEFAULT_ROLE_RULES.parent / path
+    return path
+
+
+def load_role_rules(name: str | os.PathLike | None = None) -> RoleRules:
+    """Read and validate a role rules file (cached by path, size and modification time).
+
+    A file with ``extends: default`` is merged over ``configs/series_roles.yaml``: lists are
+    appended, scalars replaced. Raises :class:`RoleRulesError` with the file and field.
+    """
+    path = resolve_rules_path(name).resolve()
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise RoleRulesError(f"series role rules {path}: cannot be read: {exc.strerror or exc}") from None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _RULES_CACHE:
+        raw = _read_rules_yaml(path)
+        extends = raw.get("extends")
+        if extends not in (None, "default"):
+            raise RoleRulesError(f"series role rules {path}: extends must be 'default' (got {extends!r})")
+        if extends == "default" and path != DEFAULT_ROLE_RULES.resolve():
+            raw = _merge_rules(_read_rules_yaml(DEFAULT_ROLE_RULES), {k: v for k, v in raw.items() if k != "extends"})
+        _RULES_CACHE[key] = _validate_rules(raw, str(path))
+    return _RULES_CACHE[key]
 # Dixon components as vendors flag them in ImageType (Siemens W/F/IP/OP, GE WATER/FAT/...).
 _DIXON_TYPES = {
     "W": "water", "WATER": "water", "F": "fat", "FAT": "fat",
@@ -72,6 +202,7 @@ class SeriesHeaders:
     columns: int | None = None
     n_files: int = 0
     n_frames: int = 1
+    manufacturer: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -126,37 +257,56 @@ def _dixon_component(h: SeriesHeaders) -> str | None:
 class _Decision:
     role: SeriesRole
     reason: str
+    confidence: float
     pre_explicit: bool = False
     strength: int = 0  # post: 2 tag, 1 keyword
 
 
-def _classify(h: SeriesHeaders, cfg: IngestConfig) -> _Decision:
+def _kw_confidence(hits: list[tuple[str, bool]], rules: RoleRules) -> float:
+    return rules.confidence["whole_word" if any(w for _, w in hits) else "prefix"]
+
+
+def _classify(h: SeriesHeaders, rules: RoleRules) -> _Decision:
     desc = _DIXON_PHRASES.sub(" ", h.series_description.lower())
+    kw = rules.keywords_for(h.manufacturer)
+    conf = rules.confidence
     itypes = set(h.image_type)
     te = h.echo_time_ms
+    for types, role, what in ((_LOCALIZER_IMAGE_TYPES, SeriesRole.LOCALIZER, "localizer"),
+                              (_ADC_IMAGE_TYPES, SeriesRole.ADC, "ADC map"),
+                              (_DWI_IMAGE_TYPES, SeriesRole.DWI, "diffusion")):
+        if found := itypes & types:
+            return _Decision(role, f"{what}: ImageType {'/'.join(sorted(found))}", conf["tag"])
     ignored = itypes & _IGNORE_IMAGE_TYPES
     if ignored:
-        return _Decision(SeriesRole.OTHER, f"ignored: ImageType {'/'.join(sorted(ignored))}")
-    if hit := _keyword_hits(desc, cfg.ignore_keywords):
-        return _Decision(SeriesRole.OTHER, f"ignored: description keyword '{hit[0][0]}'")
+        return _Decision(SeriesRole.OTHER, f"ignored: ImageType {'/'.join(sorted(ignored))}", conf["tag"])
+    for kind, role, what in (("localizer", SeriesRole.LOCALIZER, "localizer"),
+                             ("adc", SeriesRole.ADC, "ADC map"),
+                             ("diffusion", SeriesRole.DWI, "diffusion")):
+        if hit := _keyword_hits(desc, kw[kind]):
+            return _Decision(role, f"{what}: description keyword '{hit[0][0]}'", _kw_confidence(hit, rules))
+    if hit := _keyword_hits(desc, kw["ignore"]):
+        return _Decision(SeriesRole.OTHER, f"ignored: description keyword '{hit[0][0]}'", _kw_confidence(hit, rules))
     if h.n_files <= 3 and h.n_frames <= 1:
-        return _Decision(SeriesRole.OTHER, f"ignored: only {h.n_files} image(s), not a volume")
+        return _Decision(SeriesRole.OTHER, f"ignored: only {h.n_files} image(s), not a volume", conf["tag"])
     if "SUB" in itypes:
-        return _Decision(SeriesRole.SUBTRACTION, "subtraction: ImageType contains SUB")
-    if hit := _keyword_hits(desc, cfg.subtraction_keywords):
-        return _Decision(SeriesRole.SUBTRACTION, f"subtraction: description keyword '{hit[0][0]}'")
-    t1_hits = _keyword_hits(desc, cfg.t1_keywords)
-    if te is not None and te >= cfg.t2_min_echo_time_ms:
-        return _Decision(SeriesRole.T2, f"T2: EchoTime {te:g} ms >= {cfg.t2_min_echo_time_ms:g} ms")
-    if (hit := _keyword_hits(desc, cfg.t2_keywords)) and not t1_hits:
-        return _Decision(SeriesRole.T2, f"T2: description keyword '{hit[0][0]}'")
+        return _Decision(SeriesRole.SUBTRACTION, "subtraction: ImageType contains SUB", conf["tag"])
+    if hit := _keyword_hits(desc, kw["subtraction"]):
+        return _Decision(SeriesRole.SUBTRACTION, f"subtraction: description keyword '{hit[0][0]}'",
+                         _kw_confidence(hit, rules))
+    t1_hits = _keyword_hits(desc, kw["t1"])
+    if te is not None and te >= rules.t2_min_echo_time_ms:
+        return _Decision(SeriesRole.T2, f"T2: EchoTime {te:g} ms >= {rules.t2_min_echo_time_ms:g} ms", conf["tag"])
+    if (hit := _keyword_hits(desc, kw["t2"])) and not t1_hits:
+        return _Decision(SeriesRole.T2, f"T2: description keyword '{hit[0][0]}'", _kw_confidence(hit, rules))
 
-    pre_hits = _keyword_hits(desc, cfg.pre_contrast_keywords)
-    post_hits = _keyword_hits(desc, cfg.post_contrast_keywords)
+    pre_hits = _keyword_hits(desc, kw["pre_contrast"])
+    post_hits = _keyword_hits(desc, kw["post_contrast"])
     # Whole-word hits outrank prefix hits when pre and post keywords disagree.
     pre_score = max((2 if whole else 1 for _, whole in pre_hits), default=0)
     post_score = max((2 if whole else 1 for _, whole in post_hits), default=0)
     pre_explicit = pre_score > post_score
+    conflict = bool(pre_hits and post_hits)
     short_te_tr = (
         te is not None and te < _T1_MAX_TE_MS
         and (h.repetition_time_ms is None or h.repetition_time_ms < _T1_MAX_TR_MS)
@@ -168,11 +318,15 @@ def _classify(h: SeriesHeaders, cfg: IngestConfig) -> _Decision:
     )
     if h.contrast_agent and not pre_explicit:
         return _Decision(
-            SeriesRole.T1_POST, f"post-contrast: ContrastBolusAgent '{h.contrast_agent}'", strength=2
+            SeriesRole.T1_POST, f"post-contrast: ContrastBolusAgent '{h.contrast_agent}'"
+            + (f" (pre keyword '{pre_hits[0][0]}' too)" if pre_hits else ""),
+            conf["conflict"] if pre_hits else conf["tag"], strength=2,
         )
     if post_score and not pre_explicit:
         return _Decision(
-            SeriesRole.T1_POST, f"post-contrast: description keyword '{post_hits[0][0]}'", strength=1
+            SeriesRole.T1_POST, f"post-contrast: description keyword '{post_hits[0][0]}'"
+            + (f" (pre keyword '{pre_hits[0][0]}' too)" if conflict else ""),
+            conf["conflict"] if conflict else _kw_confidence(post_hits, rules), strength=1,
         )
     if pre_explicit or t1_evidence:
         parts = [p for p in (t1_evidence, pre_hits and f"pre keyword '{pre_hits[0][0]}'") if p]
@@ -180,8 +334,14 @@ def _classify(h: SeriesHeaders, cfg: IngestConfig) -> _Decision:
             f" (ContrastBolusAgent '{h.contrast_agent}' present, description says pre)"
             if h.contrast_agent else ", no contrast agent"
         )
-        return _Decision(SeriesRole.T1_PRE, "pre-contrast: " + ", ".join(parts) + note, pre_explicit)
-    return _Decision(SeriesRole.OTHER, "not recognised as T1, T2 or subtraction")
+        if h.contrast_agent or conflict:
+            confidence = conf["conflict"]
+        elif pre_hits:
+            confidence = _kw_confidence(pre_hits, rules)
+        else:  # a T1 sequence without agent nor pre keyword: pre only by elimination
+            confidence = conf["sequence_only"]
+        return _Decision(SeriesRole.T1_PRE, "pre-contrast: " + ", ".join(parts) + note, confidence, pre_explicit)
+    return _Decision(SeriesRole.OTHER, "not recognised as T1, T2 or subtraction", conf["sequence_only"])
 
 
 def _same_geometry(a: SeriesHeaders, b: SeriesHeaders) -> bool:
@@ -218,27 +378,58 @@ def _best_time(h: SeriesHeaders) -> str:
     return h.acquisition_time or h.content_time or h.series_time
 
 
+_VOLUME_ROLES = (SeriesRole.T1_PRE, SeriesRole.T1_POST, SeriesRole.T2, SeriesRole.SUBTRACTION)
+
+
+def _where(series: list[SeriesRecord]) -> str:
+    dirs = sorted({str(f.parent) for s in series for f in s.files})
+    try:
+        return os.path.commonpath(dirs) if dirs else ""
+    except ValueError:  # different drives
+        return dirs[0]
+
+
+def _candidate(s: SeriesRecord) -> str:
+    conf = f" ({s.role_confidence:.2f})" if s.role_confidence is not None else ""
+    return f"series {s.series_number} '{s.series_description}'{conf}"
+
+
 def assign_roles(
-    study: StudyRecord, headers: dict[str, SeriesHeaders], cfg: IngestConfig
+    study: StudyRecord, headers: dict[str, SeriesHeaders], cfg: IngestConfig,
+    unusable: dict[str, str] | None = None,
 ) -> list[ErrorRecord]:
-    """Set ``role``, ``role_reason``, ``phase_index``, ``contrast_agent``, ``acquisition_time``
-    and ``echo_time_ms`` of every series of ``study`` in place.
+    """Set ``role``, ``role_reason``, ``role_confidence``, ``phase_index``, ``contrast_agent``,
+    ``acquisition_time`` and ``echo_time_ms`` of every series of ``study`` in place, and add
+    ``series_roles_ambiguous: ...`` (with the candidates) to ``study.flags`` when unsure.
 
     ``headers`` maps SeriesInstanceUID -> :class:`SeriesHeaders` (series missing from it
-    become OTHER). Returns study-level error rows (no post-contrast T1 found), for errors.csv.
+    become OTHER). ``unusable`` maps SeriesInstanceUID -> why its slices do not form one
+    volume (header-level geometry check): such a series keeps no volume role, so that another
+    phase or candidate is used. Returns error rows for errors.csv (unusable series, no
+    post-contrast T1 found). Rules: :func:`load_role_rules` of ``cfg.series_roles_file``.
     """
+    rules = load_role_rules(cfg.series_roles_file)
+    unusable = unusable or {}
+    errors: list[ErrorRecord] = []
     decisions: dict[str, _Decision] = {}
     for s in study.series:
         h = headers.get(s.series_instance_uid)
         if h is None:
-            s.role, s.role_reason = SeriesRole.OTHER, "no headers"
+            s.role, s.role_reason, s.role_confidence = SeriesRole.OTHER, "no headers", None
             continue
         s.contrast_agent = h.contrast_agent
         s.acquisition_time = _best_time(h)
         s.echo_time_ms = h.echo_time_ms
         s.phase_index = None
-        d = decisions[s.series_instance_uid] = _classify(h, cfg)
-        s.role, s.role_reason = d.role, d.reason
+        d = decisions[s.series_instance_uid] = _classify(h, rules)
+        s.role, s.role_reason, s.role_confidence = d.role, d.reason, d.confidence
+        problem = unusable.get(s.series_instance_uid)
+        if problem and d.role in _VOLUME_ROLES:
+            s.role = SeriesRole.OTHER
+            s.role_reason = f"unusable as {d.role.value} ({d.reason}): {problem}"
+            errors.append(ErrorRecord(
+                path=_where([s]), patient_id=study.patient_id, study_instance_uid=study.study_instance_uid,
+                series_instance_uid=s.series_instance_uid, stage="series_geometry", reason=problem))
 
     def _of(role: SeriesRole) -> list[SeriesRecord]:
         return [s for s in study.series if s.role == role and s.series_instance_uid in headers]
@@ -268,6 +459,7 @@ def assign_roles(
 
     # One pre-contrast series: the post phases' geometry, acquired before the first phase.
     pres = _of(SeriesRole.T1_PRE)
+    pres_ranked: list[tuple[SeriesRecord, tuple]] = []
     if len(pres) > 1:
         first_post = headers[posts[0].series_instance_uid] if posts else None
         post_t = tm_seconds(_best_time(first_post)) if first_post else None
@@ -282,6 +474,7 @@ def assign_roles(
                     -(s.series_number or 0))
 
         pres.sort(key=score, reverse=True)
+        pres_ranked = [(p, score(p)) for p in pres]
         chosen = pres[0]
         chosen_score = score(chosen)
         why = []
@@ -305,17 +498,40 @@ def assign_roles(
                 f"series {chosen.series_number} '{chosen.series_description}' chosen"
             )
 
-    errors: list[ErrorRecord] = []
     if not posts:
         names = ", ".join(f"'{s.series_description}'" for s in study.series) or "none"
-        dirs = sorted({str(f.parent) for s in study.series for f in s.files})
-        try:
-            where = os.path.commonpath(dirs) if dirs else ""
-        except ValueError:  # different drives
-            where = dirs[0]
         errors.append(ErrorRecord(
-            path=where, patient_id=study.patient_id, study_instance_uid=study.study_instance_uid,
+            path=_where(study.series), patient_id=study.patient_id, study_instance_uid=study.study_instance_uid,
             series_instance_uid="", stage="series_roles",
             reason=f"no T1 post-contrast series identified among series: {names}",
         ))
+    ambiguity = _ambiguity(study, posts, pres_ranked, order, rules)
+    if ambiguity:
+        study.flags.append("series_roles_ambiguous: " + "; ".join(ambiguity))
     return errors
+
+
+def _ambiguity(study: StudyRecord, posts: list[SeriesRecord], pres_ranked: list[tuple[SeriesRecord, tuple]],
+               order: str, rules: RoleRules) -> list[str]:
+    """Why the roles this study will be assessed with are uncertain, candidates listed."""
+    why = []
+    low = rules.ambiguous_below
+    pres = [s for s in study.series if s.role == SeriesRole.T1_PRE]
+    if pres and (pres[0].role_confidence or 0.0) < low:
+        others = [c for c, _ in pres_ranked if c is not pres[0]]
+        why.append(f"pre-contrast {_candidate(pres[0])} below {low:g}"
+                   + (f", other candidates {', '.join(_candidate(c) for c in others)}" if others else ""))
+    if len(pres_ranked) > 1 and pres_ranked[0][1][:4] == pres_ranked[1][1][:4]:
+        why.append("pre-contrast candidates rank equal: " + ", ".join(_candidate(c) for c, _ in pres_ranked[:3]))
+    weak_posts = [s for s in posts if (s.role_confidence or 0.0) < low]
+    if weak_posts:
+        why.append("post-contrast " + ", ".join(_candidate(s) for s in weak_posts) + f" below {low:g}")
+    if len(posts) > 1 and order in ("SeriesNumber", "SeriesInstanceUID"):
+        why.append(f"post phases ordered by {order} only (no acquisition/content time): "
+                   + ", ".join(_candidate(s) for s in posts))
+    if not pres and posts:
+        unrecognised = [s for s in study.series if s.role == SeriesRole.OTHER
+                        and s.role_reason.startswith("not recognised")]
+        if unrecognised:
+            why.append("no pre-contrast series; unrecognised candidates " + ", ".join(map(_candidate, unrecognised)))
+    return why

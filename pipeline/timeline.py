@@ -98,9 +98,10 @@ def build_patient_timeline(
     entries: list[TimelineEntry] = []
     baseline_of_session: dict[int, str] = {}
     for study in ordered:
-        flags: list[str] = []
+        flags: list[str] = list(study.flags)  # ingest's flags (e.g. series_roles_ambiguous)
         if study.study_date is None:
-            entries.append(TimelineEntry(study, Timepoint.FOLLOW_UP, None, None, None, None, ["no_study_date"]))
+            entries.append(TimelineEntry(study, Timepoint.FOLLOW_UP, None, None, None, None,
+                                         [*flags, "no_study_date"]))
             continue
         if procedures:
             # Sessions strictly before the study: an MRI on the day of an ablation is taken

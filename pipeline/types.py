@@ -20,6 +20,9 @@ class SeriesRole(str, Enum):
     T1_POST = "t1_post"
     T2 = "t2"
     SUBTRACTION = "subtraction"
+    DWI = "dwi"
+    ADC = "adc"
+    LOCALIZER = "localizer"
     OTHER = "other"
 
 
@@ -42,6 +45,8 @@ class SeriesRecord:
     contrast_agent: str = ""
     acquisition_time: str = ""
     echo_time_ms: float | None = None
+    # How sure the role rules are of ``role`` (0..1; configs/series_roles.yaml "confidence").
+    role_confidence: float | None = None
 
 
 @dataclass
@@ -53,6 +58,8 @@ class StudyRecord:
     study_date: dt.date | None
     study_description: str
     series: list[SeriesRecord] = field(default_factory=list)
+    # Study-level flags found at ingest (e.g. series_roles_ambiguous); they reach the decision.
+    flags: list[str] = field(default_factory=list)
 
     def with_role(self, role: SeriesRole) -> list[SeriesRecord]:
         found = [s for s in self.series if s.role == role]
