@@ -82,6 +82,11 @@ def assess_export(
     resolved_device = resolve_device(device)
     index = index_task(Path(export_dir), out / CATALOGUE_NAME, cfg)
     sessions = read_procedures(Path(procedures)) if procedures else None
+    if cfg.ingest.pseudonymise_patient_ids:
+        # Before anything is written: every output below only ever sees pseudonyms.
+        from pipeline.pseudonym import pseudonymise_run
+
+        index, sessions = pseudonymise_run(index, sessions, out / CATALOGUE_NAME)
 
     by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
     for study in index.studies:

@@ -174,7 +174,8 @@ def _key_image(state: StudyState, baseline: StudyState | None, record: Assessmen
 def _series_used(study: StudyRecord) -> list[SeriesUsed]:
     return [SeriesUsed(role=s.role.value, series_instance_uid=s.series_instance_uid, series_number=s.series_number,
                        series_description=s.series_description, phase_index=s.phase_index,
-                       role_reason=s.role_reason, n_files=len(s.files)) for s in study.series]
+                       role_reason=s.role_reason, n_files=len(s.files), role_confidence=s.role_confidence)
+            for s in study.series]
 
 
 def _unchanged_records(entries: list[TimelineEntry], states: dict[str, StudyState],

@@ -122,5 +122,42 @@ def serve_nightly(
     serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds)
 
 
+@app.command()
+def index(
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory")],
+    catalogue: Annotated[Path, typer.Option(help="SQLite catalogue to create or update")] = Path("catalogue.sqlite"),
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="header-reading processes")] = None,
+) -> None:
+    """Index an export into the catalogue (only new or changed files are read) and summarise it."""
+    _check_inputs(None, config)
+    from pipeline.catalogue_view import errors_table, index_summary_table
+    from pipeline.config import load_config
+    from pipeline.ingest import index_export
+
+    res = index_export(export_dir, catalogue, load_config(config).ingest, workers=workers)
+    table_console.print(index_summary_table(res, export_dir, catalogue))
+    if res.errors:
+        table_console.print(errors_table(res.errors))
+
+
+@app.command()
+def catalog(
+    catalogue: Annotated[Path, typer.Option(help="SQLite catalogue written by `index` or `assess`")] = Path("catalogue.sqlite"),
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
+) -> None:
+    """Print the catalogue: patients, studies, series and their roles (no file is read)."""
+    _check_inputs(None, config)
+    from pipeline.catalogue_view import CatalogueNotFound, catalogue_table, group_catalogue
+    from pipeline.config import load_config
+
+    try:
+        studies, _ = group_catalogue(catalogue, load_config(config).ingest)
+    except CatalogueNotFound as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(code=2) from None
+    table_console.print(catalogue_table(studies))
+
+
 if __name__ == "__main__":
     app()

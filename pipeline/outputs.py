@@ -40,6 +40,7 @@ class SeriesUsed(BaseModel):
     phase_index: int | None
     role_reason: str
     n_files: int
+    role_confidence: float | None = None  # 0..1, from the role rules (configs/series_roles.yaml)
 
 
 class TimelinePoint(BaseModel):
