@@ -56,6 +56,14 @@ def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None,
     return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=study_imaging_task)
 
 
+@task(name="review-worklist", cache_policy=NO_CACHE)
+def review_task(out_dir: Path, records: list[AssessmentRecord], cfg: PipelineConfig) -> list[AssessmentRecord]:
+    """Fill reviewed_category from the verdicts; put the flagged studies on the worklist."""
+    from pipeline.review.sync import review_after_run
+
+    return review_after_run(out_dir, records, cfg.review.database_url)[0]
+
+
 @flow(name="assess-export")
 def assess_export(
     export_dir: str,
@@ -116,6 +124,10 @@ def assess_export(
             if bar is not None:
                 progress.advance(bar, len(by_patient[pid]))
 
+    try:
+        records = review_task(out, records, cfg)
+    except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
+        errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
     write_cohort_csv(out, records)
     write_errors_csv(out, errors)
     summary = {

@@ -159,5 +159,11 @@ def catalog(
     table_console.print(catalogue_table(studies))
 
 
+# Review commands: the bodies live in pipeline/review/cli_commands.py (one module, one job).
+from pipeline.review.cli_commands import register as _register_review_commands  # noqa: E402
+
+_register_review_commands(app, console)
+
+
 if __name__ == "__main__":
     app()

@@ -108,6 +108,11 @@ class OutputsConfig(_Section):
     key_image_dpi: int = Field(gt=10)
 
 
+class ReviewConfig(_Section):
+    # SQLAlchemy URL of the review database; None: sqlite OUT/review.sqlite.
+    database_url: str | None = None
+
+
 class PipelineConfig(_Section):
     ingest: IngestConfig
     registration: RegistrationConfig
@@ -117,10 +122,13 @@ class PipelineConfig(_Section):
     foci: FociConfig
     rules: RulesConfig
     outputs: OutputsConfig
+    review: ReviewConfig
 
     def digest(self) -> str:
         """Stable hash of the settings: a change invalidates cached study results."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # Where verdicts are stored changes no study result: moving the database must not
+        # make the nightly run recompute everything.
+        blob = json.dumps(self.model_dump(mode="json", exclude={"review"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
