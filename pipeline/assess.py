@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from pipeline import __version__
 from pipeline.classify import classify_patient
 from pipeline.config import PipelineConfig
+from pipeline.dicom_outputs import write_study_dicom
 from pipeline.imageio import load_series
 from pipeline.key_image import render_key_image
 from pipeline.outputs import (
@@ -20,6 +21,7 @@ from pipeline.outputs import (
     timeline_points, write_assessment, write_json,
 )
 from pipeline.registration import register_to_baseline, resample_to
+from pipeline.report import write_patient_report
 from pipeline.study import StudyImages, analyse_study
 from pipeline.timeline import Procedure, build_patient_timeline
 from pipeline.timeline_plot import render_timeline_plot
@@ -288,6 +290,14 @@ def assess_patient(
                                                  f"key image not rendered: {type(exc).__name__}: {exc}"))
         record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
         write_assessment(folder / "assessment.json", record)
+        # seg.dcm / sr.dcm after assessment.json: their failure is a row of errors.csv, never a lost study.
+        state = states[uid]
+        _, dicom_errors = write_study_dicom(record, entry.study, lambda: getattr(state.images(), "labels", None),
+                                            folder, cfg.outputs)
+        if dicom_errors:
+            result.errors.extend(dicom_errors)
+            record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
+            write_assessment(folder / "assessment.json", record)  # a reused record re-emits them
     if entries:
         patient_folder = study_dir(out_dir, entries[0].study).parent
         write_json(patient_folder / "timeline.json", [p.model_dump() for p in points])
@@ -296,5 +306,12 @@ def assess_patient(
         except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
             result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
                                              f"timeline plot not rendered: {type(exc).__name__}: {exc}"))
+        if cfg.outputs.write_report:
+            try:
+                write_patient_report(patient_folder / "report.html", result.patient_id,
+                                     [(records[e.study.study_instance_uid], study_dir(out_dir, e.study)) for e in entries])
+            except Exception as exc:  # noqa: BLE001 - the report must not lose the patient
+                result.errors.append(ErrorRecord(str(patient_folder / "report.html"), result.patient_id, "", "", "report",
+                                                 f"report.html not written: {type(exc).__name__}: {exc}"))
     result.records = [records[e.study.study_instance_uid] for e in entries]
     return result

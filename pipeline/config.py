@@ -106,6 +106,9 @@ class RulesConfig(_Section):
 class OutputsConfig(_Section):
     write_key_image: bool
     key_image_dpi: int = Field(gt=10)
+    write_dicom_seg: bool
+    write_dicom_sr: bool
+    write_report: bool
 
 
 class ReviewConfig(_Section):
