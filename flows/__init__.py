@@ -2,10 +2,13 @@
 
 Defaults for hospital networks, set before Prefect is imported (a user's environment wins):
 no telemetry (the machines are offline; Prefect would log a failed send at every start) and
-warnings only (the progress bar and the cohort table are what a user reads).
+warnings only (the progress bar and the cohort table are what a user reads), and a patient
+start of the local ephemeral API server: its 20 s default timed out on a loaded 2-core machine
+(a batch then dies before its first study).
 """
 
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
