@@ -117,6 +117,9 @@ def test_sign_in_override_and_next_run_carries_the_verdict(review_copy, server):
         assert page.text_content("#machine-category") == machine
         page.wait_for_function("""() => { const imgs = [...document.querySelectorAll('img.slice-img')];
             return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }""")
+        # Baseline and follow-up, four panels each (the fixture's latest flagged study is a
+        # follow-up whose registration to the baseline passed QC).
+        assert page.locator("img.slice-img").count() == 8
         current_pre = page.locator("img[data-view=current][data-panel=pre]")
         src_before = current_pre.get_attribute("src")
         k = int(page.get_attribute("#slice", "value"))

@@ -38,7 +38,8 @@
     show(parseInt(slider.value, 10) + (e.deltaY > 0 ? 1 : -1));
   }, { passive: false });
   document.addEventListener("keydown", function (e) {
-    if (e.target.tagName === "TEXTAREA" || e.target.tagName === "INPUT" && e.target !== slider) { return; }
+    var tag = e.target.tagName;  // typing in a form field must not scroll the images
+    if (tag === "TEXTAREA" || tag === "SELECT" || (tag === "INPUT" && e.target !== slider)) { return; }
     if (e.key === "ArrowUp" || e.key === "ArrowRight") { e.preventDefault(); show(parseInt(slider.value, 10) + 1); }
     if (e.key === "ArrowDown" || e.key === "ArrowLeft") { e.preventDefault(); show(parseInt(slider.value, 10) - 1); }
   });
