@@ -156,6 +156,8 @@ def test_posts_need_the_csrf_token(site):
     with Session(app.state.engine) as s:
         assert s.scalars(select(Verdict)).all() == []
     token = _csrf(client, f"/case/{item}")
+    r = client.post(f"/case/{item}/verdict", data={**form, "reason": "", "csrf_token": token})
+    assert r.status_code == 400 and "an override needs a reason" in r.text
     r = client.post(f"/case/{item}/verdict", data={**form, "csrf_token": token}, follow_redirects=False)
     assert r.status_code == 303
     with Session(app.state.engine) as s:

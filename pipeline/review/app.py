@@ -254,7 +254,11 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
                 item = item_or_404(session, item_id)
                 if item is None:
                     return PlainTextResponse("no such worklist item", status_code=404)
-                return page(request, "case.html", http_status=400, user=user, error=str(exc), **_case_context(request, item))
+                try:
+                    context = _case_context(request, item)
+                except UnsafePathError:
+                    return PlainTextResponse("no such worklist item", status_code=404)
+                return page(request, "case.html", http_status=400, user=user, error=str(exc), **context)
         return RedirectResponse(f"/case/{item_id}", status_code=303)
 
     app.state.engine = engine
