@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from pipeline import __version__
 from pipeline.classify import classify_patient
 from pipeline.config import PipelineConfig
-from pipeline.dicom_outputs import write_study_dicom
+from pipeline.dicom_outputs import dicom_outputs_missing, write_study_dicom
 from pipeline.imageio import load_series
 from pipeline.key_image import render_key_image
 from pipeline.outputs import (
@@ -232,9 +232,18 @@ def assess_patient(
     entries: list[TimelineEntry] = build_patient_timeline(studies, procedures, az_present, cfg.rules)
     unchanged = _unchanged_records(entries, states, out_dir)
     if unchanged is not None:
-        # Nothing new for this patient: the nightly rerun leaves its outputs as they are.
+        # Nothing new for this patient: the nightly rerun leaves its outputs as they are, except
+        # the SEG/SR/report that a run before they existed (or a deletion) left missing.
         result.records = unchanged
         result.errors = [ErrorRecord(**e) for r in unchanged for e in r.errors]
+        for entry, record in zip(entries, unchanged):
+            folder = study_dir(out_dir, entry.study)
+            if dicom_outputs_missing(record, folder, cfg.outputs):
+                state = states[entry.study.study_instance_uid]
+                result.errors.extend(write_study_dicom(record, entry.study, lambda: getattr(state.images(), "labels", None),
+                                                       folder, cfg.outputs)[1])
+        if entries and cfg.outputs.write_report and not (study_dir(out_dir, entries[0].study).parent / "report.html").exists():
+            _write_report(result, entries, {r.study_instance_uid: r for r in unchanged}, out_dir)
         return result
 
     for entry in entries:
@@ -307,11 +316,18 @@ def assess_patient(
             result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
                                              f"timeline plot not rendered: {type(exc).__name__}: {exc}"))
         if cfg.outputs.write_report:
-            try:
-                write_patient_report(patient_folder / "report.html", result.patient_id,
-                                     [(records[e.study.study_instance_uid], study_dir(out_dir, e.study)) for e in entries])
-            except Exception as exc:  # noqa: BLE001 - the report must not lose the patient
-                result.errors.append(ErrorRecord(str(patient_folder / "report.html"), result.patient_id, "", "", "report",
-                                                 f"report.html not written: {type(exc).__name__}: {exc}"))
+            _write_report(result, entries, records, out_dir)
     result.records = [records[e.study.study_instance_uid] for e in entries]
     return result
+
+
+def _write_report(result: PatientResult, entries: list[TimelineEntry], records: dict[str, AssessmentRecord],
+                  out_dir: Path) -> None:
+    """report.html of the patient (after timeline.png and the key images it embeds)."""
+    path = study_dir(out_dir, entries[0].study).parent / "report.html"
+    try:
+        write_patient_report(path, result.patient_id,
+                             [(records[e.study.study_instance_uid], study_dir(out_dir, e.study)) for e in entries])
+    except Exception as exc:  # noqa: BLE001 - the report must not lose the patient
+        result.errors.append(ErrorRecord(str(path), result.patient_id, "", "", "report",
+                                         f"report.html not written: {type(exc).__name__}: {exc}"))

@@ -20,7 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.config import OutputsConfig
-from pipeline.dicom_seg import build_segmentation, read_source_datasets, write_segmentation
+from pipeline.dicom_seg import (
+    build_segmentation, mark_identity_removed, read_source_datasets, with_patient_identity, write_segmentation,
+)
 from pipeline.dicom_sr import build_measurement_report, write_report_sr
 from pipeline.outputs import AssessmentRecord
 from pipeline.types import ErrorRecord, StudyRecord
@@ -35,6 +37,17 @@ def _evidence_series(study: StudyRecord, record: AssessmentRecord):
     if post_uid in by_uid:
         return by_uid[post_uid]
     return next(iter(sorted(by_uid.values(), key=lambda s: (s.series_number or 0, s.series_instance_uid))), None)
+
+
+def dicom_outputs_missing(record: AssessmentRecord, folder: Path, outputs: OutputsConfig) -> bool:
+    """Whether a switched-on object this study should have is absent from ``folder`` (outputs of a
+    run before SEG/SR existed, or deleted): the nightly rerun of an unchanged patient writes it."""
+    if record.timepoint == "pre_ablation":
+        return False
+    if outputs.write_dicom_sr and not (Path(folder) / SR_NAME).exists():
+        return True
+    return (outputs.write_dicom_seg and record.imaging.ok and record.imaging.az_found
+            and not (Path(folder) / SEG_NAME).exists())
 
 
 def write_study_dicom(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[], sitk.Image | None],
@@ -69,6 +82,8 @@ def _write(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[
     series_uid = series.series_instance_uid if series is not None else ""
     try:
         source = read_source_datasets(series.files) if series is not None else []
+        # Pseudonymised run: the objects carry the records' pseudonym, not the files' identity.
+        source, identity_removed = with_patient_identity(source, record.patient_id)
     except Exception as exc:  # noqa: BLE001 - an unreadable source must not lose the study
         fail("dicom_seg" if outputs.write_dicom_seg else "dicom_sr", series_uid, exc, SEG_NAME)
         return written, errors
@@ -83,6 +98,8 @@ def _write(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[
             segmentation = None if labels is None else build_segmentation(
                 source, labels, record.patient_id, record.session, record.imaging.segmentation_method or "classical")
             if segmentation is not None:
+                if identity_removed:
+                    mark_identity_removed(segmentation)
                 write_segmentation(folder / SEG_NAME, segmentation)
                 written.append(SEG_NAME)
         except Exception as exc:  # noqa: BLE001
@@ -91,6 +108,8 @@ def _write(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[
     if outputs.write_dicom_sr:
         try:
             sr = build_measurement_report(record, source, segmentation)
+            if identity_removed:
+                mark_identity_removed(sr)
             write_report_sr(folder / SR_NAME, sr)
             written.append(SR_NAME)
         except Exception as exc:  # noqa: BLE001

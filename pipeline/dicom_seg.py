@@ -10,6 +10,7 @@ anatomy in every viewer).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import warnings
@@ -107,6 +108,45 @@ def read_source_datasets(files: list[Path]) -> list[pydicom.Dataset]:
     if not datasets:
         raise SegmentationGeometryError("the source series has no files")
     return datasets
+
+
+# Identifying Patient/Study attributes that highdicom copies into the SEG and SR from the source
+# (PS3.15 Basic Application Level Confidentiality Profile: emptied, "Z"); the UIDs are kept:
+# the outputs are keyed by them already.
+_IDENTIFYING = ("PatientBirthDate", "PatientSex", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+# LO (64 characters at most): PatientID -> keyed HMAC pseudonym, PatientName and the above emptied.
+DEIDENTIFICATION_METHOD = "ablation-response: PatientID HMAC pseudonym, identifiers emptied"
+
+
+def with_patient_identity(datasets: list[pydicom.Dataset], patient_id: str) -> tuple[list[pydicom.Dataset], bool]:
+    """The source datasets as the outputs identify the patient, and whether identity was removed.
+
+    When the run pseudonymises PatientID (``ingest.pseudonymise_patient_ids``), the records carry
+    the pseudonym while the source files carry the hospital's identifiers: the SEG and SR then
+    carry the pseudonym as PatientID, an empty PatientName and none of the identifying attributes, like
+    every other output. Otherwise the datasets are returned as they are (a derived object keeps
+    its source's identity, which is what a PACS needs to file it with the study).
+    """
+    if all(str(ds.get("PatientID", "")) == patient_id for ds in datasets):
+        return datasets, False
+    out = []
+    for ds in datasets:
+        ds = copy.deepcopy(ds)
+        ds.PatientID = patient_id
+        for keyword in ("PatientName", *_IDENTIFYING):
+            setattr(ds, keyword, None)
+        for keyword in ("OtherPatientIDsSequence", "IssuerOfPatientID", "PatientAge", "PatientWeight", "PatientSize",
+                        "InstitutionName", "InstitutionAddress", "PerformingPhysicianName", "OperatorsName"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        out.append(ds)
+    return out, True
+
+
+def mark_identity_removed(ds: pydicom.Dataset) -> None:
+    """Patient Identity Removed / De-identification Method (PS3.3 C.7.1.1) on a SEG or SR."""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = DEIDENTIFICATION_METHOD
 
 
 def _frame_geometry(ds: pydicom.Dataset) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:

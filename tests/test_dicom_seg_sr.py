@@ -234,6 +234,37 @@ def test_write_study_dicom_reports_failures_without_raising(tmp_path: Path) -> N
     assert written == [SEG_NAME, SR_NAME] and errors == []
 
 
+def test_pseudonymised_run_writes_no_source_identity(tmp_path: Path) -> None:
+    """With pseudonyms in the records, SEG and SR carry the pseudonym and none of the files' identity."""
+    spec, files, grid = _series(tmp_path, rotation(0.0, 0.0, 15.0))
+    for path in files:  # identity a PACS export carries
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientBirthDate, ds.AccessionNumber = "Doe^Jane", "19600101", "ACC123"
+        ds.InstitutionName, ds.ReferringPhysicianName = "General Hospital", "House^Gregory"
+        ds.save_as(path)
+    _, labels = _labels_on(grid, tmp_path)
+    study = StudyRecord("PSN-0123456789ABCDEF", spec.study_uid, None, "MR", [
+        SeriesRecord("PSN-0123456789ABCDEF", spec.study_uid, spec.series_uid, 1, "t1 post", "MR", "X", files,
+                     SeriesRole.T1_POST)])
+    record = _record(spec.study_uid).model_copy(update={"patient_id": "PSN-0123456789ABCDEF"})
+    record.imaging.series_used = {"t1_post": spec.series_uid}
+    written, errors = write_study_dicom(record, study, lambda: labels, tmp_path, load_config().outputs)
+    assert written == [SEG_NAME, SR_NAME] and errors == []
+    for name in written:
+        raw = (tmp_path / name).read_bytes()
+        for identity in (PATIENT.encode(), b"Doe^Jane", b"19600101", b"ACC123", b"General Hospital", b"House"):
+            assert identity not in raw, (name, identity)
+        ds = pydicom.dcmread(tmp_path / name)
+        assert ds.PatientID == "PSN-0123456789ABCDEF" and ds.PatientIdentityRemoved == "YES"
+        assert ds.StudyInstanceUID == spec.study_uid  # still filed with its study
+    # Without pseudonyms the objects keep their source's identity (what a PACS files them by).
+    plain = _record(spec.study_uid)
+    plain.imaging.series_used = {"t1_post": spec.series_uid}
+    write_study_dicom(plain, study, lambda: labels, tmp_path, load_config().outputs)
+    assert pydicom.dcmread(tmp_path / SEG_NAME).PatientName == "Doe^Jane"
+    assert "PatientIdentityRemoved" not in pydicom.dcmread(tmp_path / SR_NAME)
+
+
 # --------------------------------------------------------------------------- validator
 DCIODVFY = shutil.which("dciodvfy")
 
@@ -292,3 +323,30 @@ def test_flow_wrote_seg_and_sr_for_each_assessed_study(assessed_run) -> None:
     assert len({u for uids in tracking.values() for u in uids}) == len(tracking)
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["studies"] == len(records)
+
+
+@pytest.mark.slow
+def test_unchanged_rerun_writes_missing_seg_sr_and_report_only(assessed_run, tmp_path: Path) -> None:
+    """Outputs of a run before SEG/SR existed (or deleted): the nightly rerun of an unchanged
+    patient writes them, and leaves every other output as it was."""
+    from flows.assess import run_assessment
+
+    root, out, _, _ = assessed_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    study = sorted(copy.glob("patients/*/*/seg.dcm"))[0].parent
+    patient = study.parent
+    (study / SEG_NAME).unlink()
+    (study / SR_NAME).unlink()
+    (patient / "report.html").unlink()
+    untouched = {p: p.stat().st_mtime_ns for p in copy.glob("patients/*/*/*") if p.suffix in {".json", ".dcm"}}
+    summary = run_assessment(root / "data" / "export", copy, root / "data" / "procedures.csv", workers=1, device="cpu")
+    assert summary["studies_reused"] == summary["studies"]
+    assert (study / SEG_NAME).is_file() and (study / SR_NAME).is_file() and (patient / "report.html").is_file()
+    labels = sitk.ReadImage(str(study / "labels.nii.gz"))
+    np.testing.assert_array_equal(labels_from_segmentation(pydicom.dcmread(study / SEG_NAME), labels),
+                                  sitk.GetArrayFromImage(labels))
+    # The re-made objects are the same instances as before (deterministic UIDs).
+    assert pydicom.dcmread(study / SEG_NAME).SOPInstanceUID == pydicom.dcmread(
+        out / study.relative_to(copy) / SEG_NAME).SOPInstanceUID
+    assert {p: p.stat().st_mtime_ns for p in untouched} == untouched
