@@ -232,6 +232,15 @@ def test_write_study_dicom_reports_failures_without_raising(tmp_path: Path) -> N
     assert not (folder / SEG_NAME).exists() and (folder / SR_NAME).is_file()
     written, errors = write_study_dicom(record, study, lambda: labels, folder, load_config().outputs)
     assert written == [SEG_NAME, SR_NAME] and errors == []
+    # The switches of configs/default.yaml outputs: (a file not written now is not left over).
+    no_seg = load_config().outputs.model_copy(update={"write_dicom_seg": False})
+    assert write_study_dicom(record, study, lambda: labels, folder, no_seg) == ([SR_NAME], [])
+    assert not (folder / SEG_NAME).exists()
+    sr_without_roi = hd.sr.srread(folder / SR_NAME)
+    assert sr_without_roi.content.get_volumetric_roi_measurement_groups() == []
+    none = no_seg.model_copy(update={"write_dicom_sr": False})
+    assert write_study_dicom(record, study, lambda: labels, folder, none) == ([], [])
+    assert not (folder / SR_NAME).exists()
 
 
 def test_pseudonymised_run_writes_no_source_identity(tmp_path: Path) -> None:
@@ -278,7 +287,17 @@ def test_dciodvfy_finds_no_error_in_seg_and_sr(tmp_path: Path) -> None:
     seg = build_segmentation(source, labels, PATIENT, 1)
     write_segmentation(tmp_path / "seg.dcm", seg)
     write_report_sr(tmp_path / "sr.dcm", build_measurement_report(_record(spec.study_uid), source, seg))
-    for name, iod in (("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR")):
+    # The category-only SR of an indeterminate study and a SEG of an Enhanced MR source too.
+    indeterminate = _record(spec.study_uid, Category.INDETERMINATE, long_mm=None, rule_id="R5-not-evaluable")
+    write_report_sr(tmp_path / "sr_indeterminate.dcm", build_measurement_report(indeterminate, source, None))
+    from pipeline.phantom.enhanced import to_enhanced
+
+    enhanced = to_enhanced([pydicom.dcmread(f) for f in files], pydicom.uid.generate_uid())
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    write_segmentation(tmp_path / "seg_enhanced.dcm",
+                       build_segmentation(read_source_datasets([tmp_path / "enhanced.dcm"]), labels, PATIENT, 1))
+    for name, iod in (("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),
+                      ("sr_indeterminate.dcm", "Comprehensive3DSR"), ("seg_enhanced.dcm", "Segmentation")):
         out = subprocess.run([DCIODVFY, str(tmp_path / name)], capture_output=True, text=True, timeout=60)
         report = out.stdout + out.stderr
         assert iod in report, report
