@@ -54,11 +54,12 @@ def phantom(
     patients: Annotated[int, typer.Option(min=1, help="number of patients")] = 8,
     seed: Annotated[int, typer.Option(help="random seed (same seed, same export)")] = 0,
     profile: Annotated[str, typer.Option(help="generator settings: default | heldout")] = "default",
+    messy: Annotated[bool, typer.Option(help="mix vendors, transfer syntaxes, multi-frame files and defects")] = False,
 ) -> None:
     """Generate a synthetic PACS export with ground truth."""
     from pipeline.phantom import generate_export
 
-    truth = generate_export(out, patients, seed, profile=profile)
+    truth = generate_export(out, patients, seed, profile=profile, messy=messy)
     n = sum(len(p["studies"]) for p in truth["patients"])
     console.print(f"wrote {len(truth['patients'])} patients, {n} studies to {out}/export "
                   f"(truth: {out}/truth.json, procedures: {out}/procedures.csv)")

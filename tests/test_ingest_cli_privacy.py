@@ -103,28 +103,4 @@ def test_pseudonyms_are_keyed_stable_and_stored(tmp_path: Path) -> None:
     assert Pseudonymiser(cat)("HOSP-0042") == p42
 
 
-@pytest.mark.slow
-def test_flow_writes_only_pseudonyms(tmp_path: Path) -> None:
-    """The real flow with pseudonymise_patient_ids: cohort.csv, errors.csv, the patient folders
-    and every assessment.json carry the pseudonym; the PatientID, name and birth date appear in
-    no output file (only in the catalogue and the mapping beside it). A study without
-    post-contrast keeps the run short: it is placed (pre_ablation) without registration."""
-    from flows.assess import run_assessment
-
-    export = tmp_path / "export"
-    _export(export, with_post=False)
-    config = tmp_path / "site.yaml"
-    config.write_text("ingest:\n  pseudonymise_patient_ids: true\n")
-    out = tmp_path / "out"
-    run_assessment(export, out, None, config)
-    with open(out / "cohort.csv") as f:
-        (row,) = list(csv.DictReader(f))
-    assert row["patient_id"].startswith("PSN-") and row["category"] == "pre_ablation"
-    assert (out / "patients" / row["patient_id"]).is_dir()
-    private = {out / "catalogue.sqlite", key_path(out / "catalogue.sqlite"), mapping_csv_path(out / "catalogue.sqlite")}
-    for path in out.rglob("*"):
-        if path.is_file() and path not in private and not path.name.startswith("catalogue.sqlite"):
-            data = path.read_bytes()
-            for secret in (b"HOSP-0042", NAME.encode(), b"Doe", BIRTH.encode()):
-                assert secret not in data, (path, secret)
-    assert os.path.exists(mapping_csv_path(out / "catalogue.sqlite"))
+# The real flow with pseudonymisation on: tests/test_messy_export.py::test_outputs_carry_only_pseudonyms.

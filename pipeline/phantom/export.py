@@ -495,7 +495,7 @@ def _add_junk(rng: np.random.Generator, export: Path, out_dir: Path, patients: l
 
 # --------------------------------------------------------------------------- entry point
 def generate_export(out_dir: Path, n_patients: int, seed: int, *, profile: str = "default",
-                    with_junk: bool = True) -> dict:
+                    with_junk: bool = True, messy: bool = False) -> dict:
     """Write a synthetic PACS export with ground truth under ``out_dir``; return the truth.
 
     Writes ``export/`` (messy DICOM tree), ``truth.json`` (also returned), ``procedures.csv``
@@ -503,6 +503,8 @@ def generate_export(out_dir: Path, n_patients: int, seed: int, *, profile: str =
     target = AZ centre, LPS mm, in the session baseline's pre-contrast physical space) and
     ``truth/<StudyInstanceUID>_labels.nii.gz`` (0 bg, 1 AZ, 2 rim, 3 tumour/nodule, on the
     grid of the study's post-contrast series). See the module docstring for coordinates.
+    ``messy``: also mix vendors' naming, transfer syntaxes, multi-frame files and every defect
+    ingest reports (:mod:`pipeline.phantom.messy`; ``truth["messy"]`` lists them).
     """
     prof = get_profile(profile)
     out_dir = Path(out_dir)
@@ -528,6 +530,12 @@ def generate_export(out_dir: Path, n_patients: int, seed: int, *, profile: str =
              "patients": patients, "junk": []}
     if with_junk and patients:
         truth["junk"] = _add_junk(top_rng, export, out_dir, patients, uids)
+    if messy and patients:
+        # Vendors, transfer syntaxes, multi-frame, defects (pipeline/phantom/messy.py); applied
+        # after everything above so that the default output is unchanged.
+        from .messy import make_messy  # noqa: PLC0415
+
+        truth["messy"] = make_messy(out_dir, truth, seed)
 
     with open(out_dir / "procedures.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["patient_id", "ablation_date", "organ", "target_x", "target_y", "target_z"])
