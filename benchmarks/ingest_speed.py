@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 
 from pipeline.config import load_config
 from pipeline.imageio import load_series
-from pipeline.ingest import index_export
+from pipeline.ingest import index_export, read_header
 from pipeline.phantom.dicom_writer import SeriesHeader, study_dataset, write_series
 from pipeline.phantom.geometry import axial_direction, make_grid
 from pipeline.phantom.transcode import SYNTAXES, save, transcode
@@ -147,6 +147,15 @@ def main() -> None:
         print(f"1. first index: {first.n_files_read} headers in {first.seconds:.2f} s = "
               f"{first.n_files_read / first.seconds:,.0f} headers/s on {args.cores} cores (goal >= 2,000/s); "
               f"{len(first.studies)} studies, {len(first.errors)} errors")
+        # CPU cost per header in this process: what the wall figure would be per core on an
+        # idle machine (the wall figure above shares the CPUs with whatever else runs).
+        sample = sorted(str(p) for p in export.rglob("IM*"))[:2000]
+        cpu0 = time.process_time()
+        for f in sample:
+            read_header(f)
+        per_cpu_s = len(sample) / (time.process_time() - cpu0)
+        print(f"   header parsing CPU cost: {per_cpu_s:,.0f} headers per CPU-second in one process "
+              f"(x{args.cores} cores = {per_cpu_s * args.cores:,.0f}/s if the cores were free)")
         rerun = index_export(export, cat, cfg, workers=args.cores)
         assert rerun.n_files_read == 0
         print(f"2. unchanged rerun: {rerun.n_files_cached} files in {rerun.seconds:.2f} s (goal <= 10 s for 10,000)")

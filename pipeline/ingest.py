@@ -13,6 +13,7 @@ unchanged files (same path, size, mtime_ns) are served from the SQLite catalogue
 from __future__ import annotations
 
 import datetime as dt
+import io
 import multiprocessing
 import os
 import struct
@@ -96,6 +97,8 @@ _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 # Files smaller than this cannot hold a DICOM image header worth reading.
 _MIN_DICOM_BYTES = 16
+# Header bytes parsed from memory (an MR header is 2-20 KiB; longer ones are read from the file).
+_HEADER_BYTES = 64 * 1024
 # Below this many files to read, starting worker processes costs more than it saves.
 _PARALLEL_MIN_FILES = 1000
 _CHUNK = 200
@@ -271,6 +274,38 @@ def _pixel_check(fp, size: int, ds: pydicom.Dataset) -> str:
     return ""
 
 
+def _dcmread_header(fp, has_preamble: bool) -> pydicom.Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(fp, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS, force=not has_preamble)
+
+
+def _parse_header(fp, size: int, has_preamble: bool) -> tuple[pydicom.Dataset, Any]:
+    """Parse the header from the file's first bytes held in memory, else from the file.
+
+    pydicom asks the file for its position at every element; on a buffered file that costs
+    more than the reading itself, so the first ``_HEADER_BYTES`` are parsed from memory. A
+    header longer than that (or cut short inside it) is parsed again from the file, so the
+    result and the truncation reasons are the same. Returns (dataset, stream positioned where
+    parsing stopped, i.e. on the pixel data element).
+    """
+    fp.seek(0)
+    prefix = fp.read(_HEADER_BYTES)
+    # A deflated dataset is one zlib stream: a cut prefix could inflate to a partial header.
+    if size <= len(prefix) or _DEFLATED.encode() not in prefix[:2048]:
+        mem = io.BytesIO(prefix)
+        try:
+            ds = _dcmread_header(mem, has_preamble)
+            # The truncation check reads the pixel data element's header (<= 12 bytes) after it.
+            if size <= len(prefix) or mem.tell() + 12 <= len(prefix):
+                return ds, mem
+        except Exception:  # noqa: BLE001 - a header longer than the prefix: parse the file
+            if size <= len(prefix):
+                raise
+    fp.seek(0)
+    return _dcmread_header(fp, has_preamble), fp
+
+
 def read_header(abs_path: str) -> dict[str, Any]:
     """Read one file's header fields into a catalogue row (without path/size/mtime).
 
@@ -292,14 +327,8 @@ def read_header(abs_path: str) -> dict[str, Any]:
             # Without a preamble a raw DICOM stream starts with a group 0002 or 0008 tag.
             if not has_preamble and head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x08"):
                 return {"status": "error", "reason": "not a DICOM file"}
-            fp.seek(0)
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    ds = pydicom.dcmread(
-                        fp, stop_before_pixels=True, specific_tags=_SPECIFIC_TAGS,
-                        force=not has_preamble,
-                    )
+                ds, fp = _parse_header(fp, size, has_preamble)
             except (EOFError, struct.error) as exc:
                 return {"status": "error", "reason": f"truncated DICOM: {exc or type(exc).__name__}"}
             except Exception as exc:  # noqa: BLE001 - any parser failure is a file-level error

@@ -183,3 +183,18 @@ def test_dicomdir_is_honoured(tmp_path: Path) -> None:
     listed_missing = [r for p, r in reasons if p == str(missing)]
     assert listed_missing == ["listed in DICOMDIR but missing from the export"]
     assert res.dicomdir_files > 10  # records read from the index
+
+
+def test_header_longer_than_the_in_memory_prefix(tmp_path: Path) -> None:
+    """A Siemens CSA-like private element of 100 kB before the pixel data: the header is read
+    past the in-memory prefix, and a cut inside that element is still a truncation."""
+    ds = _read("MR_small.dcm")
+    ds.add_new(0x00290010, "LO", "SIEMENS CSA HEADER")
+    ds.add_new(0x00291010, "OB", bytes(range(256)) * 400)
+    path = save(ds, tmp_path / "csa.dcm")
+    row = read_header(str(path))
+    assert row["status"] == "ok" and row["rows"] == 64 and row["series_uid"] == ds.SeriesInstanceUID
+    data = path.read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: 80_000])  # inside the private element, beyond the 64 KiB prefix
+    assert read_header(str(cut))["reason"].startswith("truncated DICOM")

@@ -119,14 +119,14 @@ def test_incremental_catalogue(tmp_path: Path, cfg: IngestConfig) -> None:
     assert third.n_files_read == 1 and third.n_files_cached == first.n_files_seen - 1
 
     shutil.rmtree(export / "P001" / "loc")
-    gone = next((export / "P001" / "t2").iterdir())
+    gone = sorted((export / "P001" / "t2").iterdir())[2]  # slice 2 of 6 (names follow slice order)
     gone.unlink()
     fourth = index_export(export, cat, cfg)
     assert fourth.n_files_read == 0 and fourth.n_files_removed == 4
     t2 = [s for s in fourth.studies[0].series if s.series_description == "t2_tse_fs_tra"][0]
     assert len(t2.files) == 5 and gone not in t2.files
     # A slice gone from inside the stack makes the series unusable (header geometry check).
-    assert t2.role == SeriesRole.T2 or "missing slice(s)" in t2.role_reason
+    assert t2.role == SeriesRole.OTHER and "unusable as t2" in t2.role_reason and "missing slice(s)" in t2.role_reason
 
 
 def test_recent_files_deferred(tmp_path: Path, cfg: IngestConfig) -> None:

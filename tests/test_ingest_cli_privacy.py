@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
+import datetime as dt
 import sqlite3
 from pathlib import Path
 
 import numpy as np
-import pytest
 from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
@@ -78,7 +77,7 @@ def test_pseudonyms_are_keyed_stable_and_stored(tmp_path: Path) -> None:
     _export(export / "b", patient="HOSP-0077")
     cat = tmp_path / "out" / "catalogue.sqlite"
     res = index_export(export, cat, load_config().ingest)
-    sessions = {"HOSP-0042": [Procedure("HOSP-0042", __import__("datetime").date(2024, 1, 1))]}
+    sessions = {"HOSP-0042": [Procedure("HOSP-0042", dt.date(2024, 1, 1))]}
     pseudo, pseudo_sessions = pseudonymise_run(res, sessions, cat)
 
     key = key_path(cat)
