@@ -144,4 +144,8 @@ def test_csv_export_of_adjudicated_results(engine, tmp_path):
         "overridden", "local_tumour_progression", "no_evidence_of_ltp", "override", "artefact", "motion", "dave")
     assert done["reviewed_at"]
     assert (open_["status"], open_["reviewed_category"], open_["confidence"]) == ("pending", "", "0.55")
+    # Typed text cannot become a spreadsheet formula.
+    record_verdict(engine, _item(engine, "4.2").id, "dave", "comment", comment='=HYPERLINK("http://x")')
+    rows = {r["study_instance_uid"]: r for r in csv.DictReader(io.StringIO(export_csv(engine, path).read_text()))}
+    assert rows["4.2"]["comment"] == "'=HYPERLINK(\"http://x\")"
     assert not list(tmp_path.glob("export/.*.tmp"))  # written atomically

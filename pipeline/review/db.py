@@ -283,6 +283,12 @@ def audit_sign_in(engine: Engine, username: str, ok: bool) -> None:
         _audit(session, username, "sign_in" if ok else "sign_in_refused", None, None, None)
 
 
+def _cell(text: str) -> str:
+    """Free text typed by a user, made inert for spreadsheets (OWASP "CSV injection"): a cell
+    starting with = + - @ (or a tab/CR) would be run as a formula when the export is opened."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def export_csv_text(engine: Engine) -> str:
     """Every worklist item with its current verdict (the adjudicated results) as CSV text."""
     buffer = io.StringIO()
@@ -300,7 +306,7 @@ def export_csv_text(engine: Engine) -> str:
                 "machine_category": item.machine_category, "confidence": f"{item.confidence:.2f}",
                 "flag_reasons": item.flag_reasons, "status": item.status,
                 "reviewed_category": v.category if v else "", "verdict": v.action if v else "",
-                "reason": v.reason if v else "", "comment": " | ".join(comments),
+                "reason": _cell(v.reason) if v else "", "comment": _cell(" | ".join(comments)),
                 "reviewer": v.username if v else "",
                 "reviewed_at": v.created_at.isoformat(timespec="seconds") if v else "",
             })
