@@ -83,6 +83,11 @@ def test_rerun_adds_new_refreshes_pending_and_never_overwrites_a_verdict(engine)
     pending = _item(engine, "1.2")
     assert (pending.status, pending.machine_category, pending.confidence) == ("pending", "complete_ablation", 0.5)
     assert reviewed_categories(engine) == {"1.1": "no_evidence_of_ltp"}
+    # The machine's new call on the adjudicated item is in the audit trail, once.
+    sync_worklist(engine, [flagged("1.1", category="indeterminate", confidence=0.3)])
+    changed = [e for e in _audit(engine) if e.action == "machine_changed_after_verdict"]
+    assert len(changed) == 1 and json.loads(changed[0].after)["machine_category"] == "indeterminate"
+    assert json.loads(changed[0].before)["machine_category"] == "local_tumour_progression"
     with Session(engine) as s:
         verdicts = list(s.scalars(select(Verdict)))
     assert [(v.action, v.category, v.username) for v in verdicts] == [("override", "no_evidence_of_ltp", "alice")]

@@ -208,8 +208,17 @@ def sync_worklist(engine: Engine, flagged: Iterable[FlaggedStudy]) -> SyncResult
                 _audit(session, PIPELINE_USER, "worklist_add", study.study_instance_uid, None, study.machine_state(PENDING))
                 result.added += 1
             elif item.status != PENDING:
-                # Adjudicated: the radiologist's call stands, whatever the machine says now.
+                # Adjudicated: the radiologist's call stands, whatever the machine says now. A
+                # changed machine call is recorded in the audit trail (once per change), not applied.
                 result.kept_adjudicated += 1
+                now = study.machine_state(item.status)
+                if now != item.machine_state():
+                    last = session.scalar(select(AuditEvent).where(
+                        AuditEvent.study_instance_uid == item.study_instance_uid,
+                        AuditEvent.action == "machine_changed_after_verdict").order_by(AuditEvent.id.desc()))
+                    if last is None or json.loads(last.after) != json.loads(json.dumps(now, default=str)):
+                        _audit(session, PIPELINE_USER, "machine_changed_after_verdict", item.study_instance_uid,
+                               item.machine_state(), now)
             elif any(getattr(item, f) != getattr(study, f) for f in _MACHINE_FIELDS):
                 before = item.machine_state()
                 for f in _MACHINE_FIELDS:
