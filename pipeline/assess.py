@@ -17,10 +17,12 @@ from pipeline.dicom_outputs import dicom_outputs_missing, write_study_dicom
 from pipeline.imageio import load_series
 from pipeline.key_image import render_key_image
 from pipeline.outputs import (
-    AssessmentRecord, SeriesUsed, atomic_write_image, atomic_write_transform, read_assessment, study_dir,
+    AssessmentRecord, SeriesUsed, atomic_write_image, read_assessment, study_dir,
     timeline_points, write_assessment, write_json,
 )
-from pipeline.registration import register_to_baseline, resample_to
+from pipeline.registration import invert_registration, register_to_baseline, resample_to
+from pipeline.registration_files import read_to_baseline, write_to_baseline
+from pipeline.subtraction import temporal_difference
 from pipeline.report import write_patient_report
 from pipeline.study import StudyImages, analyse_study
 from pipeline.timeline import Procedure, build_patient_timeline
@@ -130,7 +132,7 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
     if (previous is not None and previous.cache_keys.get("to_baseline") == key and tfm_path.exists()
             and previous.registration_to_baseline is not None):
         state.to_baseline = previous.registration_to_baseline
-        state.transform = sitk.ReadTransform(str(tfm_path))
+        state.transform = read_to_baseline(folder)
     else:
         # ITK convention, baseline fixed: the transform maps a baseline point to this study's point.
         # The ablation zone is the one structure both studies are centred on: its centroids
@@ -143,7 +145,8 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
                                              cfg.registration, hint_shift_lps=hint)
         state.to_baseline, state.transform = qc, transform
         if qc.ok:
-            atomic_write_transform(transform, tfm_path)
+            # Affine in to_baseline.tfm, a deformable part in to_baseline_field.nii.gz.
+            write_to_baseline(transform, folder, baseline.images().pre_registered)
 
 
 def _key_image(state: StudyState, baseline: StudyState | None, record: AssessmentRecord, folder: Path,
@@ -157,7 +160,7 @@ def _key_image(state: StudyState, baseline: StudyState | None, record: Assessmen
     if (baseline is not None and baseline.images() is not None and state.transform is not None
             and not state.to_baseline_failure):
         # Baseline onto this study's grid: needs this study -> baseline, the inverse of to_baseline.
-        inverse = state.transform.GetInverse()
+        inverse = invert_registration(state.transform)
         b = baseline.images()
         base_view = {
             "pre": resample_to(b.pre_registered, images.post, inverse),
@@ -256,6 +259,16 @@ def assess_patient(
             continue
         try:
             _register_follow_up(state, baseline, cfg, study_dir(out_dir, entry.study))
+            if not state.to_baseline_failure:
+                # Follow-up subtraction minus the baseline's, brought onto this study's grid.
+                fu, base = state.images(), baseline.images()
+                try:
+                    atomic_write_image(temporal_difference(fu.subtraction, fu.pre_registered, base.subtraction,
+                                                           base.pre_registered, state.transform),
+                                       study_dir(out_dir, entry.study) / "temporal_difference.nii.gz")
+                except Exception as exc:  # noqa: BLE001 - supporting image: never lose the study
+                    result.errors.append(ErrorRecord("", entry.study.patient_id, entry.study.study_instance_uid, "",
+                                                     "temporal_difference", f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # noqa: BLE001
             state.to_baseline_error = f"{type(exc).__name__}: {exc}"
         if state.to_baseline_failure:

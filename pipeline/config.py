@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -42,13 +42,32 @@ class RegistrationStageConfig(_Section):
     # Sanity bounds (not clinical thresholds): None disables the check for that stage.
     max_motion_mm: float | None = Field(default=None, gt=0)
     max_scale_change: float | None = Field(default=None, gt=0, lt=1)
+    # Inverse-consistency residual (mm) above which the registration fails QC; None: not measured.
+    max_residual_mm: float | None = Field(default=None, gt=0)
+    # Optional deformable stage after the affine: "field" (smooth displacement field, torch
+    # backend) or "bspline" (B-spline free-form deformation, simpleitk backend).
+    deformable: Literal["none", "field", "bspline"] = "none"
+    deformable_grid_spacing_mm: float = Field(default=40.0, gt=5)
+    deformable_iterations: int = Field(default=60, gt=0)
 
 
 class RegistrationConfig(_Section):
-    backend: Literal["simpleitk"]
+    backend: Literal["simpleitk", "torch"]
+    # Where the torch backend runs (pipeline.devices.resolve_device); simpleitk is CPU only.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(ge=1)
     intra_study: RegistrationStageConfig
     inter_study: RegistrationStageConfig
+
+    @model_validator(mode="after")
+    def _deformable_matches_backend(self) -> "RegistrationConfig":
+        supported = {"simpleitk": {"none", "bspline"}, "torch": {"none", "field"}}[self.backend]
+        for name in ("intra_study", "inter_study"):
+            kind = getattr(self, name).deformable
+            if kind not in supported:
+                raise ValueError(f"registration.{name}.deformable={kind!r} is not available with "
+                                 f"backend {self.backend!r} (choose from {sorted(supported)})")
+        return self
 
 
 class EnhancementConfig(_Section):

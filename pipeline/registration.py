@@ -23,8 +23,9 @@ Public functions take and return ``SimpleITK`` images and transforms, whatever c
 registration: the optimisation proper lives behind ``_BACKENDS[cfg.backend]`` (one function per
 backend: images, masks, initial transform and stage settings in; transform, iterations and stop
 condition out). Initialisation, QC (Mattes MI before/after, NCC of the registered pair, motion
-magnitude) and the failure policy are shared, so a future PyTorch backend only has to return an
-affine transform.
+magnitude, inverse-consistency residual, Jacobian of a deformable result) and the failure policy
+are shared. Backends: ``simpleitk`` (reference, CPU; optional B-spline stage) and ``torch``
+(``pipeline/registration_torch.py``; CUDA when present; optional smooth displacement field).
 
 Failure policy: registration functions never raise on a failed optimisation. They return an
 identity transform and ``RegistrationQC(ok=False, reason=...)``; the caller decides (a study
@@ -42,6 +43,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from pipeline.config import RegistrationConfig, RegistrationStageConfig
+from pipeline.devices import resolve_device
 from pipeline.types import RegistrationQC
 
 METRIC_NAME = "mattes_mi"
@@ -77,6 +79,9 @@ MIN_OVERLAP = 0.5
 _NCC_INTERIOR_EROSION_MM = 10.0
 # Tolerance when comparing the metric before/after (Mattes MI is negative, lower is better).
 _METRIC_WORSE_TOL = 1e-4
+# Spacing (mm) of the grid on which a deformable transform's Jacobian is checked: the
+# deformable stages have control points tens of mm apart, so 4 mm resolves their gradients.
+_JACOBIAN_SPACING_MM = 4.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,7 +169,11 @@ def _interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
 
 
 def _scale_factors(tx: sitk.Transform) -> np.ndarray:
-    """Singular values of the linear part of an affine-like transform (1 for rigid)."""
+    """Singular values of the linear part of an affine-like transform (1 for rigid).
+
+    For a composite (affine followed by a deformable part) the affine, its first transform."""
+    if tx.GetName() == "CompositeTransform":
+        tx = sitk.CompositeTransform(tx).GetNthTransform(0)
     for cast in (sitk.AffineTransform, sitk.Euler3DTransform):
         try:
             m = np.array(cast(tx).GetMatrix()).reshape(3, 3)
@@ -208,7 +217,10 @@ def _evaluate_metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Ima
     r = _new_method(fixed_mask, fraction, threads)
     # MetricEvaluate still needs an optimizer set; it is not run.
     r.SetOptimizerAsRegularStepGradientDescent(1.0, 0.01, 1)
-    r.SetInitialTransform(sitk.Transform(transform), inPlace=False)
+    # The transform as the moving initial transform and an identity to "optimise": works for
+    # any transform, including composites with a displacement field or B-spline.
+    r.SetMovingInitialTransform(transform)
+    r.SetInitialTransform(sitk.TranslationTransform(3), inPlace=False)
     try:
         return float(r.MetricEvaluate(fixed, moving))
     except RuntimeError:
@@ -307,6 +319,55 @@ def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> fl
     return float(np.linalg.norm(disp[m], axis=1).mean())
 
 
+def _coarse_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Empty grid over ``image``'s extent, same origin and direction, spacing >= ``spacing_mm``."""
+    spacing = np.maximum(np.array(image.GetSpacing()), spacing_mm)
+    size = np.maximum(2, np.ceil((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) / spacing) + 1)
+    ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
+    ref.SetOrigin(image.GetOrigin())
+    ref.SetSpacing(spacing.tolist())
+    ref.SetDirection(image.GetDirection())
+    return ref
+
+
+def jacobian_determinant_range(transform: sitk.Transform, body: sitk.Image) -> tuple[float, float]:
+    """(min, max) of ``det(dT/dx)`` over the body (``body``'s non-zero voxels, ~4 mm grid).
+
+    ``det <= 0`` somewhere means the transform folds space there. Computed with numpy rather
+    than ITK's DisplacementFieldJacobianDeterminantFilter because that filter differentiates
+    along the index axes and ignores the direction matrix, which is wrong on oblique grids:
+    here ``dT/dx = I + (du/dxi) D^T`` with ``xi`` the grid axes (mm) and ``D`` the direction.
+    Returns (1.0, 1.0) for an empty body.
+    """
+    ref = _coarse_copy(body, _JACOBIAN_SPACING_MM)
+    inside = sitk.GetArrayViewFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                      0, sitk.sitkUInt8)) > 0
+    if not inside.any():
+        return 1.0, 1.0
+    f = sitk.TransformToDisplacementFieldFilter()
+    f.SetReferenceImage(ref)
+    f.SetOutputPixelType(sitk.sitkVectorFloat64)
+    disp = sitk.GetArrayFromImage(f.Execute(transform))  # (k, j, i, 3): LPS components
+    sp = ref.GetSpacing()
+    # grad[..., c, a] = d u_c / d xi_a with a = grid axis i, j, k (array axes 2, 1, 0).
+    grad = np.stack([np.gradient(disp, sp[a], axis=2 - a) for a in range(3)], axis=-1)
+    d = np.array(ref.GetDirection()).reshape(3, 3)
+    jac = np.eye(3) + grad[inside] @ d.T
+    det = np.linalg.det(jac)
+    return float(det.min()), float(det.max())
+
+
+def inverse_consistency_residual_mm(forward: sitk.Transform, backward: sitk.Transform,
+                                    fixed_body: sitk.Image) -> float:
+    """Mean round-trip displacement ``|backward(forward(x)) - x|`` (mm) over the fixed body.
+
+    ``forward`` maps fixed -> moving points, ``backward`` moving -> fixed (registered
+    independently the other way): a consistent pair returns every point to itself, and the
+    round trip's error estimates the residual misregistration.
+    """
+    return motion_magnitude_mm(sitk.CompositeTransform([backward, forward]), fixed_body)
+
+
 def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
                      fixed_mask: sitk.Image) -> tuple[float, float, float]:
     """Independent QC of a registered pair, inside ``fixed_mask`` on the fixed grid.
@@ -377,7 +438,7 @@ def _set_optimizer(r: sitk.ImageRegistrationMethod, step_mm: float, iterations: 
 
 def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Image,
                         initial: sitk.Transform, stage: RegistrationStageConfig,
-                        max_step_mm: float, threads: int) -> _BackendResult:
+                        max_step_mm: float, threads: int, device: str = "cpu") -> _BackendResult:
     """Rigid then (optionally) affine, each over the pyramid of ``stage``; coarse to fine.
 
     Each pyramid level is its own optimisation (own images, step length restarted) so that the
@@ -419,12 +480,53 @@ def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk
             converged = int(r.GetOptimizerIteration()) < int(stage.iterations)
             stops.append(f"{kind}@x{shrink}: {r.GetOptimizerStopConditionDescription()} "
                          f"({r.GetOptimizerIteration()} it)")
+    if stage.deformable == "bspline":
+        tx, n, stop = _bspline_stage(fixed_pyr[-1], moving_pyr[-1], fixed, metric_mask, tx, stage, mask_frac,
+                                     levels[-1][0], threads)
+        iterations += n
+        stops.append(stop)
     return _BackendResult(tx, iterations, "; ".join(stops), converged)
 
 
-_Backend = Callable[[sitk.Image, sitk.Image, sitk.Image, sitk.Transform, RegistrationStageConfig,
-                     float, int], _BackendResult]
-_BACKENDS: dict[str, _Backend] = {"simpleitk": _register_simpleitk}
+def _bspline_stage(f_img: sitk.Image, m_img: sitk.Image, fixed: sitk.Image, metric_mask: sitk.Image,
+                   affine: sitk.Transform, stage: RegistrationStageConfig, mask_frac: float, shrink: int,
+                   threads: int) -> tuple[sitk.Transform, int, str]:
+    """Cubic B-spline free-form deformation after the affine, on the finest pyramid level.
+
+    Control points ``stage.deformable_grid_spacing_mm`` apart over the fixed image; L-BFGS-B
+    (the usual optimiser for the many B-spline coefficients). The affine stays fixed (moving
+    initial transform), so the result is ``affine(x + u(x))``: ``CompositeTransform([affine,
+    bspline])`` (ITK applies the last added transform first).
+    """
+    extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
+    mesh = [max(1, int(round(e / stage.deformable_grid_spacing_mm))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
+    r = _new_method(metric_mask, _sampling_fraction(f_img, mask_frac, stage.sampling_fraction), threads)
+    r.SetMovingInitialTransform(affine)
+    r.SetInitialTransform(bspline, inPlace=True)
+    r.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=int(stage.deformable_iterations),
+                           maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * int(stage.deformable_iterations),
+                           costFunctionConvergenceFactor=1e7)
+    r.Execute(f_img, m_img)
+    n = int(r.GetOptimizerIteration())
+    return (sitk.CompositeTransform([affine, bspline]), n,
+            f"bspline@x{shrink} mesh {mesh}: {r.GetOptimizerStopConditionDescription()} ({n} it)")
+
+
+def _register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Image, initial: sitk.Transform,
+                    stage: RegistrationStageConfig, max_step_mm: float, threads: int,
+                    device: str = "cpu") -> _BackendResult:
+    """The PyTorch backend (imported on first use: torch is slow to import)."""
+    from pipeline.registration_torch import register_torch
+
+    r = register_torch(fixed, moving, metric_mask, initial, stage, max_step_mm, threads, device=device)
+    return _BackendResult(r.transform, r.iterations, r.stop_condition, r.converged)
+
+
+_Backend = Callable[..., _BackendResult]
+# One function per backend: (fixed, moving, metric mask, initial transform, stage, first step
+# in mm, threads, device=...) -> _BackendResult; raises RuntimeError on a failed optimisation.
+_BACKENDS: dict[str, _Backend] = {"simpleitk": _register_simpleitk, "torch": _register_torch}
 
 
 # --------------------------------------------------------------------------- shared driver
@@ -459,11 +561,12 @@ def _initial_candidates_inter(fixed_body: sitk.Image, moving_body: sitk.Image, f
 def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
               stage: RegistrationStageConfig, name: str, intra: bool,
               max_motion_mm: float | None, max_scale_change: float | None,
-              hint_shift_lps: Sequence[float] | None = None,
+              hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
               ) -> tuple[sitk.Transform, RegistrationQC]:
     t0 = time.perf_counter()
     threads = int(cfg.threads)
-    method = f"{cfg.backend}:" + "+".join(stage.transforms)
+    method = f"{cfg.backend}:" + "+".join(stage.transforms) + (
+        f"+{stage.deformable}" if stage.deformable != "none" else "")
 
     def failed(reason: str, before: float = 0.0, after: float = 0.0, iterations: int = 0,
                stop: str = "", motion: float = 0.0) -> tuple[sitk.Transform, RegistrationQC]:
@@ -475,6 +578,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     backend = _BACKENDS.get(cfg.backend)
     if backend is None:
         return failed(f"unknown registration backend {cfg.backend!r}")
+    try:
+        run_device = resolve_device(device or cfg.device) if cfg.backend == "torch" else "cpu"
+    except ValueError as exc:
+        return failed(str(exc))
     try:
         fixed_body = body_mask(fixed, threads=threads)
         if not sitk.GetArrayViewFromImage(fixed_body).any():
@@ -489,6 +596,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         eval_frac = _sampling_fraction(fixed_eval, mask_frac, stage.sampling_fraction)
         metric_before = _evaluate_metric(fixed_eval, moving_eval, metric_mask, _identity(),
                                          eval_frac, threads)
+        ncc_before = registration_ncc(fixed, moving, _identity(), _interior_mask(fixed_body, threads))[0]
 
         if intra:
             # Same FrameOfReference: identity is the right start; rotate about the body centre.
@@ -518,20 +626,27 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     # When the full chain (e.g. rigid + affine) fails QC from a start, its first, most
     # constrained stage is tried alone from the same start: an affine can stretch along a
     # short slab overlap where the rigid answer was right.
-    chains = [stage] if len(stage.transforms) == 1 else [stage, stage.model_copy(update={"transforms": stage.transforms[:1]})]
+    chains = [stage] if len(stage.transforms) == 1 else [
+        stage, stage.model_copy(update={"transforms": stage.transforms[:1], "deformable": "none"})]
     first_failure = None
     for init_name, init in starts:
         for chain in chains:
             try:
-                res = backend(fixed, moving, metric_mask, init, chain, _MAX_STEP_MM["intra" if intra else "inter"], threads)
+                res = backend(fixed, moving, metric_mask, init, chain, _MAX_STEP_MM["intra" if intra else "inter"],
+                              threads, device=run_device)
             except RuntimeError as exc:  # ITK: samples left the moving image during the search...
                 outcome = failed(f"optimisation failed (start {init_name}): {str(exc).strip().splitlines()[-1][:300]}",
                                  before=metric_before)
             else:
-                chain_method = f"{cfg.backend}:" + "+".join(chain.transforms)
+                chain_method = f"{cfg.backend}:" + "+".join(chain.transforms) + (
+                    f"+{chain.deformable}" if chain.deformable != "none" else "")
                 outcome = _quality(res, init_name, fixed, moving, fixed_body, metric_mask, fixed_eval, moving_eval,
                                    eval_frac, metric_before, chain, max_scale_change, max_motion_mm, threads,
                                    name, chain_method, t0)
+                outcome = (outcome[0], outcome[1].model_copy(update={"ncc_before": round(float(ncc_before), 4)}))
+                if outcome[1].ok and stage.max_residual_mm is not None:
+                    outcome = _check_inverse_consistency(outcome, fixed, moving, fixed_body, init, chain, backend,
+                                                         intra, threads, run_device, stage.max_residual_mm, t0)
             if outcome[1].ok:
                 return outcome
             first_failure = first_failure or outcome
@@ -568,6 +683,11 @@ def _quality(res: "_BackendResult", init_name: str, fixed: sitk.Image, moving: s
                        f"(bound +-{max_scale_change:.0%})")
     if max_motion_mm is not None and motion > max_motion_mm:
         reasons.append(f"motion corrected {motion:.1f} mm > {max_motion_mm} mm sanity bound")
+    jac_min = jac_max = None
+    if tx.GetName() == "CompositeTransform":  # a deformable stage ran: check it does not fold
+        jac_min, jac_max = jacobian_determinant_range(tx, fixed_body)
+        if jac_min <= 0:
+            reasons.append(f"deformable transform folds (Jacobian determinant min {jac_min:.3f} <= 0)")
     ok = not reasons
     qc = RegistrationQC(
         name=name, method=method, metric=METRIC_NAME, metric_before=round(metric_before, 5),
@@ -576,15 +696,53 @@ def _quality(res: "_BackendResult", init_name: str, fixed: sitk.Image, moving: s
                        f"overlap={overlap:.2f}; "
                        f"scales={np.round(scales, 3).tolist()}",
         motion_corrected_mm=round(motion, 3), ok=ok, reason="; ".join(reasons),
-        seconds=round(time.perf_counter() - t0, 3))
+        seconds=round(time.perf_counter() - t0, 3), ncc_after=round(ncc, 4),
+        jacobian_min=None if jac_min is None else round(jac_min, 4),
+        jacobian_max=None if jac_max is None else round(jac_max, 4))
     if not ok:
         return _identity(), qc
     return tx, qc
 
 
+def _check_inverse_consistency(outcome: tuple[sitk.Transform, RegistrationQC], fixed: sitk.Image,
+                               moving: sitk.Image, fixed_body: sitk.Image, init: sitk.Transform,
+                               chain: RegistrationStageConfig, backend: _Backend, intra: bool, threads: int,
+                               device: str, max_residual_mm: float,
+                               t0: float) -> tuple[sitk.Transform, RegistrationQC]:
+    """Register the pair the other way and fail the QC when the round trip exceeds the bound.
+
+    The backward run is independent: it starts from the identity rotating about the moving
+    body's centre (intra-study, same FrameOfReference), or from the inverse of the start the
+    forward run used (between studies), never from the forward result, which would make the
+    check agree with itself.
+    """
+    tx, qc = outcome
+    try:
+        moving_body = body_mask(moving, threads=threads)
+        if intra:
+            start = sitk.Euler3DTransform()
+            start.SetCenter(_mask_centroid_lps(moving_body).tolist())
+        else:
+            start = sitk.Euler3DTransform(init.GetInverse())
+        res = backend(moving, fixed, _metric_mask(moving_body, threads), start, chain,
+                      _MAX_STEP_MM["intra" if intra else "inter"], threads, device=device)
+        residual = inverse_consistency_residual_mm(tx, res.transform, fixed_body)
+    except RuntimeError as exc:
+        residual, why = float("nan"), f"backward registration failed: {str(exc).strip().splitlines()[-1][:200]}"
+    else:
+        why = f"inverse-consistency residual {residual:.2f} mm > {max_residual_mm} mm"
+    update = {"residual_mm": round(residual, 3) if np.isfinite(residual) else None,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if np.isfinite(residual) and residual <= max_residual_mm:
+        return tx, qc.model_copy(update=update)
+    update.update(ok=False, reason=why)
+    return _identity(), qc.model_copy(update=update)
+
+
 # --------------------------------------------------------------------------- public API
 def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: RegistrationConfig,
-                         name: str = "post_to_pre") -> tuple[sitk.Transform, RegistrationQC]:
+                         name: str = "post_to_pre", device: str | None = None,
+                         ) -> tuple[sitk.Transform, RegistrationQC]:
     """Rigid registration of a post-contrast series onto the pre-contrast of the same study.
 
     Returns ``(transform, qc)``; ``transform`` (Euler3DTransform) maps a point of the pre
@@ -594,15 +752,18 @@ def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: Re
     the optimisation failed, the Mattes metric got worse, the NCC of the registered pair inside
     the body interior (body mask eroded by 10 mm) is below ``cfg.intra_study.min_ncc_after`` or the corrected motion exceeds
     ``cfg.intra_study.max_motion_mm`` (mm; sanity bound, not a clinical threshold). Never raises on a failed
-    optimisation. ``qc.stop_condition`` also carries the NCC values.
+    optimisation. ``qc.stop_condition`` also carries the NCC values. With
+    ``cfg.intra_study.max_residual_mm`` set, the pair is also registered the other way and a
+    round-trip residual (``qc.residual_mm``, mm, mean over the body) above it fails the QC.
+    ``device`` (auto | cpu | cuda) overrides ``cfg.device`` for the torch backend.
     """
     return _register(fixed_pre, moving_post, cfg, cfg.intra_study, name, intra=True,
-                     max_motion_mm=cfg.intra_study.max_motion_mm, max_scale_change=None)
+                     max_motion_mm=cfg.intra_study.max_motion_mm, max_scale_change=None, device=device)
 
 
 def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image,
                          cfg: RegistrationConfig, name: str = "followup_to_baseline",
-                         hint_shift_lps: Sequence[float] | None = None,
+                         hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
                          ) -> tuple[sitk.Transform, RegistrationQC]:
     """Register a follow-up (moving) to the session's baseline (fixed); both pre-contrast.
 
@@ -614,15 +775,86 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     ``qc.ok`` as in :func:`register_intra_study` without the motion bound (repositioning between
     studies is expected) but with a plausibility bound on the affine: a scaling beyond
     ``1 +- cfg.inter_study.max_scale_change`` along any axis (unitless) fails; identity transform
-    when not ok.
+    when not ok. With ``cfg.inter_study.deformable`` set the transform is a CompositeTransform
+    (affine, then the deformable part acting first; see :func:`split_affine_and_deformable`) and
+    a folding Jacobian fails the QC.
     """
     return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
                      max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change,
-                     hint_shift_lps=hint_shift_lps)
+                     hint_shift_lps=hint_shift_lps, device=device)
+
+
+def split_affine_and_deformable(tx: sitk.Transform) -> tuple[sitk.Transform, sitk.Transform | None]:
+    """(affine part, deformable part or None) of a registration result.
+
+    A ``.tfm`` file holds the affine; a displacement field goes to a NIfTI vector image
+    (``to_baseline_field.nii.gz``) because a dense field written as text would be huge.
+    """
+    if tx.GetName() != "CompositeTransform":
+        return tx, None
+    comp = sitk.CompositeTransform(tx)
+    parts = [comp.GetNthTransform(i) for i in range(comp.GetNumberOfTransforms())]
+    return parts[0], (parts[1] if len(parts) > 1 else None)
+
+
+def deformable_as_field(deformable: sitk.Transform, reference: sitk.Image) -> sitk.Image:
+    """The deformable part as a displacement field image (VectorFloat64, LPS mm) on a ~4 mm copy
+    of ``reference``'s grid (for ``to_baseline_field.nii.gz``)."""
+    if deformable.GetName() == "DisplacementFieldTransform":
+        return sitk.DisplacementFieldTransform(deformable).GetDisplacementField()
+    f = sitk.TransformToDisplacementFieldFilter()
+    f.SetReferenceImage(_coarse_copy(reference, _JACOBIAN_SPACING_MM))
+    f.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return f.Execute(deformable)
+
+
+def compose_with_field(affine: sitk.Transform, field: sitk.Image) -> sitk.Transform:
+    """Inverse of the split: ``affine(x + u(x))`` from a stored affine and displacement field."""
+    return sitk.CompositeTransform([affine, sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))])
+
+
+def invert_registration(tx: sitk.Transform) -> sitk.Transform:
+    """Inverse of a registration result (maps moving points back to fixed points).
+
+    Affine-like transforms invert exactly; a composite ``affine(x + u(x))`` inverts as
+    ``x = F^-1(A^-1(y))`` with the displacement field inverted numerically
+    (``sitk.InvertDisplacementField``, fixed-point iterations; smooth, non-folding fields only,
+    which the Jacobian QC guarantees).
+    """
+    affine, deformable = split_affine_and_deformable(tx)
+    if deformable is None:
+        return tx.GetInverse()
+    field = deformable_as_field(deformable, _field_reference(deformable))
+    inverse_field = sitk.InvertDisplacementField(field, maximumNumberOfIterations=20,
+                                                 maxErrorToleranceThreshold=0.01, meanErrorToleranceThreshold=0.001)
+    return sitk.CompositeTransform([sitk.DisplacementFieldTransform(inverse_field), affine.GetInverse()])
+
+
+def _field_reference(deformable: sitk.Transform) -> sitk.Image:
+    """A grid for sampling a deformable transform: its own field grid or B-spline domain."""
+    if deformable.GetName() == "DisplacementFieldTransform":
+        ref = sitk.DisplacementFieldTransform(deformable).GetDisplacementField()
+    else:  # BSplineTransform: a ~4 mm grid over its transform domain
+        b = sitk.BSplineTransform(deformable)
+        dims = np.array(b.GetTransformDomainPhysicalDimensions())
+        size = np.maximum(2, np.ceil(dims / _JACOBIAN_SPACING_MM).astype(int) + 1)
+        ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
+        ref.SetOrigin(b.GetTransformDomainOrigin())
+        ref.SetSpacing((dims / (size - 1)).tolist())
+        ref.SetDirection(b.GetTransformDomainDirection())
+    out = sitk.Image(ref.GetSize(), sitk.sitkUInt8)
+    out.CopyInformation(ref)
+    return out
 
 
 __all__: Sequence[str] = (
     "body_mask",
+    "invert_registration",
+    "compose_with_field",
+    "deformable_as_field",
+    "inverse_consistency_residual_mm",
+    "jacobian_determinant_range",
+    "split_affine_and_deformable",
     "motion_magnitude_mm",
     "register_intra_study",
     "register_to_baseline",
