@@ -202,7 +202,7 @@ def test_unavailable_cuda_fails_cleanly(small_baseline, small_followup, monkeypa
 
 
 def test_simpleitk_bspline_stage(small_baseline, small_followup, inter_results):
-    cfg = _cfg("simpleitk", "bspline", 15)
+    cfg = _cfg("simpleitk", "bspline", 8)
     tx, qc = register_to_baseline(small_baseline, small_followup, cfg)
     pts = body_points(small_baseline, 20)
     tre = tre_mm(tx, TRUE, pts)
