@@ -165,6 +165,11 @@ from pipeline.review.cli_commands import register as _register_review_commands  
 
 _register_review_commands(app, console)
 
+# Training of the segmentation network: body in models/cli_train.py.
+from models.cli_train import register as _register_train_command  # noqa: E402
+
+_register_train_command(app, console)
+
 
 if __name__ == "__main__":
     app()

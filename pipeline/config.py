@@ -77,10 +77,15 @@ class EnhancementConfig(_Section):
 
 
 class SegmentationConfig(_Section):
-    method: Literal["classical"]
+    method: Literal["classical", "network"]
     az_min_pre_ratio: float = Field(gt=1)
     az_min_volume_ml: float = Field(gt=0)
     rim_search_mm: float = Field(gt=0)
+    # models/ (method network): checkpoint of models/train.py, a path or relative to the
+    # repository root; when it cannot be loaded the classical method segments and says why.
+    network_weights: str = "models/weights/segresnet_synthetic.pt"
+    # Flip test-time augmentation: mean of 4 views, their variance is the uncertainty.
+    network_tta: bool = True
 
 
 class RimConfig(_Section):

@@ -71,6 +71,24 @@ def _component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None,
     return best
 
 
+def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+    """Rule 6: RE >= threshold inside the body, specks under the minimum component size dropped."""
+    enhancing = body_a & (re_a >= cfg.enhancement.relative_enhancement_threshold)
+    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    lab, n = ndi.label(enhancing)
+    if n:
+        sizes = ndi.sum_labels(enhancing, lab, index=np.arange(1, n + 1))
+        enhancing &= np.isin(lab, 1 + np.flatnonzero(sizes >= min_vox))
+    return enhancing
+
+
+def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, cfg: PipelineConfig) -> np.ndarray:
+    """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with models/infer.py."""
+    re_a = ndi.gaussian_filter(sitk.GetArrayViewFromImage(relative_enhancement).astype(np.float32),
+                               sigma=(0, 0.5, 0.5))
+    return _enhancing_mask(re_a, sitk.GetArrayViewFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
+
+
 def segment(
     pre: sitk.Image,
     relative_enhancement: sitk.Image,
@@ -97,13 +115,7 @@ def segment(
     if tissue.sum() < 100:
         return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
     ref = float(np.median(pre_a[tissue & (pre_a >= np.percentile(pre_a[tissue], 25))]))
-    enhancing = body_a & (re_a >= thr)
-    # Drop enhancing specks smaller than the minimum component size (rule 6).
-    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
-    lab, n = ndi.label(enhancing)
-    if n:
-        sizes = ndi.sum_labels(enhancing, lab, index=np.arange(1, n + 1))
-        enhancing &= np.isin(lab, 1 + np.flatnonzero(sizes >= min_vox))
+    enhancing = _enhancing_mask(re_a, body_a, spacing, cfg)
 
     bright = body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref) & (re_a < thr)
     bright = ndi.binary_opening(bright, structure=ball_zyx(1.6, spacing))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -24,6 +25,7 @@ from pipeline.supporting import enhancement_by_phase, t2_ratios
 from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
 
 LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -124,7 +126,8 @@ def analyse_study(
     timings["subtract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    seg = segment(pre_on_post, rel, body, cfg, target_hint_lps)
+    seg, seg_method, seg_note, seg_uncertainty, seg_device = _segment(pre_on_post, sub, rel, body, cfg,
+                                                                      target_hint_lps, device)
     timings["segment"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -164,10 +167,36 @@ def analyse_study(
     imaging = StudyImaging(
         ok=True, series_used=used, post_phase_used=post_series.phase_index, registration=registrations,
         az_found=seg.found and az_measure is not None, ablation_zone=az_measure, rim=rim, foci=foci,
-        segmentation_method="classical", device=device, key_slice_index=key_slice, timings_s=timings,
+        segmentation_method=seg_method, segmentation_note=seg_note, segmentation_uncertainty=seg_uncertainty,
+        device=seg_device, key_slice_index=key_slice, timings_s=timings,
         reason="" if seg.found else seg.reason)
     images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
     return StudyAnalysis(imaging, images, errors)
+
+
+def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, device: str):
+    """(SegmentationResult, method used, note, uncertainty, device used): the network when
+    configured and its weights load and run, else the classical method with the reason in the note."""
+    note = ""
+    if cfg.segmentation.method == "network":
+        from models.infer import WeightsError, load_model, segment_network
+
+        weights = Path(cfg.segmentation.network_weights)
+        weights = weights if weights.is_absolute() else REPO_ROOT / weights
+        # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.
+        for run_on in dict.fromkeys([device, "cpu"]):
+            try:
+                seg, pred = segment_network(pre_on_post, sub, rel, body, cfg, load_model(weights, run_on),
+                                            target_hint_lps)
+                fell_back = f"ran on cpu after {note}" if run_on != device else ""
+                return seg, "network", fell_back, pred.case_uncertainty, pred.device
+            except WeightsError as exc:
+                note = str(exc)
+                break
+            except (RuntimeError, ValueError) as exc:  # noqa: PERF203 - at most two tries
+                note = f"network inference failed on {run_on}: {type(exc).__name__}: {exc}"
+    note = f"{note}; classical method used" if note else ""
+    return segment(pre_on_post, rel, body, cfg, target_hint_lps), "classical", note, None, device
 
 
 def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg):

@@ -199,6 +199,10 @@ class StudyImaging(BaseModel):
     rim: RimMetrics | None = None
     foci: list[Focus] = Field(default_factory=list)
     segmentation_method: str = ""
+    # Why the configured method did not segment (e.g. network weights missing -> classical).
+    segmentation_note: str = ""
+    # Network only: mean flip-TTA variance over the voxels labelled as lesion (models/infer.py).
+    segmentation_uncertainty: float | None = None
     device: str = "cpu"
     key_slice_index: int | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)

@@ -1,0 +1,82 @@
+"""Prefect flow: build (or reuse) the synthetic training and validation cohorts, train, keep the best weights.
+
+Thin orchestration over models/data.py and models/train.py (no logic of its own): cohorts come
+from the phantom generator with two different seeds (validation never sees a training patient),
+or from ``--data DIR`` (case folders with the pipeline's per-study images and corrected labels)
+for fine-tuning; the best checkpoint by validation Dice is copied to ``weights_out`` when given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+
+@task(name="synthetic-cohort", cache_policy=NO_CACHE)
+def cohort_task(root: Path, n_patients: int, seed: int, profile: str) -> Path:
+    from models.data import build_synthetic_cohort
+
+    return build_synthetic_cohort(root, n_patients, seed, profile)
+
+
+@task(name="train-network", cache_policy=NO_CACHE)
+def train_task(train_dirs: list[Path], val_dirs: list[Path], settings: dict, out_dir: Path, device: str,
+               init_checkpoint: Path | None, provenance: dict):
+    from models.data import load_cases
+    from models.train import TrainSettings, train
+
+    cfg = TrainSettings(**settings)
+    logger = get_run_logger()
+    train_cases = [c for d in train_dirs for c in load_cases(d, cfg.spacing_xyz)]
+    val_cases = [c for d in val_dirs for c in load_cases(d, cfg.spacing_xyz)]
+    logger.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
+    provenance = {**provenance, "train_cases": len(train_cases), "val_cases": len(val_cases)}
+    return train(train_cases, val_cases, cfg, out_dir, device, init_checkpoint, provenance, progress=logger.info)
+
+
+@flow(name="train-segmentation")
+def train_segmentation(
+    out_dir: str,
+    work_dir: str,
+    settings: dict,
+    train_patients: int = 6,
+    train_seed: int = 101,
+    val_patients: int = 2,
+    val_seed: int = 202,
+    data: str | None = None,
+    init_checkpoint: str | None = None,
+    device: str = "auto",
+    weights_out: str | None = None,
+) -> dict:
+    """Train the segmentation network; returns a summary (iterations, losses, validation, paths).
+
+    ``data``: fine-tune (or train) on these case folders instead of the synthetic training
+    cohort; the synthetic validation cohort still measures the result unless ``val_patients`` is 0.
+    """
+    from pipeline.devices import resolve_device
+
+    resolved = resolve_device(device)
+    work = Path(work_dir)
+    if data:
+        train_dirs = [Path(data)]
+    else:
+        train_dirs = [cohort_task(work / f"train_seed{train_seed}_n{train_patients}", train_patients, train_seed,
+                                  "default")]
+    val_dirs = ([cohort_task(work / f"val_seed{val_seed}_n{val_patients}", val_patients, val_seed, "default")]
+                if val_patients > 0 else [])
+    provenance = {"data": data or f"phantom profile default, seed {train_seed}, {train_patients} patients",
+                  "validation": f"phantom profile default, seed {val_seed}, {val_patients} patients" if val_dirs else "",
+                  "init_checkpoint": init_checkpoint or ""}
+    result = train_task(train_dirs, val_dirs, settings, Path(out_dir), resolved,
+                        Path(init_checkpoint) if init_checkpoint else None, provenance)
+    if weights_out:
+        from pipeline.outputs import atomic_write_bytes
+
+        atomic_write_bytes(Path(weights_out), Path(result.checkpoint).read_bytes())
+    return {"device": resolved, "iterations": result.iterations, "seconds": round(result.seconds, 1),
+            "first_loss": result.losses[0], "last_loss": result.losses[-1],
+            "validation": result.validation, "checkpoint": str(result.checkpoint),
+            "last_checkpoint": str(result.last_checkpoint), "weights_out": weights_out,
+            "n_parameters": result.n_parameters}

@@ -1,0 +1,57 @@
+"""``ablation-response train``: the command's body (registered on the app of pipeline/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer, console) -> None:
+    @app.command()
+    def train(
+        out: Annotated[Path, typer.Option(help="folder for best.pt / last.pt checkpoints")] = Path("train_out"),
+        work_dir: Annotated[Path, typer.Option(help="cache of the generated synthetic cohorts")] = Path("train_cache"),
+        weights_out: Annotated[Optional[Path], typer.Option(help="copy the best checkpoint here (e.g. models/weights/...)")] = None,
+        data: Annotated[Optional[Path], typer.Option(exists=True, file_okay=False,
+                                                     help="case folders (pre_registered, subtraction, labels .nii.gz) to train or fine-tune on")] = None,
+        init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="checkpoint to fine-tune from")] = None,
+        train_patients: Annotated[int, typer.Option(min=1)] = 6,
+        train_seed: Annotated[int, typer.Option()] = 101,
+        val_patients: Annotated[int, typer.Option(min=0, help="synthetic validation patients (0: none)")] = 2,
+        val_seed: Annotated[int, typer.Option()] = 202,
+        iterations: Annotated[int, typer.Option(min=1)] = 1000,
+        minutes: Annotated[Optional[float], typer.Option(min=0.01, help="stop after this long (whichever first)")] = None,
+        validate_every: Annotated[int, typer.Option(min=1)] = 100,
+        seed: Annotated[int, typer.Option(help="seed of weights init, patches and augmentation")] = 0,
+        network: Annotated[str, typer.Option(help="segresnet | basicunet | dynunet")] = "segresnet",
+        init_filters: Annotated[int, typer.Option(min=4)] = 16,
+        device: Annotated[str, typer.Option(help="auto | cpu | cuda (AMP on cuda)")] = "auto",
+        threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+    ) -> None:
+        """Train the MONAI segmentation network on the synthetic cohort (or fine-tune on --data)."""
+        from dataclasses import asdict
+
+        from flows.train import train_segmentation
+        from models.data import CHANNELS, N_CLASSES
+        from models.network import NETWORK_NAMES, default_network_config
+        from models.train import TrainSettings
+
+        if network not in NETWORK_NAMES:
+            console.print(f"[red]error:[/red] unknown network {network!r}; choose from {', '.join(NETWORK_NAMES)}")
+            raise typer.Exit(code=2)
+        net_cfg = {**default_network_config(len(CHANNELS), N_CLASSES), "name": network, "init_filters": init_filters}
+        settings = asdict(TrainSettings(seed=seed, max_iterations=iterations, max_minutes=minutes,
+                                        validate_every=validate_every, network=net_cfg, threads=threads))
+        try:
+            summary = train_segmentation(str(out), str(work_dir), settings, train_patients, train_seed, val_patients,
+                                         val_seed, str(data) if data else None, str(init) if init else None, device,
+                                         str(weights_out) if weights_out else None)
+        except ValueError as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(code=2) from None
+        best = summary["validation"][-1] if summary["validation"] else None
+        console.print(f"{summary['iterations']} iterations on {summary['device']} in {summary['seconds']} s; "
+                      f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}; "
+                      f"last validation {best}; best checkpoint {summary['checkpoint']}")

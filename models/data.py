@@ -1,0 +1,201 @@
+"""Training and inference inputs of the segmentation network, built exactly as the pipeline does.
+
+The network sees what ``pipeline.study.analyse_study`` produces at inference: the pre-contrast
+T1 registered onto the post-contrast grid and the subtraction ``post_norm - pre`` (post scaled
+onto the pre's intensities, pipeline/subtraction.py), both divided by the body median of the
+pre-contrast (vendors' intensity scales differ, so only ratios travel between studies), then
+resampled onto a fixed working spacing with the post grid's direction (so an oblique or flipped
+acquisition stays in its own voxel order; flips are a training augmentation and the test-time
+augmentation of models/infer.py).
+
+Case folders (one per study) hold the pipeline's own per-study outputs
+(``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/assess.py IMAGE_FILES) plus
+``labels.nii.gz`` (0 background, 1 ablation zone, 2 rim, 3 enhancing focus) on the same grid:
+the layout ``--data DIR`` fine-tunes on, and the layout :func:`build_synthetic_cohort` writes
+from the phantom generator. The generator only writes DICOM (its rendering, noise, vendor
+scaling and series layout are interleaved with the writer), so a small export is written once,
+ingested and analysed by the real pipeline; that cost (registration, ~15 s a study on 2 cores)
+is paid once per cohort, not per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("pre_contrast", "subtraction")
+N_CLASSES = 4  # background, ablation zone, rim, enhancing focus
+CLASS_NAMES = ("background", "ablation_zone", "rim", "enhancing_focus")
+PRE_FILE, SUB_FILE, LABEL_FILE = "pre_registered.nii.gz", "subtraction.nii.gz", "labels.nii.gz"
+CLASSICAL_FILE = "classical_labels.nii.gz"
+COHORT_MANIFEST = "cohort.json"
+
+
+@dataclass
+class Case:
+    """One study prepared for the network: arrays in SimpleITK (z, y, x) order, channel first."""
+
+    name: str
+    image: np.ndarray  # float32 (len(CHANNELS), z, y, x) on the working grid
+    label: np.ndarray | None  # uint8 (z, y, x) on the working grid
+    working: sitk.Image  # reference image of the working grid (geometry only)
+    source: sitk.Image  # reference image of the study's post grid (geometry only)
+
+
+def working_grid(reference: sitk.Image, spacing_xyz: tuple[float, float, float]) -> sitk.Image:
+    """Grid covering ``reference``'s field of view at ``spacing_xyz`` with its direction.
+
+    The outer voxel corners coincide with the reference's, so nothing of the FOV is cut.
+    """
+    size = np.asarray(reference.GetSize(), float)
+    spacing = np.asarray(reference.GetSpacing(), float)
+    new_spacing = np.asarray(spacing_xyz, float)
+    new_size = np.maximum(np.round(size * spacing / new_spacing), 1).astype(int)
+    direction = np.asarray(reference.GetDirection(), float).reshape(3, 3)
+    # First voxel centre: half a new voxel inside the reference's first voxel corner.
+    corner = np.asarray(reference.GetOrigin(), float) - direction @ (spacing / 2)
+    origin = corner + direction @ (new_spacing / 2)
+    grid = sitk.Image([int(v) for v in new_size], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(float(v) for v in new_spacing))
+    grid.SetOrigin(tuple(float(v) for v in origin))
+    grid.SetDirection(reference.GetDirection())
+    return grid
+
+
+def resample_onto(image: sitk.Image, grid: sitk.Image, interpolator: int, default: float = 0.0) -> sitk.Image:
+    """``image`` on ``grid`` (physical space, identity transform)."""
+    return sitk.Resample(image, grid, sitk.Transform(), interpolator, default, image.GetPixelID())
+
+
+def geometry_of(image: sitk.Image) -> sitk.Image:
+    """An empty image carrying only ``image``'s grid (keeps references light)."""
+    ref = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    ref.CopyInformation(image)
+    return ref
+
+
+def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz: tuple[float, float, float],
+                  body: sitk.Image | None = None) -> tuple[np.ndarray, sitk.Image]:
+    """The network's input channels on the working grid, and that grid.
+
+    ``pre_on_post`` / ``subtraction``: as ``analyse_study`` builds them (post grid). Both are
+    divided by the body median of the pre-contrast: the pipeline's relative enhancement is the
+    same ratio voxel-wise, and the scale no longer depends on the vendor's gain.
+    """
+    from pipeline.registration import body_mask
+
+    if pre_on_post.GetSize() != subtraction.GetSize():
+        raise ValueError(f"pre-contrast {pre_on_post.GetSize()} and subtraction {subtraction.GetSize()} "
+                         "are not on one grid")
+    body = body if body is not None else body_mask(pre_on_post)
+    pre_a = sitk.GetArrayViewFromImage(pre_on_post)
+    inside = (sitk.GetArrayViewFromImage(body) > 0) & np.isfinite(pre_a)
+    if not inside.any():
+        raise ValueError("no body found on the pre-contrast image")
+    scale = float(np.median(pre_a[inside]))
+    if not scale > 0:
+        raise ValueError("body median of the pre-contrast image is not positive")
+    grid = working_grid(pre_on_post, spacing_xyz)
+    channels = []
+    for image in (pre_on_post, subtraction):
+        moved = resample_onto(sitk.Cast(image, sitk.sitkFloat32), grid, sitk.sitkLinear)
+        arr = sitk.GetArrayFromImage(moved) / np.float32(scale)
+        channels.append(np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0))
+    return np.stack(channels).astype(np.float32), grid
+
+
+def load_case(folder: Path, spacing_xyz: tuple[float, float, float], with_label: bool = True) -> Case:
+    """A case folder (see module docstring) as a :class:`Case`. Raises ``ValueError`` when incomplete."""
+    folder = Path(folder)
+    missing = [f for f in (PRE_FILE, SUB_FILE) + ((LABEL_FILE,) if with_label else ()) if not (folder / f).is_file()]
+    if missing:
+        raise ValueError(f"case {folder}: missing {', '.join(missing)}")
+    pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
+    sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
+    image, grid = network_input(pre, sub, spacing_xyz)
+    label = None
+    if with_label:
+        lab = sitk.ReadImage(str(folder / LABEL_FILE))
+        if lab.GetSize() != pre.GetSize():
+            raise ValueError(f"case {folder}: labels {lab.GetSize()} not on the image grid {pre.GetSize()}")
+        lab = sitk.Cast(lab, sitk.sitkUInt8)
+        lab.CopyInformation(pre)  # same grid by contract; float noise in the headers is not a reason to fail
+        label = sitk.GetArrayFromImage(resample_onto(lab, grid, sitk.sitkNearestNeighbor)).astype(np.uint8)
+        if label.max(initial=0) >= N_CLASSES:
+            raise ValueError(f"case {folder}: label values {np.unique(label).tolist()} outside 0..{N_CLASSES - 1}")
+    return Case(folder.name, image, label, grid, geometry_of(pre))
+
+
+def case_folders(root: Path) -> list[Path]:
+    """Case folders under ``root`` (any depth), sorted: each holds pre_registered + subtraction + labels."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data folder not found: {root}")
+    return sorted(p.parent for p in root.rglob(PRE_FILE) if (p.parent / SUB_FILE).is_file()
+                  and (p.parent / LABEL_FILE).is_file())
+
+
+def load_cases(root: Path, spacing_xyz: tuple[float, float, float]) -> list[Case]:
+    """Every case under ``root``; a broken case is logged and skipped (never kills the batch)."""
+    cases = []
+    for folder in case_folders(root):
+        try:
+            cases.append(load_case(folder, spacing_xyz))
+        except (ValueError, RuntimeError, OSError) as exc:
+            log.warning("case skipped: %s", exc)
+    if not cases:
+        raise ValueError(f"no usable case folder (with {PRE_FILE}, {SUB_FILE}, {LABEL_FILE}) under {root}")
+    return cases
+
+
+def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str = "default") -> Path:
+    """Phantom export -> ingest -> the pipeline's registration/subtraction -> case folders.
+
+    Writes ``root/cases/<patient>_<study>/`` with the pipeline's ``pre_registered``/``subtraction``,
+    the generator's truth ``labels`` and the classical method's labels (the reference of
+    benchmarks/segmentation_eval.py). Idempotent: an existing ``root/cohort.json`` with the same
+    parameters is reused. Returns ``root/cases``.
+    """
+    from pipeline.config import load_config
+    from pipeline.ingest import index_export
+    from pipeline.outputs import atomic_write_image, atomic_write_text
+    from pipeline.phantom import generate_export
+    from pipeline.study import analyse_study
+
+    root = Path(root)
+    params = {"n_patients": n_patients, "seed": seed, "profile": profile}
+    manifest = root / COHORT_MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
+        return root / "cases"
+    truth = generate_export(root / "data", n_patients, seed, profile=profile, with_junk=False)
+    labels_of = {s["study_instance_uid"]: root / "data" / s["truth_labels"]
+                 for p in truth["patients"] for s in p["studies"]}
+    cfg = load_config()  # segmentation.method classical: its labels are the reference
+    index = index_export(root / "data" / "export", root / "catalogue.sqlite", cfg.ingest)
+    written, skipped = [], []
+    for study in index.studies:
+        name = f"{study.patient_id}_{study.study_instance_uid[-8:]}"
+        analysis = analyse_study(study, cfg)
+        if not analysis.imaging.ok or analysis.images is None:
+            skipped.append({"case": name, "reason": analysis.imaging.reason})
+            continue
+        images = analysis.images
+        truth_labels = sitk.ReadImage(str(labels_of[study.study_instance_uid]))
+        # The truth lies on the post series' grid (pipeline/phantom/export.py); resampling by
+        # nearest neighbour only absorbs header rounding.
+        truth_labels = resample_onto(sitk.Cast(truth_labels, sitk.sitkUInt8), images.post, sitk.sitkNearestNeighbor)
+        folder = root / "cases" / name
+        atomic_write_image(images.pre_registered, folder / PRE_FILE)
+        atomic_write_image(images.subtraction, folder / SUB_FILE)
+        atomic_write_image(truth_labels, folder / LABEL_FILE)
+        atomic_write_image(images.labels, folder / CLASSICAL_FILE)
+        written.append(name)
+    atomic_write_text(manifest, json.dumps({"params": params, "cases": written, "skipped": skipped}, indent=1))
+    return root / "cases"

@@ -1,0 +1,172 @@
+"""Network inference on one study: sliding window, flip test-time augmentation, back to the post grid.
+
+``predict`` returns class probabilities, labels and a per-voxel uncertainty on the study's
+post-contrast grid (its origin, spacing and direction); ``segment_network`` turns them into the
+``SegmentationResult`` the classical method returns, so the measurement, rim and focus stages
+downstream are the same whichever method segmented.
+
+Test-time augmentation: the network is run on the input and on its flips along each of the three
+array axes (flips are training augmentations, so each view is in-distribution); the probability
+maps are flipped back and averaged. Per-voxel uncertainty = variance of the views' probabilities
+summed over the classes (0 when all views agree; at most 1 - 1/C ~ 0.75 for 4 classes);
+per-case uncertainty = its mean over the voxels that any view labels as lesion.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from models.data import N_CLASSES, network_input, resample_onto
+from models.network import build_network
+
+log = logging.getLogger(__name__)
+LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
+# Flip views of the TTA (array axes of a (batch, channel, z, y, x) tensor); () = the input itself.
+TTA_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (4,))
+
+
+class WeightsError(RuntimeError):
+    """The configured weights cannot be used (missing file, wrong format, wrong channels)."""
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module
+    meta: dict[str, Any]
+    device: str
+    path: Path
+
+
+@dataclass
+class NetworkPrediction:
+    """On the post grid, arrays in SimpleITK (z, y, x) order."""
+
+    labels: np.ndarray  # uint8 argmax of the mean probabilities
+    probabilities: np.ndarray  # float32 (classes, z, y, x), TTA mean
+    uncertainty: np.ndarray  # float32 per-voxel TTA variance summed over classes
+    case_uncertainty: float
+    device: str
+    n_views: int
+
+
+_CACHE: dict[tuple[str, float, str], LoadedModel] = {}
+
+
+def load_model(path: Path | str, device: str = "cpu") -> LoadedModel:
+    """Load a checkpoint of models/train.py; cached per (path, mtime, device). Raises ``WeightsError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"network weights not found: {path}")
+    key = (str(path.resolve()), path.stat().st_mtime, device)
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        net = build_network(ckpt["network"])
+        net.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means "fall back", with the reason
+        raise WeightsError(f"network weights {path} unusable: {type(exc).__name__}: {exc}") from exc
+    if int(ckpt["network"]["out_channels"]) != N_CLASSES:
+        raise WeightsError(f"network weights {path} predict {ckpt['network']['out_channels']} classes, not {N_CLASSES}")
+    net.to(device).eval()
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    model = LoadedModel(net, meta, device, path)
+    _CACHE[key] = model
+    return model
+
+
+def _autocast(device: str):
+    from contextlib import nullcontext
+
+    return torch.autocast("cuda", dtype=torch.float16) if device.startswith("cuda") else nullcontext()
+
+
+def predict(model: LoadedModel, pre_on_post: sitk.Image, subtraction: sitk.Image, body: sitk.Image | None = None,
+            tta: bool = True, sw_batch_size: int = 2, overlap: float = 0.25) -> NetworkPrediction:
+    """Probabilities, labels and uncertainty on ``pre_on_post``'s grid (see module docstring)."""
+    from monai.inferers import sliding_window_inference
+
+    spacing = tuple(float(v) for v in model.meta["spacing_xyz"])
+    roi = tuple(int(v) for v in model.meta["roi_zyx"])
+    image, grid = network_input(pre_on_post, subtraction, spacing, body)
+    x = torch.from_numpy(image[None]).to(model.device)
+    views = TTA_FLIPS if tta else ((),)
+    total = torch.zeros((N_CLASSES, *image.shape[1:]), dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    any_lesion = torch.zeros(image.shape[1:], dtype=torch.bool)
+    with torch.no_grad(), _autocast(model.device):
+        for axes in views:
+            view = torch.flip(x, axes) if axes else x
+            logits = sliding_window_inference(view, roi, sw_batch_size, model.net, overlap=overlap, mode="gaussian")
+            prob = torch.softmax(logits.float(), dim=1)
+            prob = (torch.flip(prob, axes) if axes else prob)[0].cpu().double()
+            total += prob
+            total_sq += prob * prob
+            any_lesion |= prob.argmax(0) > 0
+    mean = total / len(views)
+    variance = (total_sq / len(views) - mean * mean).clamp_min(0).sum(0)
+    case_unc = float(variance[any_lesion].mean()) if bool(any_lesion.any()) else 0.0
+
+    # Back to the post grid: each class probability by linear interpolation; outside the
+    # working grid (it covers the same FOV, so only at the border) it is background.
+    probs_post = []
+    for c in range(N_CLASSES):
+        img = sitk.GetImageFromArray(mean[c].float().numpy())
+        img.CopyInformation(grid)
+        probs_post.append(sitk.GetArrayFromImage(
+            resample_onto(img, pre_on_post, sitk.sitkLinear, default=1.0 if c == 0 else 0.0)))
+    probabilities = np.stack(probs_post).astype(np.float32)
+    unc_img = sitk.GetImageFromArray(variance.float().numpy())
+    unc_img.CopyInformation(grid)
+    uncertainty = sitk.GetArrayFromImage(resample_onto(unc_img, pre_on_post, sitk.sitkLinear)).astype(np.float32)
+    labels = probabilities.argmax(0).astype(np.uint8)
+    return NetworkPrediction(labels, probabilities, uncertainty, case_unc, model.device, len(views))
+
+
+def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_enhancement: sitk.Image,
+                    body: sitk.Image, cfg, model: LoadedModel,
+                    target_hint_lps: tuple[float, float, float] | None = None):
+    """``SegmentationResult`` (pipeline/segment_classical.py) from the network, plus the prediction.
+
+    AZ: the network's ablation-zone component nearest the target hint (else the largest), holes
+    filled; ``az_soft``: its probability (the partial-volume fraction the measurement refines
+    the edge with). Rim: rim voxels outside the AZ. Focus candidates: connected components of the
+    focus class. ``enhancing`` stays rule 6's definition (RE >= threshold, components >= the
+    minimum size; shared with the classical method) plus the network's rim and foci, because
+    the foci stage measures new lesions and vessels on it, not only what the network labels.
+    """
+    from scipy import ndimage as ndi
+
+    from pipeline.segment_classical import SegmentationResult, _component_nearest, enhancing_tissue, spacing_zyx
+
+    pred = predict(model, pre_on_post, subtraction, body, tta=cfg.segmentation.network_tta)
+    spacing = spacing_zyx(pre_on_post)
+    body_a = sitk.GetArrayViewFromImage(body) > 0
+    enhancing = enhancing_tissue(relative_enhancement, body, cfg)
+    lab, n = ndi.label(pred.labels == LABEL_AZ)
+    hint = None
+    if target_hint_lps is not None:
+        hint = np.array(pre_on_post.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))[::-1])
+    min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
+    keep = _component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
+    empty = np.zeros(pred.labels.shape, bool)
+    if keep == 0:
+        return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
+                                  "the network found no ablation zone"), pred
+    az = ndi.binary_fill_holes(lab == keep) & body_a
+    soft = pred.probabilities[LABEL_AZ].copy()
+    soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
+    rim = (pred.labels == LABEL_RIM) & ~az & body_a
+    focus = (pred.labels == LABEL_FOCUS) & ~az & body_a
+    enhancing = (enhancing | rim | focus) & ~az
+    flab, nf = ndi.label(focus)
+    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    foci = [flab == i for i in range(1, nf + 1) if int((flab == i).sum()) >= min_vox]
+    return SegmentationResult(az, soft.astype(np.float32), enhancing, rim, foci, True, ""), pred

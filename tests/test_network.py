@@ -1,0 +1,230 @@
+"""Segmentation network (models/): training smoke test, inference geometry, pipeline hook and fallback.
+
+The tiny cohort is the shared ``assessed_run``: its per-study ``pre_registered`` and
+``subtraction`` images (what the pipeline feeds the network) with the generator's truth labels,
+in the case-folder layout of ``--data DIR``; no extra registration is paid here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from models.data import LABEL_FILE, PRE_FILE, SUB_FILE, load_cases, network_input, working_grid
+from models.infer import LoadedModel, WeightsError, load_model, predict, segment_network
+from models.network import default_network_config
+from models.train import TrainSettings, train
+from pipeline.config import load_config
+
+# Small enough for 2 CPU cores: 8 filters, 3 mm voxels, 16 x 48 x 48 patches.
+TINY = dict(spacing_xyz=(3.0, 3.0, 3.0), roi_zyx=(16, 48, 48), patches_per_case=1, max_iterations=6,
+            validate_every=6, network={**default_network_config(2, 4), "init_filters": 8}, threads=2)
+
+
+@pytest.fixture(scope="module")
+def case_root(assessed_run, tmp_path_factory) -> Path:
+    root, out, _truth, _summary = assessed_run
+    data = tmp_path_factory.mktemp("cases")
+    for assessment in sorted(out.glob("patients/*/*/assessment.json")):
+        folder = assessment.parent
+        if not (folder / PRE_FILE).is_file():
+            continue
+        uid = json.loads(assessment.read_text())["study_instance_uid"]
+        case = data / folder.name
+        case.mkdir()
+        shutil.copyfile(folder / PRE_FILE, case / PRE_FILE)
+        shutil.copyfile(folder / SUB_FILE, case / SUB_FILE)
+        shutil.copyfile(root / "data" / "truth" / f"{uid}_labels.nii.gz", case / LABEL_FILE)
+    assert len(list(data.iterdir())) >= 3
+    return data
+
+
+@pytest.fixture(scope="module")
+def tiny_training(case_root, tmp_path_factory):
+    cases = load_cases(case_root, TINY["spacing_xyz"])
+    out = tmp_path_factory.mktemp("train")
+    result = train(cases[:-1], cases[-1:], TrainSettings(seed=3, **TINY), out / "a")
+    return cases, out, result
+
+
+def test_cases_are_the_pipeline_images_with_truth_on_the_working_grid(case_root):
+    cases = load_cases(case_root, (3.0, 3.0, 3.0))
+    case = cases[0]
+    assert case.image.shape[0] == 2 and case.image.shape[1:] == case.label.shape
+    assert case.working.GetSpacing() == (3.0, 3.0, 3.0)
+    assert case.working.GetDirection() == case.source.GetDirection()
+    # The truth AZ is T1-bright before contrast: channel 0 (pre / body median) is high there.
+    assert any((c.label == 1).any() for c in cases)
+    with_az = next(c for c in cases if (c.label == 1).any())
+    assert float(np.median(with_az.image[0][with_az.label == 1])) > 1.3
+
+
+def test_training_smoke_finite_deterministic_and_reloadable(case_root, tiny_training):
+    cases, out, first = tiny_training
+    assert first.iterations == TINY["max_iterations"]
+    assert all(np.isfinite(first.losses)) and first.losses[0] > 0
+    assert first.validation and set(first.validation[-1]["dice"]) == {"ablation_zone", "rim", "enhancing_focus"}
+    # Same seed, same run: identical losses and weights.
+    again = train(cases[:-1], cases[-1:], TrainSettings(seed=3, **TINY), out / "b")
+    assert again.losses == first.losses
+    a = torch.load(first.last_checkpoint, weights_only=False)["state_dict"]
+    b = torch.load(again.last_checkpoint, weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    model = load_model(first.checkpoint, "cpu")
+    assert model.meta["spacing_xyz"] == [3.0, 3.0, 3.0] and model.meta["roi_zyx"] == [16, 48, 48]
+    # Another seed draws other patches: the losses differ.
+    other = train(cases[:-1], [], TrainSettings(seed=4, **{**TINY, "max_iterations": 2}), out / "c")
+    assert other.losses != first.losses[:2]
+
+
+def test_fine_tuning_keeps_the_checkpoints_grid(case_root, tiny_training):
+    cases, out, first = tiny_training
+    settings = TrainSettings(seed=0, **{**TINY, "spacing_xyz": (2.0, 2.0, 2.0), "max_iterations": 1})
+    tuned = train(cases[:1], [], settings, out / "tuned", init_checkpoint=first.checkpoint)
+    assert torch.load(tuned.checkpoint, weights_only=False)["spacing_xyz"] == [3.0, 3.0, 3.0]
+
+
+class _BrightIsAblationZone(torch.nn.Module):
+    """Stand-in network with a known answer: class 1 where the pre-contrast channel exceeds 1.5."""
+
+    def forward(self, x):
+        az = 20.0 * (x[:, :1] - 1.5)
+        zero = torch.zeros_like(az)
+        return torch.cat([zero, az, zero - 10.0, zero - 10.0], dim=1)
+
+
+def _oblique_flipped_pair():
+    """Pre/sub on a grid tilted 20 deg and flipped left-right, with an off-centre bright sphere."""
+    size, spacing = (60, 50, 20), (1.7, 1.7, 3.0)
+    t = np.deg2rad(20.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    direction = rot @ np.diag([-1.0, 1.0, 1.0])
+    pre = sitk.Image(size, sitk.sitkFloat32)
+    pre.SetSpacing(spacing)
+    pre.SetOrigin((40.0, -30.0, 12.0))
+    pre.SetDirection(tuple(direction.ravel()))
+    centre_idx = np.array([18.0, 30.0, 7.0])  # (i, j, k): off centre on every axis
+    centre_lps = np.array(pre.TransformContinuousIndexToPhysicalPoint(tuple(centre_idx)))
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in size[::-1]), indexing="ij")
+    pts = np.stack([i, j, k], -1) @ (direction * np.array(spacing)).T + np.array(pre.GetOrigin())
+    sphere = np.linalg.norm(pts - centre_lps, axis=-1) <= 12.0
+    arr = np.full(sphere.shape, 100.0, np.float32)
+    arr[sphere] = 250.0
+    arr[:, :, :3] = 0.0  # air at one border: the body mask is not the whole FOV
+    pre_img = sitk.GetImageFromArray(arr)
+    pre_img.CopyInformation(pre)
+    sub_img = sitk.GetImageFromArray(np.zeros_like(arr))
+    sub_img.CopyInformation(pre)
+    return pre_img, sub_img, sphere, centre_lps
+
+
+def test_prediction_lies_on_the_study_grid_of_an_oblique_flipped_acquisition():
+    pre, sub, sphere, centre_lps = _oblique_flipped_pair()
+    model = LoadedModel(_BrightIsAblationZone().eval(), {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]},
+                        "cpu", Path("stand-in"))
+    pred = predict(model, pre, sub, tta=True)
+    assert pred.labels.shape == sphere.shape and pred.probabilities.shape == (4, *sphere.shape)
+    assert pred.n_views == 4
+    found = pred.labels == 1
+    dice = 2 * (found & sphere).sum() / (found.sum() + sphere.sum())
+    assert dice > 0.9
+    zyx = np.argwhere(found).mean(0)
+    found_lps = np.array(pre.TransformContinuousIndexToPhysicalPoint(tuple(zyx[::-1])))
+    assert np.linalg.norm(found_lps - centre_lps) < 1.0
+    # The views agree on a flip-symmetric answer: near-zero uncertainty away from the edge.
+    assert pred.case_uncertainty < 0.05
+    assert float(pred.uncertainty[sphere].max()) <= 0.75 + 1e-6
+
+
+def test_working_grid_covers_the_fov_with_the_same_direction():
+    pre, _sub, _sphere, _c = _oblique_flipped_pair()
+    grid = working_grid(pre, (1.6, 1.6, 3.0))
+    assert grid.GetDirection() == pre.GetDirection()
+    corner = lambda img, idx: np.array(img.TransformContinuousIndexToPhysicalPoint(idx))  # noqa: E731
+    for a, b in (((-0.5, -0.5, -0.5), (-0.5, -0.5, -0.5)),):
+        assert np.allclose(corner(pre, a), corner(grid, b), atol=1e-6)
+    image, _ = network_input(pre, _sub, (1.6, 1.6, 3.0))
+    assert image.shape == (2, *grid.GetSize()[::-1])
+
+
+def _pipeline_inputs(assessed_run):
+    from pipeline.registration import body_mask
+    from pipeline.subtraction import relative_enhancement
+
+    _root, out, _t, _s = assessed_run
+    folder = next(p.parent for p in sorted(out.glob(f"patients/*/*/{PRE_FILE}")))
+    pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
+    sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
+    body = body_mask(pre)
+    rel = relative_enhancement(pre, sitk.Add(pre, sub), body)
+    return pre, sub, rel, body
+
+
+def _network_cfg(weights: str):
+    cfg = load_config()
+    return cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(
+        update={"method": "network", "network_weights": weights})})
+
+
+def test_classical_stays_the_default():
+    assert load_config().segmentation.method == "classical"
+
+
+def test_without_weights_the_classical_method_segments_and_says_why(assessed_run, tmp_path):
+    from pipeline.study import _segment
+
+    pre, sub, rel, body = _pipeline_inputs(assessed_run)
+    missing = tmp_path / "none.pt"
+    seg, method, note, unc, _device = _segment(pre, sub, rel, body, _network_cfg(str(missing)), None, "cpu")
+    assert method == "classical" and unc is None
+    assert "not found" in note and str(missing) in note and "classical method used" in note
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError):
+        load_model(broken)
+    _seg, method, note, _u, _d = _segment(pre, sub, rel, body, _network_cfg(str(broken)), None, "cpu")
+    assert method == "classical" and "unusable" in note
+    # The assessments of the shared run (classical default) record the method used.
+    _root, out, _t, _s = assessed_run
+    record = json.loads(next(out.glob("patients/*/*/assessment.json")).read_text())
+    assert record["imaging"]["segmentation_method"] == "classical"
+
+
+def test_network_segmentation_has_the_classical_structure(assessed_run, tiny_training):
+    from pipeline.segment_classical import segment
+    from pipeline.study import _segment
+
+    _cases, _out, result = tiny_training
+    pre, sub, rel, body = _pipeline_inputs(assessed_run)
+    cfg = _network_cfg(str(result.checkpoint))
+    seg, method, note, unc, device = _segment(pre, sub, rel, body, cfg, None, "cpu")
+    assert (method, note, device) == ("network", "", "cpu")
+    assert isinstance(unc, float) and 0.0 <= unc <= 0.75
+    reference = segment(pre, rel, body, load_config())
+    for name in ("az", "az_soft", "enhancing", "rim"):
+        assert getattr(seg, name).shape == getattr(reference, name).shape
+        assert getattr(seg, name).dtype == getattr(reference, name).dtype
+    seg2, pred = segment_network(pre, sub, rel, body, cfg, load_model(result.checkpoint), None)
+    assert pred.labels.shape == seg.az.shape and np.array_equal(seg2.az, seg.az)
+
+
+def test_train_command_fine_tunes_on_case_folders(case_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out, weights = tmp_path / "run", tmp_path / "weights" / "w.pt"
+    result = CliRunner().invoke(app, ["train", "--data", str(case_root), "--out", str(out), "--work-dir",
+                                      str(tmp_path / "cache"), "--val-patients", "0", "--iterations", "2",
+                                      "--init-filters", "8", "--device", "cpu", "--weights-out", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert "2 iterations on cpu" in result.output
+    assert weights.is_file() and load_model(weights).meta["iteration"] == 2
+    bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(out), "--val-patients", "0"])
+    assert bad.exit_code == 2 and "no usable case folder" in bad.output
