@@ -3,9 +3,9 @@
 Default: MONAI ``SegResNet`` (Myronenko 2018). Why this one of the three the issue allows:
 - it trains with batch size 1-2 (group normalisation, no batch statistics), what a CPU or a
   single GPU affords on 3D patches;
-- residual blocks of few filters: 16 initial filters give ~1.2 M parameters (~5 MB of weights,
-  under the 20 MB the repository may ship) and a forward pass that stays usable on CPU,
-  which is the pipeline's fallback device;
+- residual blocks of few filters: 16 initial filters give 4.7 M parameters (18.8 MB of float32
+  weights, under the 20 MB the repository may ship) and a forward pass that stays usable on
+  CPU, which is the pipeline's fallback device;
 - the anisotropy of the acquisitions (1.4-1.9 mm in-plane, 3 mm slices) is handled by the
   working spacing (models/data.py) rather than by per-level anisotropic kernels, which is what
   DynUNet would add; DynUNet stays available here for the GPU training of the next step.

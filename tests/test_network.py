@@ -166,10 +166,10 @@ def _pipeline_inputs(assessed_run):
     return pre, sub, rel, body
 
 
-def _network_cfg(weights: str):
+def _network_cfg(weights: str, tta: bool = True):
     cfg = load_config()
     return cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(
-        update={"method": "network", "network_weights": weights})})
+        update={"method": "network", "network_weights": weights, "network_tta": tta})})
 
 
 def test_classical_stays_the_default():
@@ -202,7 +202,7 @@ def test_network_segmentation_has_the_classical_structure(assessed_run, tiny_tra
 
     _cases, _out, result = tiny_training
     pre, sub, rel, body = _pipeline_inputs(assessed_run)
-    cfg = _network_cfg(str(result.checkpoint))
+    cfg = _network_cfg(str(result.checkpoint), tta=False)  # TTA: the geometry test (CPU time)
     seg, method, note, unc, device = _segment(pre, sub, rel, body, cfg, None, "cpu")
     assert (method, note, device) == ("network", "", "cpu")
     assert isinstance(unc, float) and 0.0 <= unc <= 0.75
