@@ -626,6 +626,19 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
                 scored.append((value, f"{best_name}+search", e))
             # The optimiser runs from the best few starts in turn until one passes QC.
             starts = [(nm, e) for _, nm, e in sorted(scored, key=lambda c: c[0])[:_MAX_STARTS]]
+            if hint_shift_lps is not None and not any(nm.startswith("hint") for nm, _ in starts):
+                # Last resort: the caller's hint with its own coarse search. When another start
+                # ranks best at the coarse level, the search above never looks around the hint,
+                # and with large repositioning all its neighbours can fail QC where the hint's
+                # pass (held-out seed 4040, ~18 mm along z).
+                hint_init = next(e for _, nm, e in scored if nm == "hint")
+                around_hint = [(_evaluate_metric(f0, m0, metric_mask, hint_init, frac0, threads), "hint", hint_init)]
+                for offset in _SEARCH_OFFSETS_MM:
+                    e = sitk.Euler3DTransform(hint_init)
+                    e.SetTranslation((np.array(hint_init.GetTranslation()) + offset).tolist())
+                    around_hint.append((_evaluate_metric(f0, m0, metric_mask, e, frac0, threads), "hint+search", e))
+                _, nm, e = min(around_hint, key=lambda c: c[0])
+                starts.append((nm, e))
     except RuntimeError as exc:  # ITK: no overlap, too few samples, degenerate images...
         return failed(f"initialisation failed: {str(exc).strip().splitlines()[-1][:300]}")
 

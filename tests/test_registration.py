@@ -325,3 +325,25 @@ def test_motion_magnitude_of_translation():
     t = sitk.TranslationTransform(3, (3.0, 4.0, 0.0))
     assert motion_magnitude_mm(t, m) == pytest.approx(5.0)
     assert motion_magnitude_mm(t, m * 0) == 0.0
+
+
+def test_hint_is_tried_when_the_best_ranked_starts_fail(cfg, baseline, followup, monkeypatch):
+    """The caller's hint gets its own coarse search and a run when the best-ranked starts (none
+    from the hint) all fail QC: here every other start is forced to fail, and the hint is 20 mm
+    off the truth (so that it ranks low and only its own search finds the way back)."""
+    import pipeline.registration as registration
+
+    real_quality = registration._quality
+
+    def quality_failing_unless_hint(res, init_name, *args, **kwargs):
+        tx, qc = real_quality(res, init_name, *args, **kwargs)
+        if not init_name.startswith("hint"):
+            qc = qc.model_copy(update={"ok": False, "reason": f"forced failure of start {init_name}"})
+        return tx, qc
+
+    monkeypatch.setattr(registration, "_quality", quality_failing_unless_hint)
+    hint = np.array(TRUE_INTER.GetTranslation()) + np.array([20.0, 0.0, 0.0])
+    tx, qc = register_to_baseline(baseline, followup, cfg, hint_shift_lps=hint.tolist())
+    assert qc.ok, qc.reason
+    assert qc.stop_condition.startswith("init=hint"), qc.stop_condition
+    assert tre_mm(tx, TRUE_INTER, body_points(baseline, 20)).mean() <= 1.5
