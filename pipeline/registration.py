@@ -321,7 +321,7 @@ def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> fl
     return float(np.linalg.norm(disp[m], axis=1).mean())
 
 
-def _coarse_copy(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+def coarse_grid_like(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """Empty grid over ``image``'s extent, same origin and direction, spacing >= ``spacing_mm``."""
     spacing = np.maximum(np.array(image.GetSpacing()), spacing_mm)
     size = np.maximum(2, np.ceil((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) / spacing) + 1)
@@ -341,7 +341,7 @@ def jacobian_determinant_range(transform: sitk.Transform, body: sitk.Image) -> t
     here ``dT/dx = I + (du/dxi) D^T`` with ``xi`` the grid axes (mm) and ``D`` the direction.
     Returns (1.0, 1.0) for an empty body.
     """
-    ref = _coarse_copy(body, _JACOBIAN_SPACING_MM)
+    ref = coarse_grid_like(body, _JACOBIAN_SPACING_MM)
     inside = sitk.GetArrayViewFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
                                                       0, sitk.sitkUInt8)) > 0
     if not inside.any():
@@ -822,7 +822,7 @@ def deformable_as_field(deformable: sitk.Transform, reference: sitk.Image) -> si
     if deformable.GetName() == "DisplacementFieldTransform":
         return sitk.DisplacementFieldTransform(deformable).GetDisplacementField()
     f = sitk.TransformToDisplacementFieldFilter()
-    f.SetReferenceImage(_coarse_copy(reference, _JACOBIAN_SPACING_MM))
+    f.SetReferenceImage(coarse_grid_like(reference, _JACOBIAN_SPACING_MM))
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
     return f.Execute(deformable)
 

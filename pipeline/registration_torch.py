@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RegistrationStageConfig
+from pipeline.registration import coarse_grid_like
 
 # Histogram bins of the MI: as the SimpleITK backend (registration._HISTOGRAM_BINS).
 _HISTOGRAM_BINS = 32
@@ -337,12 +338,7 @@ class _FieldModel(torch.nn.Module):
 
     def as_sitk(self, fixed: sitk.Image) -> sitk.DisplacementFieldTransform:
         """The field sampled on a ~4 mm copy of the fixed grid (same origin and direction)."""
-        spacing = np.maximum(np.array(fixed.GetSpacing()), _FIELD_OUTPUT_SPACING_MM)
-        size = np.maximum(2, np.ceil((np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing()) / spacing) + 1)
-        ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-        ref.SetOrigin(fixed.GetOrigin())
-        ref.SetSpacing(spacing.tolist())
-        ref.SetDirection(fixed.GetDirection())
+        ref = coarse_grid_like(fixed, _FIELD_OUTPUT_SPACING_MM)
         k, j, i = np.meshgrid(*[np.arange(n) for n in ref.GetSize()[::-1]], indexing="ij")
         ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)], axis=1)
         pts = (ijk1 @ voxel_to_lps(ref).T)[:, :3]
