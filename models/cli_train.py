@@ -29,6 +29,10 @@ def register(app: typer.Typer, console) -> None:
         init_filters: Annotated[int, typer.Option(min=4)] = 16,
         device: Annotated[str, typer.Option(help="auto | cpu | cuda (AMP on cuda)")] = "auto",
         threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 2,
+        patch: Annotated[str, typer.Option(help="patch z,y,x voxels")] = "32,80,80",
+        crop_ratios: Annotated[str, typer.Option(help="patch-centre ratios bg,AZ,rim,focus")] = "1,1,2,2",
+        ce_weights: Annotated[str, typer.Option(help="cross-entropy weights bg,AZ,rim,focus")] = "1,1,3,3",
+        learning_rate: Annotated[float, typer.Option(min=1e-6)] = 2e-3,
     ) -> None:
         """Train the MONAI segmentation network on the synthetic cohort (or fine-tune on --data)."""
         from dataclasses import asdict
@@ -42,8 +46,19 @@ def register(app: typer.Typer, console) -> None:
             console.print(f"[red]error:[/red] unknown network {network!r}; choose from {', '.join(NETWORK_NAMES)}")
             raise typer.Exit(code=2)
         net_cfg = {**default_network_config(len(CHANNELS), N_CLASSES), "name": network, "init_filters": init_filters}
+        try:
+            roi = tuple(int(v) for v in patch.split(","))
+            ratios = tuple(float(v) for v in crop_ratios.split(","))
+            weights = tuple(float(v) for v in ce_weights.split(","))
+            if len(roi) != 3 or len(ratios) != N_CLASSES or len(weights) != N_CLASSES:
+                raise ValueError
+        except ValueError:
+            console.print(f"[red]error:[/red] --patch needs 3 integers, --crop-ratios and --ce-weights {N_CLASSES} numbers")
+            raise typer.Exit(code=2) from None
         settings = asdict(TrainSettings(seed=seed, max_iterations=iterations, max_minutes=minutes,
-                                        validate_every=validate_every, network=net_cfg, threads=threads))
+                                        validate_every=validate_every, network=net_cfg, threads=threads,
+                                        roi_zyx=roi, crop_ratios=ratios, ce_weights=weights,
+                                        learning_rate=learning_rate))
         try:
             summary = train_segmentation(str(out), str(work_dir), settings, train_patients, train_seed, val_patients,
                                          val_seed, str(data) if data else None, str(init) if init else None, device,

@@ -6,8 +6,9 @@ and offset (scanner gain left after normalisation, contrast dose), Gaussian nois
 (resolution), a smooth multiplicative bias field, in-plane rotations by 90 deg and flips on all
 three axes (oblique, flipped and coronal-ordered acquisitions keep their voxel order, see
 models/data.py). Loss: Dice + cross-entropy (MONAI ``DiceCELoss``), Dice over the batch so that
-a patch without rim or focus does not dominate. Patches are drawn around labelled voxels two
-times out of three (the lesion is a few percent of the FOV).
+a patch without rim or focus does not dominate; the cross-entropy is class-weighted
+(``ce_weights``). Patch centres are drawn per class (``crop_ratios``, MONAI
+``RandCropByLabelClassesd``) so that the thin rim and the rare foci are seen often.
 
 Determinism: ``monai.utils.set_determinism`` seeds torch, numpy and Python; the transform chain
 gets its own seeded random state; data loading is in-process. On CPU two runs with one seed give
@@ -43,6 +44,12 @@ class TrainSettings:
     # Patch (z, y, x voxels): 96 x 128 x 128 mm, one AZ with its rim and surroundings.
     roi_zyx: tuple[int, int, int] = (32, 80, 80)
     patches_per_case: int = 2
+    # Patch centres drawn per class (background, AZ, rim, focus): MONAI RandCropByLabelClassesd.
+    # The rim (1-2 voxels thick) and the foci are a small fraction of the lesion voxels, so they
+    # get their own share of patch centres; a class absent from a case is skipped for it.
+    crop_ratios: tuple[float, float, float, float] = (1.0, 1.0, 2.0, 2.0)
+    # Cross-entropy class weights (same order); the Dice term is unweighted.
+    ce_weights: tuple[float, float, float, float] = (1.0, 1.0, 3.0, 3.0)
     max_iterations: int = 1000
     max_minutes: float | None = None  # stop at whichever of iterations / minutes comes first
     learning_rate: float = 2e-3
@@ -70,8 +77,9 @@ def _transforms(settings: TrainSettings):
     keys = ["image", "label"]
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=settings.roi_zyx),
-        mt.RandCropByPosNegLabeld(keys, label_key="label", spatial_size=settings.roi_zyx, pos=2, neg=1,
-                                  num_samples=settings.patches_per_case),
+        mt.RandCropByLabelClassesd(keys, label_key="label", spatial_size=settings.roi_zyx,
+                                   ratios=list(settings.crop_ratios), num_classes=N_CLASSES,
+                                   num_samples=settings.patches_per_case, warn=False),
         mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
         mt.RandFlipd(keys, prob=0.5, spatial_axis=1),
         mt.RandFlipd(keys, prob=0.5, spatial_axis=2),
@@ -167,7 +175,8 @@ def train(train_cases: list[Case], val_cases: list[Case], settings: TrainSetting
     data = [{"image": c.image, "label": c.label[None]} for c in train_cases]
     loader = DataLoader(Dataset(data, transforms), batch_size=1, shuffle=True, num_workers=0,
                         generator=torch.Generator().manual_seed(settings.seed))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
+                         weight=torch.tensor(settings.ce_weights, dtype=torch.float32, device=device))
     optimiser = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     total = settings.max_iterations
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda it: (1 - min(it, total) / (total + 1)) ** 0.9)

@@ -228,3 +228,23 @@ def test_train_command_fine_tunes_on_case_folders(case_root, tmp_path):
     assert weights.is_file() and load_model(weights).meta["iteration"] == 2
     bad = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--out", str(out), "--val-patients", "0"])
     assert bad.exit_code == 2 and "no usable case folder" in bad.output
+
+
+def test_patch_sampler_centres_patches_on_the_requested_class():
+    """crop_ratios drive the patch centres: with only the rim requested every patch holds rim."""
+    from models.train import _transforms
+
+    label = np.zeros((1, 40, 96, 96), np.uint8)
+    label[0, 5:9, 10:14, 70:74] = 2  # a small rim patch far from the AZ
+    label[0, 25:35, 50:80, 20:50] = 1
+    image = np.random.default_rng(0).normal(size=(2, 40, 96, 96)).astype(np.float32)
+    settings = TrainSettings(roi_zyx=(8, 16, 16), patches_per_case=4, crop_ratios=(0.0, 0.0, 1.0, 0.0))
+    chain = _transforms(settings)
+    chain.set_random_state(seed=0)
+    patches = chain({"image": image, "label": label})
+    assert len(patches) == 4
+    assert all(int((p["label"] == 2).sum()) > 0 for p in patches)
+    chain = _transforms(TrainSettings(roi_zyx=(8, 16, 16), patches_per_case=4, crop_ratios=(0.0, 1.0, 0.0, 0.0)))
+    chain.set_random_state(seed=0)
+    assert all(int((p["label"] == 2).sum()) == 0 and int((p["label"] == 1).sum()) > 0
+               for p in chain({"image": image, "label": label}))
