@@ -34,7 +34,8 @@ FLAGGED_CATEGORIES = {
 # Situations a radiologist should look at even when the category is benign (flag name before
 # any ":" detail).
 REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
-                "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous"}
+                "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous",
+                "segmentation_uncertain"}
 
 
 def _needs_review(flag: str) -> bool:
@@ -299,6 +300,11 @@ def classify_patient(
                     flags.append("residual_no_longer_seen")
 
         flags.extend(_rim_flags(result.rim, state.previous_rim, entry, cfg))
+        limit = cfg.segmentation.network_review_uncertainty
+        if (limit is not None and result.segmentation_method == "network"
+                and result.segmentation_uncertainty is not None and result.segmentation_uncertainty > limit):
+            flags.append(f"segmentation_uncertain: network uncertainty {result.segmentation_uncertainty:.3f} "
+                         f"> {limit:.3f}")
         confidence = _confidence(result, margin, flags)
         if confidence < rules.review_confidence_below and category not in FLAGGED_CATEGORIES:
             flags.append(f"low_confidence ({confidence:.2f})")

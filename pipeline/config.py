@@ -86,6 +86,9 @@ class SegmentationConfig(_Section):
     network_weights: str = "models/weights/segresnet_synthetic.pt"
     # Flip test-time augmentation: mean of 4 views, their variance is the uncertainty.
     network_tta: bool = True
+    # Review flag "segmentation_uncertain" when the network segmented and its per-case uncertainty
+    # (StudyImaging.segmentation_uncertainty) exceeds this; None: never (models/README.md).
+    network_review_uncertainty: float | None = Field(default=None, gt=0)
 
 
 class RimConfig(_Section):

@@ -248,3 +248,31 @@ def test_patch_sampler_centres_patches_on_the_requested_class():
     chain.set_random_state(seed=0)
     assert all(int((p["label"] == 2).sum()) == 0 and int((p["label"] == 1).sum()) > 0
                for p in chain({"image": image, "label": label}))
+
+
+def test_uncertain_network_segmentation_raises_the_review_flag():
+    """segmentation.network_review_uncertainty: a network segmentation above it needs review."""
+    from pipeline.classify import classify_patient
+    from pipeline.timeline import Procedure, build_patient_timeline
+    from tests.helpers import DAY0, imaging, study
+
+    base = load_config()
+    cfg = base.model_copy(update={"segmentation": base.segmentation.model_copy(
+        update={"network_review_uncertainty": 0.05})})
+    studies = [study("s1", 30), study("s2", 90)]
+
+    def decide(method, uncertainty, config):
+        imgs = {uid: imaging(30).model_copy(update={"segmentation_method": method,
+                                                   "segmentation_uncertainty": uncertainty})
+                for uid in ("s1", "s2")}
+        entries = build_patient_timeline(studies, [Procedure("P1", DAY0)], {u: True for u in imgs}, config.rules)
+        return classify_patient(entries, imgs, config)["s2"]
+
+    calm = decide("network", 0.01, cfg)
+    assert not calm.flagged
+    unsure = decide("network", 0.2, cfg)
+    assert unsure.flagged and any(f.startswith("segmentation_uncertain:") for f in unsure.flag_reasons)
+    assert not decide("classical", 0.2, cfg).flagged  # the classical method has no such uncertainty
+    off = base.model_copy(update={"segmentation": base.segmentation.model_copy(
+        update={"network_review_uncertainty": None})})
+    assert not decide("network", 0.2, off).flagged  # None: the uncertainty never flags
