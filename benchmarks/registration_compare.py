@@ -44,12 +44,13 @@ def _map(transform, points) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- pipeline backends
-def _pipeline_method(cfg, backend: str, deformable: str, device: str):
+def _pipeline_method(cfg, backend: str, deformable: str, device: str, bias_correction: str = "none"):
     from pipeline.registration import register_to_baseline
 
     reg = cfg.registration.model_copy(update={
         "backend": backend, "device": device,
-        "inter_study": cfg.registration.inter_study.model_copy(update={"deformable": deformable})})
+        "inter_study": cfg.registration.inter_study.model_copy(
+            update={"deformable": deformable, "bias_correction": bias_correction})})
 
     def run(fixed, moving, points):
         tx, qc = register_to_baseline(fixed, moving, reg)
@@ -194,6 +195,9 @@ def main() -> None:
         "simpleitk+bspline": lambda: _pipeline_method(cfg, "simpleitk", "bspline", "cpu"),
         "torch": lambda: _pipeline_method(cfg, "torch", "none", args.device),
         "torch+field": lambda: _pipeline_method(cfg, "torch", "field", args.device),
+        # N4 bias correction of both images first (inter_study.bias_correction: n4).
+        "simpleitk+n4": lambda: _pipeline_method(cfg, "simpleitk", "none", "cpu", "n4"),
+        "torch+field+n4": lambda: _pipeline_method(cfg, "torch", "field", args.device, "n4"),
         "elastix rigid": lambda: _elastix_method(["rigid"], grid),
         "elastix affine": lambda: _elastix_method(["rigid", "affine"], grid),
         "elastix bspline": lambda: _elastix_method(["rigid", "affine", "bspline"], grid),

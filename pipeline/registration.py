@@ -158,6 +158,35 @@ def _pyramid_image(image: sitk.Image, shrink: int, sigma_mm: float, threads: int
     return img
 
 
+# N4 on a coarse copy: voxels ~this size (mm); the bias field is smooth over tens of mm.
+_N4_VOXEL_MM = 6.0
+
+
+def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Image:
+    """``image`` divided by its N4-estimated multiplicative bias field (inside and outside the body).
+
+    Why: each study has its own smooth coil bias; a global metric (Mattes MI) then trades a few
+    tenths of a mm of alignment for intensity agreement. On the held-out cohort (seed 2026,
+    6 pairs) a bias-free but otherwise identical cohort registered at 0.50 mm median TRE vs 0.17
+    with N4 (docs/registration.md). N4 (SimpleITK) runs on a ~6 mm copy; its log bias field is
+    evaluated on the full grid.
+    """
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    factors = [max(1, int(round(_N4_VOXEL_MM / s))) for s in img.GetSpacing()]
+    small = sitk.BinShrink(img, factors)
+    small_mask = sitk.Cast(sitk.BinShrink(sitk.Cast(body, sitk.sitkFloat32), factors) > 0.5, sitk.sitkUInt8)
+    if not sitk.GetArrayViewFromImage(small_mask).any():
+        return img
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations([20, 20, 10])
+    n4.SetNumberOfThreads(threads)
+    # N4 needs positive intensities: shift by the minimum (a constant, undone below).
+    shift = float(min(0.0, sitk.GetArrayViewFromImage(small).min())) - 1.0
+    n4.Execute(small - shift, small_mask)
+    log_bias = n4.GetLogBiasFieldAsImage(img)
+    return sitk.Divide(img, sitk.Exp(log_bias))
+
+
 def _interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
     """Body eroded by ``_NCC_INTERIOR_EROSION_MM``; the body itself when little would remain."""
     f = sitk.BinaryErodeImageFilter()
@@ -592,6 +621,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         fixed_body = body_mask(fixed, threads=threads)
         if not sitk.GetArrayViewFromImage(fixed_body).any():
             return failed("no body found on the fixed image")
+        if stage.bias_correction == "n4":
+            fixed = bias_corrected(fixed, fixed_body, threads)
+            moving = bias_corrected(moving, body_mask(moving, threads=threads), threads)
         metric_mask = _metric_mask(fixed_body, threads)
         shrink0, sigma0 = (stage.shrink_factors or [1])[0], (stage.smoothing_sigmas_mm or [0.0])[0]
         last_shrink = (stage.shrink_factors or [1])[-1]
