@@ -180,9 +180,12 @@ def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Im
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations([20, 20, 10])
     n4.SetNumberOfThreads(threads)
-    # N4 needs positive intensities: shift by the minimum (a constant, undone below).
-    shift = float(min(0.0, sitk.GetArrayViewFromImage(small).min())) - 1.0
-    n4.Execute(small - shift, small_mask)
+    # N4 needs positive intensities: lift non-positive images by a constant relative to their range
+    # (a fixed +1 would distort images scaled to ~1).
+    arr = sitk.GetArrayViewFromImage(small)
+    lo, hi = float(arr.min()), float(arr.max())
+    lift = 0.0 if lo > 0 else -lo + 0.01 * max(hi - lo, 1e-6)
+    n4.Execute(small + lift, small_mask)
     log_bias = n4.GetLogBiasFieldAsImage(img)
     return sitk.Divide(img, sitk.Exp(log_bias))
 
