@@ -15,7 +15,8 @@ Peers (optional extra ``bench`` in pyproject.toml): elastix through ``itk-elasti
 rigid / affine / bspline parameter maps, 3 resolutions, centre-of-gravity start, body mask,
 B-spline grid as the torch field's) in this interpreter; ANTsPy (``antspyx``: Rigid, Affine,
 SyN) in the interpreter given by ``--ants-python`` (see benchmarks/_ants_register.py for why).
-A peer that is not installed is reported as skipped. Threads: 2 everywhere.
+A peer that is not installed is reported as skipped. Threads: 2 everywhere (elastix B-spline: 1,
+see _elastix_method).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _pipeline_method(cfg, backend: str, deformable: str, device: str, bias_corre
     reg = cfg.registration.model_copy(update={
         "backend": backend, "device": device,
         "inter_study": cfg.registration.inter_study.model_copy(
-            update={"deformable": deformable, "bias_correction": bias_correction})})
+            update={"backend": backend, "deformable": deformable, "bias_correction": bias_correction})})
 
     def run(fixed, moving, points):
         tx, qc = register_to_baseline(fixed, moving, reg)
@@ -90,7 +91,9 @@ def _elastix_method(kinds: list[str], grid_spacing_mm: float):
         elx = itk.ElastixRegistrationMethod.New(to_itk(fixed), to_itk(moving))
         elx.SetParameterObject(po)
         elx.SetFixedMask(to_itk(_metric_mask(body_mask(fixed), THREADS), np.uint8))
-        elx.SetNumberOfThreads(THREADS)
+        # itk-elastix 0.25.4 segfaults in the B-spline stage with more than one thread here
+        # (like InsightSoftwareConsortium/ITKElastix#160); one thread runs (measured ~36 s a pair).
+        elx.SetNumberOfThreads(1 if "bspline" in kinds else THREADS)
         elx.SetLogToConsole(False)
         elx.UpdateLargestPossibleRegion()
         tx = elx.ConvertToItkTransform(elx.GetCombinationTransform())
@@ -176,7 +179,7 @@ def main() -> None:
     parser.add_argument("--profile", default="heldout")
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--device", default="cpu", help="device of the torch backend: auto | cpu | cuda")
-    parser.add_argument("--methods", default="simpleitk,torch,torch+field,simpleitk+bspline,elastix,ants",
+    parser.add_argument("--methods", default="default,simpleitk,torch,torch+field,elastix,ants",
                         help="comma-separated subset")
     parser.add_argument("--ants-python", default=os.environ.get("ANTS_PYTHON"),
                         help="interpreter with antspyx installed (default: $ANTS_PYTHON)")
@@ -190,7 +193,11 @@ def main() -> None:
     cfg = load_config(args.config)
     grid = cfg.registration.inter_study.deformable_grid_spacing_mm
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    inter = cfg.registration.inter_study
     runners = {
+        # The configured inter-study path as it stands (configs/default.yaml unless --config).
+        "default": lambda: _pipeline_method(cfg, cfg.registration.backend_of(inter), inter.deformable, args.device,
+                                            inter.bias_correction),
         "simpleitk": lambda: _pipeline_method(cfg, "simpleitk", "none", "cpu"),
         "simpleitk+bspline": lambda: _pipeline_method(cfg, "simpleitk", "bspline", "cpu"),
         "torch": lambda: _pipeline_method(cfg, "torch", "none", args.device),

@@ -1,4 +1,4 @@
-"""Target registration error and seconds per pair of the SimpleITK path on a generated cohort.
+"""Target registration error and seconds per pair of the configured registration path on a generated cohort.
 
     .venv/bin/python benchmarks/registration_tre.py --patients 8 --seed 2026 --profile heldout
 

@@ -48,10 +48,19 @@ class RegistrationStageConfig(_Section):
     # backend) or "bspline" (B-spline free-form deformation, simpleitk backend).
     deformable: Literal["none", "field", "bspline"] = "none"
     # Intensity bias correction of both images before registering: "n4" (SimpleITK N4 on a
-    # ~6 mm copy, pipeline.registration.bias_corrected) or "none".
+    # ~8 mm copy, pipeline.registration.bias_corrected) or "none".
     bias_correction: Literal["none", "n4"] = "none"
     deformable_grid_spacing_mm: float = Field(default=40.0, gt=5)
     deformable_iterations: int = Field(default=60, gt=0)
+    # Sanity bound: a rotation larger than this (deg) fails QC; None: not checked.
+    max_rotation_deg: float | None = Field(default=None, gt=0, le=180)
+    # Sanity bound: a deformable part moving a body point farther than this (mm) beyond the
+    # affine fails QC; None: not checked.
+    max_deformation_mm: float | None = Field(default=None, gt=0)
+    # This stage's backend when it differs from registration.backend (None: that one). Why per
+    # stage: the rigid intra-study pairs are fast on either, while the inter-study chain is where
+    # the torch backend's displacement field earns its keep (docs/registration.md).
+    backend: Literal["simpleitk", "torch"] | None = None
 
 
 class RegistrationConfig(_Section):
@@ -62,14 +71,19 @@ class RegistrationConfig(_Section):
     intra_study: RegistrationStageConfig
     inter_study: RegistrationStageConfig
 
+    def backend_of(self, stage: RegistrationStageConfig) -> str:
+        """The backend that runs ``stage``: its own override, else ``backend``."""
+        return stage.backend or self.backend
+
     @model_validator(mode="after")
     def _deformable_matches_backend(self) -> "RegistrationConfig":
-        supported = {"simpleitk": {"none", "bspline"}, "torch": {"none", "field"}}[self.backend]
         for name in ("intra_study", "inter_study"):
-            kind = getattr(self, name).deformable
-            if kind not in supported:
-                raise ValueError(f"registration.{name}.deformable={kind!r} is not available with "
-                                 f"backend {self.backend!r} (choose from {sorted(supported)})")
+            stage = getattr(self, name)
+            backend = self.backend_of(stage)
+            supported = {"simpleitk": {"none", "bspline"}, "torch": {"none", "field"}}[backend]
+            if stage.deformable not in supported:
+                raise ValueError(f"registration.{name}.deformable={stage.deformable!r} is not available with "
+                                 f"backend {backend!r} (choose from {sorted(supported)})")
         return self
 
 

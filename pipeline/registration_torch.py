@@ -393,7 +393,12 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
                 matrix, translation = model.matrix().cpu().numpy(), model.t.detach().cpu().numpy()
         model = _AffineModel(matrix, centre, translation, kind, radius, dev)
         params = list(model.parameters())
-        for level, metric in zip(pyramid, metrics):
+        levels_of_kind = list(zip(pyramid, metrics))
+        if kind == "rigid" and kind != stage.transforms[-1]:
+            # A rigid stage an affine follows runs on the coarsest level only: the affine refines
+            # it on every level anyway (held-out seed 2026: same TRE, ~1.7 s less a pair).
+            levels_of_kind = levels_of_kind[:1]
+        for level, metric in levels_of_kind:
             step = min(max_step_mm, max(0.5, 0.5 * level.shrink * finest)) if iterations else max_step_mm
 
             def loss_fn(level=level, metric=metric):

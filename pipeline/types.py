@@ -129,12 +129,14 @@ class RegistrationQC(BaseModel):
     seconds: float = 0.0
     # Optional QC figures (None when not measured): inverse-consistency residual, the mean
     # round-trip displacement |T_back(T(x)) - x| over the body (mm); NCC of the body interior
-    # before/after; Jacobian determinant range of a deformable transform over the body.
+    # before/after; Jacobian determinant range of a deformable transform over the body and the
+    # largest displacement its deformable part adds to the affine (mm).
     residual_mm: float | None = None
     ncc_before: float | None = None
     ncc_after: float | None = None
     jacobian_min: float | None = None
     jacobian_max: float | None = None
+    deformation_max_mm: float | None = None
 
 
 class AxisMeasurement(BaseModel):

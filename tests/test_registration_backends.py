@@ -31,7 +31,8 @@ TRUE = euler((3.0, -2.5, 2.0), (6.0, -5.0, 5.0), centre=(3.0, -2.0, 1.0))
 
 def _cfg(backend: str, deformable: str = "none", deformable_iterations: int | None = None) -> RegistrationConfig:
     reg = load_config().registration
-    inter = {"deformable": deformable}
+    # The backend under test runs both stages, without N4 unless a test asks for it.
+    inter = {"deformable": deformable, "backend": None, "bias_correction": "none"}
     if deformable_iterations is not None:  # fewer iterations keep the CPU test short
         inter["deformable_iterations"] = deformable_iterations
     return reg.model_copy(update={
@@ -125,6 +126,7 @@ def test_torch_deformable_field(small_baseline, small_followup, inter_results, t
     assert tx.GetName() == "CompositeTransform"
     # The truth is rigid here: the field must stay small and smooth, never fold.
     assert 0.8 < qc.jacobian_min <= qc.jacobian_max < 1.25
+    assert qc.deformation_max_mm is not None and qc.deformation_max_mm < 5.0
     assert tre.mean() <= affine_tre.mean() + 0.3
     # Files: the affine goes in the .tfm, the field in a NIfTI vector image; read back equal.
     affine, deformable = split_affine_and_deformable(tx)
@@ -135,6 +137,33 @@ def test_torch_deformable_field(small_baseline, small_followup, inter_results, t
                               sitk.ReadImage(str(tmp_path / "to_baseline_field.nii.gz")))
     for p in pts[:5]:
         assert np.allclose(back.TransformPoint(p), tx.TransformPoint(p), atol=1e-3)
+
+
+def test_deformation_bound(small_baseline):
+    """deformation_max_mm measures the deformable part alone (not the affine); a field larger
+    than registration.<stage>.max_deformation_mm fails QC (checked in _quality)."""
+    from pipeline.registration import body_mask, coarse_grid_like, deformation_max_mm
+
+    body = body_mask(small_baseline)
+    ref = coarse_grid_like(small_baseline, 4.0)
+    u = np.zeros((*ref.GetSize()[::-1], 3))
+    u[..., 0] = 3.0  # 3 mm along L everywhere
+    field = sitk.GetImageFromArray(u, isVector=True)
+    field.CopyInformation(ref)
+    shift = sitk.TranslationTransform(3, (20.0, 0.0, 0.0))
+    tx = compose_with_field(shift, field)
+    assert deformation_max_mm(tx, body) == pytest.approx(3.0, abs=1e-6)
+    assert deformation_max_mm(shift, body) == 0.0
+
+
+def test_too_large_deformation_is_not_used(small_baseline, small_followup):
+    """With a bound below any field the optimiser returns, the deformable chain fails QC and the
+    driver falls back to the chain's rigid stage alone; the field is never used."""
+    reg = _cfg("torch", "field", 10)
+    reg = reg.model_copy(update={"inter_study": reg.inter_study.model_copy(update={"max_deformation_mm": 1e-4})})
+    tx, qc = register_to_baseline(small_baseline, small_followup, reg)
+    assert qc.ok and qc.method == "torch:rigid", (qc.method, qc.reason)
+    assert tx.GetName() != "CompositeTransform"
 
 
 def test_inconsistent_round_trip_fails_qc(phantom, small_baseline, monkeypatch):
@@ -190,6 +219,21 @@ def test_config_backend_and_deformable_validated():
         RegistrationConfig.model_validate(torch_bspline)
     with pytest.raises(ValidationError):
         RegistrationConfig.model_validate({**raw, "inter_study": {**raw["inter_study"], "deformable": "syn"}})
+
+
+def test_stage_backend_overrides_the_default(small_baseline, small_followup):
+    """registration.inter_study.backend picks that stage's backend; the validator checks the
+    deformable kind against the stage's effective backend, not registration.backend."""
+    raw = load_config().registration.model_dump()
+    mixed = {**raw, "backend": "simpleitk",
+             "inter_study": {**raw["inter_study"], "backend": "torch", "deformable": "field"}}
+    cfg = RegistrationConfig.model_validate({**mixed, "device": "cpu"})
+    assert cfg.backend_of(cfg.inter_study) == "torch" and cfg.backend_of(cfg.intra_study) == "simpleitk"
+    with pytest.raises(ValidationError, match="not available with backend 'simpleitk'"):
+        RegistrationConfig.model_validate({**mixed, "inter_study": {**mixed["inter_study"], "backend": "simpleitk"}})
+    cfg = cfg.model_copy(update={"inter_study": cfg.inter_study.model_copy(update={"deformable": "none"})})
+    tx, qc = register_to_baseline(small_baseline, small_followup, cfg)
+    assert qc.ok and qc.method.startswith("torch:"), (qc.method, qc.reason)
 
 
 def test_unavailable_cuda_fails_cleanly(small_baseline, small_followup, monkeypatch):
