@@ -112,11 +112,19 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
         errors = [ErrorRecord(**e) for e in previous.errors if e.get("stage") in IMAGING_STAGES]
         return StudyState(study, previous.imaging, None, key, folder, reused=True), errors
     analysis = analyse_study(study, cfg, device=device)
-    if analysis.images is not None:
-        atomic_write_image(analysis.images.labels, folder / IMAGE_FILES["labels"])
-        atomic_write_image(analysis.images.subtraction, folder / IMAGE_FILES["subtraction"])
-        atomic_write_image(sitk.Cast(analysis.images.pre_registered, sitk.sitkFloat32), folder / IMAGE_FILES["pre_registered"])
-    return StudyState(study, analysis.imaging, analysis.images, key, folder), analysis.errors
+    images = analysis.images
+    if images is not None:
+        atomic_write_image(images.labels, folder / IMAGE_FILES["labels"])
+        atomic_write_image(images.subtraction, folder / IMAGE_FILES["subtraction"])
+        atomic_write_image(sitk.Cast(images.pre_registered, sitk.sitkFloat32), folder / IMAGE_FILES["pre_registered"])
+        # The later stages (registration to the baseline, temporal difference) use the images as
+        # written, float32 with NIfTI's header precision, not the in-memory ones: a rerun after a
+        # crash reads them back from disk and must compute exactly what the first run did
+        # (tests/test_end_to_end.py::test_resume_after_a_lost_study_recomputes_it_identically).
+        loaded = {name: sitk.ReadImage(str(folder / fname)) for name, fname in IMAGE_FILES.items()}
+        images = StudyImages(post=images.post, pre_registered=loaded["pre_registered"],
+                             subtraction=loaded["subtraction"], labels=loaded["labels"])
+    return StudyState(study, analysis.imaging, images, key, folder), analysis.errors
 
 
 def to_baseline_key(state: StudyState, baseline: StudyState) -> str:
