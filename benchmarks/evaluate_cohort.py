@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("--profile", default="heldout")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench_out/evaluate"))
+    parser.add_argument("--config", type=Path, default=None,
+                        help="pipeline config overriding configs/default.yaml (e.g. segmentation.method: network)")
     args = parser.parse_args()
 
     from flows.assess import run_assessment
@@ -36,7 +38,7 @@ def main() -> None:
     generate_export(args.out / "data", args.patients, args.seed, profile=args.profile)
     t_gen = time.perf_counter() - t0
     summary = run_assessment(args.out / "data" / "export", args.out / "results", args.out / "data" / "procedures.csv",
-                             workers=args.workers, device="cpu")
+                             config=args.config, workers=args.workers, device="cpu")
     report = evaluate_run(args.out / "results", args.out / "data" / "truth.json")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report.update({"patients": args.patients, "seed": args.seed, "profile": args.profile, "workers": args.workers,

@@ -6,7 +6,10 @@
 The cohort (phantom ``heldout`` profile: other sizes, noise, poses and contrast than training)
 is built once by the real pipeline (models/data.py: ingest, registration, subtraction and the
 classical segmentation, whose labels are stored beside the truth) and reused. Network labels are
-the TTA argmax of models/infer.py on the study's post grid. Per class, Dice is over the studies
+the TTA argmax of models/infer.py on the study's post grid, cleaned as the pipeline cleans them
+(``models.infer.clean_prediction``: one AZ component, rim near it, foci of the minimum size;
+the classical labels went through the same kind of rules); ``network_raw`` is the bare argmax.
+Per class, Dice is over the studies
 where the truth or the prediction holds the class (both empty: not counted); HD95 (mm, MONAI)
 over the studies where both hold it. Prints a table and, with --json, writes the figures.
 """
@@ -26,7 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE, build_synthetic_cohort  # noqa: E402
-from models.infer import load_model, predict  # noqa: E402
+from models.infer import clean_prediction, load_model, predict  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.registration import body_mask  # noqa: E402
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, spacing_zyx: np.ndarray) -> dict[str, dict]:
@@ -72,6 +77,7 @@ def main() -> None:
 
     cases_dir = build_synthetic_cohort(args.cohort_dir, args.patients, args.seed, args.profile)
     model = load_model(args.weights, args.device)
+    cfg = load_config()
     per_case, seconds = [], []
     for folder in sorted(p for p in cases_dir.iterdir() if (p / CLASSICAL_FILE).is_file()):
         pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
@@ -82,23 +88,27 @@ def main() -> None:
         pred = predict(model, pre, sub, tta=not args.no_tta)
         seconds.append(time.perf_counter() - t0)
         spacing = np.array(pre.GetSpacing()[::-1])
-        per_case.append({"case": folder.name, "network": _scores(pred.labels, truth, spacing),
+        cleaned = clean_prediction(pred, sitk.GetArrayViewFromImage(body_mask(pre)) > 0, spacing, cfg)
+        network = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
+        per_case.append({"case": folder.name, "network": _scores(network, truth, spacing),
+                         "network_raw": _scores(pred.labels, truth, spacing),
                          "classical": _scores(classical, truth, spacing), "uncertainty": pred.case_uncertainty})
     result = {"weights": str(args.weights), "cohort": {"patients": args.patients, "seed": args.seed,
                                                        "profile": args.profile, "studies": len(per_case)},
               "device": args.device, "tta": not args.no_tta,
               "seconds_per_study_median": float(np.median(seconds)) if seconds else None,
-              "network": _summary(per_case, "network"), "classical": _summary(per_case, "classical"),
+              "network": _summary(per_case, "network"), "network_raw": _summary(per_case, "network_raw"),
+              "classical": _summary(per_case, "classical"),
               "per_case": per_case}
     print(f"{len(per_case)} studies, {args.profile} profile seed {args.seed}; network "
           f"{result['seconds_per_study_median']:.1f} s/study on {args.device} (TTA {not args.no_tta})")
-    print(f"{'class':18s} {'method':10s} {'Dice':>6s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
+    print(f"{'class':18s} {'method':11s} {'Dice':>6s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
     for name in CLASS_NAMES[1:]:
-        for method in ("network", "classical"):
+        for method in ("network", "network_raw", "classical"):
             s = result[method][name]
             dice = f"{s['dice_mean']:.3f}" if s["dice_mean"] is not None else "-"
             hd = f"{s['hd95_median_mm']:.1f}" if s["hd95_median_mm"] is not None else "-"
-            print(f"{name:18s} {method:10s} {dice:>6s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
+            print(f"{name:18s} {method:11s} {dice:>6s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

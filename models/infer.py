@@ -130,43 +130,86 @@ def predict(model: LoadedModel, pre_on_post: sitk.Image, subtraction: sitk.Image
     return NetworkPrediction(labels, probabilities, uncertainty, case_unc, model.device, len(views))
 
 
+@dataclass
+class CleanedPrediction:
+    """The network's labels as the pipeline uses them (``clean_prediction``), on the post grid."""
+
+    az: np.ndarray  # bool: the ablation-zone component kept, holes filled
+    az_soft: np.ndarray  # float32: its probability within one voxel of it
+    rim: np.ndarray  # bool: rim voxels outside the AZ and within rim_search_mm of it
+    foci: list[np.ndarray]  # bool masks: focus components of at least the minimum size
+
+    def labels(self) -> np.ndarray:
+        """uint8 label map (0 background, 1 AZ, 2 rim, 3 focus)."""
+        out = np.zeros(self.az.shape, np.uint8)
+        out[self.rim] = LABEL_RIM
+        for mask in self.foci:
+            out[mask] = LABEL_FOCUS
+        out[self.az] = LABEL_AZ
+        return out
+
+
+def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: np.ndarray, cfg,
+                     hint_zyx: np.ndarray | None = None) -> CleanedPrediction | None:
+    """The argmax turned into one ablation zone, its rim and the foci; None without an AZ.
+
+    Why each rule (the same as the classical method's, pipeline/segment_classical.py): one
+    treated lesion per study, so the AZ is the component nearest the target hint (else the
+    largest) of at least ``az_min_volume_ml``; the rim is the benign margin of that zone, so rim
+    voxels farther than ``rim_search_mm`` from it are not rim (they measured as false rim on
+    rim-free held-out studies); focus components under rule 6's minimum size are specks
+    (single stray voxels set the focus HD95 to tens of mm before this filter).
+    """
+    from scipy import ndimage as ndi
+
+    from pipeline.segment_classical import _component_nearest
+
+    spacing = np.asarray(spacing_zyx, float)
+    lab, n = ndi.label(pred.labels == LABEL_AZ)
+    min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
+    keep = _component_nearest(lab, n, hint_zyx, spacing, min_az_vox) if n else 0
+    if keep == 0:
+        return None
+    az = ndi.binary_fill_holes(lab == keep) & body_a
+    soft = pred.probabilities[LABEL_AZ].copy()
+    soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
+    near_az = ndi.distance_transform_edt(~az, sampling=spacing) <= cfg.segmentation.rim_search_mm
+    rim = (pred.labels == LABEL_RIM) & ~az & body_a & near_az
+    focus = (pred.labels == LABEL_FOCUS) & ~az & body_a
+    flab, nf = ndi.label(focus)
+    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    sizes = ndi.sum_labels(np.ones_like(flab), flab, index=np.arange(1, nf + 1)) if nf else []
+    foci = [flab == i for i, size in zip(range(1, nf + 1), sizes) if int(size) >= min_vox]
+    return CleanedPrediction(az, soft.astype(np.float32), rim, foci)
+
+
 def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_enhancement: sitk.Image,
                     body: sitk.Image, cfg, model: LoadedModel,
                     target_hint_lps: tuple[float, float, float] | None = None):
     """``SegmentationResult`` (pipeline/segment_classical.py) from the network, plus the prediction.
 
-    AZ: the network's ablation-zone component nearest the target hint (else the largest), holes
-    filled; ``az_soft``: its probability (the partial-volume fraction the measurement refines
-    the edge with). Rim: rim voxels outside the AZ. Focus candidates: connected components of the
-    focus class. ``enhancing`` stays rule 6's definition (RE >= threshold, components >= the
-    minimum size; shared with the classical method) plus the network's rim and foci, because
-    the foci stage measures new lesions and vessels on it, not only what the network labels.
+    The AZ, rim and foci are ``clean_prediction``'s; ``az_soft`` is the AZ probability (the
+    partial-volume fraction the measurement refines the edge with). ``enhancing`` stays rule 6's
+    definition (RE >= threshold, components >= the minimum size; shared with the classical
+    method) plus the network's rim and foci, because the foci stage measures new lesions and
+    vessels on it, not only what the network labels.
     """
-    from scipy import ndimage as ndi
-
-    from pipeline.segment_classical import SegmentationResult, _component_nearest, enhancing_tissue, spacing_zyx
+    from pipeline.segment_classical import SegmentationResult, enhancing_tissue, spacing_zyx
 
     pred = predict(model, pre_on_post, subtraction, body, tta=cfg.segmentation.network_tta)
     spacing = spacing_zyx(pre_on_post)
     body_a = sitk.GetArrayViewFromImage(body) > 0
     enhancing = enhancing_tissue(relative_enhancement, body, cfg)
-    lab, n = ndi.label(pred.labels == LABEL_AZ)
     hint = None
     if target_hint_lps is not None:
         hint = np.array(pre_on_post.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))[::-1])
-    min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
-    keep = _component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
-    empty = np.zeros(pred.labels.shape, bool)
-    if keep == 0:
+    cleaned = clean_prediction(pred, body_a, spacing, cfg, hint)
+    if cleaned is None:
+        empty = np.zeros(pred.labels.shape, bool)
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "the network found no ablation zone"), pred
-    az = ndi.binary_fill_holes(lab == keep) & body_a
-    soft = pred.probabilities[LABEL_AZ].copy()
-    soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
-    rim = (pred.labels == LABEL_RIM) & ~az & body_a
-    focus = (pred.labels == LABEL_FOCUS) & ~az & body_a
-    enhancing = (enhancing | rim | focus) & ~az
-    flab, nf = ndi.label(focus)
-    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
-    foci = [flab == i for i in range(1, nf + 1) if int((flab == i).sum()) >= min_vox]
-    return SegmentationResult(az, soft.astype(np.float32), enhancing, rim, foci, True, ""), pred
+    network_enhancing = cleaned.rim.copy()
+    for mask in cleaned.foci:
+        network_enhancing |= mask
+    enhancing = (enhancing | network_enhancing) & ~cleaned.az
+    return SegmentationResult(cleaned.az, cleaned.az_soft, enhancing, cleaned.rim, cleaned.foci, True, ""), pred

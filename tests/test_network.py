@@ -276,3 +276,30 @@ def test_uncertain_network_segmentation_raises_the_review_flag():
     off = base.model_copy(update={"segmentation": base.segmentation.model_copy(
         update={"network_review_uncertainty": None})})
     assert not decide("network", 0.2, off).flagged  # None: the uncertainty never flags
+
+
+def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
+    """The argmax is cleaned as the classical method is: the largest AZ component, rim only
+    within rim_search_mm of it, focus components of rule 6's minimum size."""
+    from models.infer import LABEL_AZ, LABEL_FOCUS, LABEL_RIM, NetworkPrediction, clean_prediction
+
+    cfg = load_config()
+    shape, spacing = (20, 60, 60), np.array([3.0, 1.5, 1.5])
+    labels = np.zeros(shape, np.uint8)
+    labels[8:13, 20:35, 20:35] = LABEL_AZ  # the zone (~2.5 mL)
+    labels[8:10, 50:52, 50:52] = LABEL_AZ  # a speck of AZ elsewhere
+    labels[8:13, 18:20, 20:35] = LABEL_RIM  # rim on the zone's margin
+    labels[15:17, 50:55, 5:10] = LABEL_RIM  # "rim" 30 mm away: not this zone's rim
+    labels[8:12, 40:46, 40:46] = LABEL_FOCUS  # a nodule, 6 x 9 x 9 mm
+    labels[2, 5, 5] = LABEL_FOCUS  # one stray voxel
+    probs = np.stack([(labels == c).astype(np.float32) for c in range(4)])
+    pred = NetworkPrediction(labels, probs, np.zeros(shape, np.float32), 0.0, "cpu", 1)
+    cleaned = clean_prediction(pred, np.ones(shape, bool), spacing, cfg)
+    assert cleaned is not None
+    assert cleaned.az.sum() == 5 * 15 * 15 and not cleaned.az[8:10, 50:52, 50:52].any()
+    assert cleaned.rim[8:13, 18:20, 20:35].all() and not cleaned.rim[15:17].any()
+    assert len(cleaned.foci) == 1 and cleaned.foci[0][8:12, 40:46, 40:46].all()
+    out = cleaned.labels()
+    assert out[2, 5, 5] == 0 and out[10, 25, 25] == LABEL_AZ and out[10, 19, 25] == LABEL_RIM
+    empty = NetworkPrediction(np.zeros(shape, np.uint8), probs, probs[0], 0.0, "cpu", 1)
+    assert clean_prediction(empty, np.ones(shape, bool), spacing, cfg) is None
