@@ -17,7 +17,7 @@ from pipeline.dicom_outputs import dicom_outputs_missing, write_study_dicom
 from pipeline.imageio import load_series
 from pipeline.key_image import render_key_image
 from pipeline.outputs import (
-    AssessmentRecord, SeriesUsed, atomic_write_image, read_assessment, study_dir,
+    AssessmentRecord, SeriesUsed, atomic_write_image, read_assessment, read_image, study_dir,
     timeline_points, write_assessment, write_json,
 )
 from pipeline.registration import invert_registration, register_to_baseline, resample_to
@@ -95,7 +95,7 @@ def _load_cached_images(folder: Path, study: StudyRecord, imaging: StudyImaging)
     try:
         post_uid = imaging.series_used.get("t1_post")
         post_series = next(s for s in study.series if s.series_instance_uid == post_uid)
-        loaded = {name: sitk.ReadImage(str(folder / fname)) for name, fname in IMAGE_FILES.items()}
+        loaded = {name: read_image(folder / fname) for name, fname in IMAGE_FILES.items()}
         return StudyImages(post=load_series(post_series), pre_registered=loaded["pre_registered"],
                            subtraction=loaded["subtraction"], labels=loaded["labels"])
     except (StopIteration, RuntimeError, OSError, ValueError):
@@ -121,7 +121,7 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
         # written, float32 with NIfTI's header precision, not the in-memory ones: a rerun after a
         # crash reads them back from disk and must compute exactly what the first run did
         # (tests/test_end_to_end.py::test_resume_after_a_lost_study_recomputes_it_identically).
-        loaded = {name: sitk.ReadImage(str(folder / fname)) for name, fname in IMAGE_FILES.items()}
+        loaded = {name: read_image(folder / fname) for name, fname in IMAGE_FILES.items()}
         images = StudyImages(post=images.post, pre_registered=loaded["pre_registered"],
                              subtraction=loaded["subtraction"], labels=loaded["labels"])
     return StudyState(study, analysis.imaging, images, key, folder), analysis.errors

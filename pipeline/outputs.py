@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# One lock around every SimpleITK image file read and write of the process. Why: ITK's NIfTI I/O
+# keeps global state and is not thread-safe (SimpleITK/SimpleITK#74: concurrent ReadImage may
+# segfault); the batch flow's patients run in threads, and a crash of that kind was seen in the
+# test suite once each worker started reading its images back. I/O is a small part of a study.
+_IMAGE_IO_LOCK = threading.Lock()
+
+
+def read_image(path: Path | str, pixel_type: int = sitk.sitkUnknown) -> sitk.Image:
+    """``sitk.ReadImage`` serialised with the other image I/O of the process."""
+    with _IMAGE_IO_LOCK:
+        return sitk.ReadImage(str(path), pixel_type)
+
+
 def atomic_write_image(image: sitk.Image, path: Path) -> None:
     """Write a SimpleITK image (format from the final suffix, e.g. .nii.gz) atomically."""
     path = Path(path)
@@ -122,7 +136,8 @@ def atomic_write_image(image: sitk.Image, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
-        sitk.WriteImage(image, tmp, useCompression=True)
+        with _IMAGE_IO_LOCK:
+            sitk.WriteImage(image, tmp, useCompression=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

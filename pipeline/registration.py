@@ -20,9 +20,9 @@ point to the corresponding follow-up point.
 Backend-neutral interface
 -------------------------
 Public functions take and return ``SimpleITK`` images and transforms, whatever computes the
-registration: the optimisation proper lives behind ``_BACKENDS[cfg.backend_of(stage)]`` (one function per
-backend: images, masks, initial transform and stage settings in; transform, iterations and stop
-condition out). Initialisation, QC (Mattes MI before/after, NCC of the registered pair, motion
+registration: the optimisation proper lives behind ``_BACKENDS[cfg.backend_of(stage)]`` (one
+function per backend: images, masks, initial transform and stage settings in; transform,
+iterations and stop condition out). Initialisation, QC (Mattes MI before/after, NCC of the registered pair, motion
 magnitude, inverse-consistency residual, Jacobian of a deformable result) and the failure policy
 are shared. Backends: ``simpleitk`` (reference, CPU; optional B-spline stage) and ``torch``
 (``pipeline/registration_torch.py``; CUDA when present; optional smooth displacement field).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pipeline.outputs import atomic_write_image, atomic_write_transform
+from pipeline.outputs import atomic_write_image, atomic_write_transform, read_image
 from pipeline.registration import compose_with_field, deformable_as_field, split_affine_and_deformable
 
 TRANSFORM_FILE = "to_baseline.tfm"
@@ -37,7 +37,7 @@ def read_to_baseline(folder: Path) -> sitk.Transform:
     affine = sitk.ReadTransform(str(folder / TRANSFORM_FILE))
     field_path = folder / FIELD_FILE
     if field_path.exists():
-        return compose_with_field(affine, sitk.ReadImage(str(field_path)))
+        return compose_with_field(affine, read_image(field_path))
     return affine
 
 
