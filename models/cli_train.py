@@ -24,6 +24,8 @@ def register(app: typer.Typer, console) -> None:
         iterations: Annotated[int, typer.Option(min=1)] = 1000,
         minutes: Annotated[Optional[float], typer.Option(min=0.01, help="stop after this long (whichever first)")] = None,
         validate_every: Annotated[int, typer.Option(min=1)] = 100,
+        stop_after: Annotated[Optional[int], typer.Option(
+            min=1, help="stop at this iteration; the learning-rate schedule still spans --iterations")] = None,
         seed: Annotated[int, typer.Option(help="seed of weights init, patches and augmentation")] = 0,
         network: Annotated[str, typer.Option(help="segresnet | basicunet | dynunet")] = "segresnet",
         init_filters: Annotated[int, typer.Option(min=4)] = 16,
@@ -55,7 +57,7 @@ def register(app: typer.Typer, console) -> None:
         except ValueError:
             console.print(f"[red]error:[/red] --patch needs 3 integers, --crop-ratios and --ce-weights {N_CLASSES} numbers")
             raise typer.Exit(code=2) from None
-        settings = asdict(TrainSettings(seed=seed, max_iterations=iterations, max_minutes=minutes,
+        settings = asdict(TrainSettings(seed=seed, max_iterations=iterations, max_minutes=minutes, stop_after=stop_after,
                                         validate_every=validate_every, network=net_cfg, threads=threads,
                                         roi_zyx=roi, crop_ratios=ratios, ce_weights=weights,
                                         learning_rate=learning_rate))

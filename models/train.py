@@ -52,6 +52,9 @@ class TrainSettings:
     ce_weights: tuple[float, float, float, float] = (1.0, 1.0, 3.0, 3.0)
     max_iterations: int = 1000
     max_minutes: float | None = None  # stop at whichever of iterations / minutes comes first
+    # Stop at this iteration while the learning-rate schedule still spans max_iterations: what
+    # reproduces a run that was cut short (the shipped weights, models/README.md).
+    stop_after: int | None = None
     learning_rate: float = 2e-3
     weight_decay: float = 1e-5
     validate_every: int = 100
@@ -193,7 +196,9 @@ def train(train_cases: list[Case], val_cases: list[Case], settings: TrainSetting
         return make_checkpoint(net, settings, iteration, metrics,
                                {**(provenance or {}), "device": device, "minutes": (time.perf_counter() - started) / 60})
 
-    while iteration < total:
+    last = min(total, settings.stop_after or total)
+    done = False
+    while not done:
         for batch in loader:
             x, y = batch["image"].to(device), batch["label"].to(device)
             optimiser.zero_grad(set_to_none=True)
@@ -208,7 +213,7 @@ def train(train_cases: list[Case], val_cases: list[Case], settings: TrainSetting
             iteration += 1
             losses.append(float(loss.item()))
             out_of_time = settings.max_minutes is not None and (time.perf_counter() - started) / 60 >= settings.max_minutes
-            done = iteration >= total or out_of_time
+            done = iteration >= last or out_of_time
             if iteration % 10 == 0:
                 say(f"iteration {iteration}: loss {np.mean(losses[-10:]):.4f} "
                     f"({(time.perf_counter() - started) / iteration:.2f} s/it)")
@@ -222,8 +227,6 @@ def train(train_cases: list[Case], val_cases: list[Case], settings: TrainSetting
                     _save(checkpoint_now(scores), best_path)
             if done:
                 break
-        if settings.max_minutes is not None and (time.perf_counter() - started) / 60 >= settings.max_minutes:
-            break
     _save(checkpoint_now(validation[-1] if validation else None), last_path)
     if not val_cases:
         _save(checkpoint_now(None), best_path)

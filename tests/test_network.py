@@ -78,6 +78,10 @@ def test_training_smoke_finite_deterministic_and_reloadable(case_root, tiny_trai
     assert all(torch.equal(a[k], b[k]) for k in a)
     model = load_model(first.checkpoint, "cpu")
     assert model.meta["spacing_xyz"] == [3.0, 3.0, 3.0] and model.meta["roi_zyx"] == [16, 48, 48]
+    # stop_after cuts the same run short (the schedule still spans max_iterations): its losses
+    # are the full run's first ones, which is how the shipped weights are reproduced.
+    cut = train(cases[:-1], [], TrainSettings(seed=3, **{**TINY, "stop_after": 3}), out / "cut")
+    assert cut.iterations == 3 and cut.losses == first.losses[:3]
     # Another seed draws other patches: the losses differ.
     other = train(cases[:-1], [], TrainSettings(seed=4, **{**TINY, "max_iterations": 2}), out / "c")
     assert other.losses != first.losses[:2]
