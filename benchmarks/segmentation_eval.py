@@ -88,7 +88,7 @@ def main() -> None:
         pred = predict(model, pre, sub, tta=not args.no_tta)
         seconds.append(time.perf_counter() - t0)
         spacing = np.array(pre.GetSpacing()[::-1])
-        cleaned = clean_prediction(pred, sitk.GetArrayViewFromImage(body_mask(pre)) > 0, spacing, cfg)
+        cleaned = clean_prediction(pred, sitk.GetArrayFromImage(body_mask(pre)) > 0, spacing, cfg)
         network = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
         per_case.append({"case": folder.name, "network": _scores(network, truth, spacing),
                          "network_raw": _scores(pred.labels, truth, spacing),

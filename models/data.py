@@ -95,8 +95,8 @@ def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz:
         raise ValueError(f"pre-contrast {pre_on_post.GetSize()} and subtraction {subtraction.GetSize()} "
                          "are not on one grid")
     body = body if body is not None else body_mask(pre_on_post)
-    pre_a = sitk.GetArrayViewFromImage(pre_on_post)
-    inside = (sitk.GetArrayViewFromImage(body) > 0) & np.isfinite(pre_a)
+    pre_a = sitk.GetArrayFromImage(pre_on_post)
+    inside = (sitk.GetArrayFromImage(body) > 0) & np.isfinite(pre_a)
     if not inside.any():
         raise ValueError("no body found on the pre-contrast image")
     scale = float(np.median(pre_a[inside]))

@@ -198,7 +198,7 @@ def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_e
 
     pred = predict(model, pre_on_post, subtraction, body, tta=cfg.segmentation.network_tta)
     spacing = spacing_zyx(pre_on_post)
-    body_a = sitk.GetArrayViewFromImage(body) > 0
+    body_a = sitk.GetArrayFromImage(body) > 0
     enhancing = enhancing_tissue(relative_enhancement, body, cfg)
     hint = None
     if target_hint_lps is not None:

@@ -93,7 +93,7 @@ def _write(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[
     if outputs.write_dicom_seg and is_post and record.imaging.ok:
         try:
             labels = load_labels()
-            if labels is None or not np.any(sitk.GetArrayViewFromImage(labels)):
+            if labels is None or not np.any(sitk.GetArrayFromImage(labels)):
                 labels = None  # nothing segmented (e.g. no ablation zone): the SR alone carries the call
             segmentation = None if labels is None else build_segmentation(
                 source, labels, record.patient_id, record.session, record.imaging.segmentation_method or "classical")

@@ -128,7 +128,7 @@ def analyse_foci(
     fc = cfg.foci
     spacing = spacing_zyx(grid)
     in_plane = float(np.min(spacing[1:]))
-    re_a = sitk.GetArrayViewFromImage(relative_enhancement)
+    re_a = sitk.GetArrayFromImage(relative_enhancement)
     # Physical distance (mm) of every voxel to the AZ; 0 inside it.
     dist_to_az = ndi.distance_transform_edt(~seg.az, sampling=spacing)
     if rim_typical_mm is not None:

@@ -42,7 +42,7 @@ def _window(a: np.ndarray) -> tuple[float, float]:
 
 def crop_box(labels: sitk.Image, k: int, margin_mm: float = 35.0) -> tuple[slice, slice] | None:
     """Rows/columns around the labelled findings of slice ``k`` (None: show the whole slice)."""
-    lab = sitk.GetArrayViewFromImage(labels)
+    lab = sitk.GetArrayFromImage(labels)
     k = int(np.clip(k, 0, lab.shape[0] - 1))
     rows, cols = np.nonzero(lab[k]) if lab[k].any() else np.nonzero(lab.any(axis=0))
     if rows.size == 0:
@@ -54,7 +54,7 @@ def crop_box(labels: sitk.Image, k: int, margin_mm: float = 35.0) -> tuple[slice
 
 def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None = None, cmap: str = "gray",
            symmetric: bool = False, box: tuple[slice, slice] | None = None) -> None:
-    arr = sitk.GetArrayViewFromImage(image)
+    arr = sitk.GetArrayFromImage(image)
     k = int(np.clip(k, 0, arr.shape[0] - 1))
     box = box or (slice(None), slice(None))
     sl = arr[k][box]
@@ -66,7 +66,7 @@ def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None 
         lo, hi = _window(sl)
         ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
     if labels is not None:
-        lab = sitk.GetArrayViewFromImage(labels)[k][box]
+        lab = sitk.GetArrayFromImage(labels)[k][box]
         ax.imshow(np.ma.masked_equal(lab, 0), cmap=_LABEL_COLOURS, vmin=0, vmax=3, aspect=sy / sx,
                   interpolation="nearest")
     left, right, top, bottom = orientation_letters(image)

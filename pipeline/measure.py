@@ -309,11 +309,11 @@ def measure_ablation_zone(
     grid (they do not depend on the slice plane, and resampling would only blur them).
     """
     grid = Grid.of(mask)
-    binary = sitk.GetArrayViewFromImage(mask) != 0  # (z, y, x)
+    binary = sitk.GetArrayFromImage(mask) != 0  # (z, y, x)
     if soft is not None:
         if tuple(soft.GetSize()) != tuple(mask.GetSize()):
             raise ValueError("soft must be on the same grid as mask")
-        field = np.clip(sitk.GetArrayViewFromImage(soft).astype(np.float32), 0.0, 1.0)
+        field = np.clip(sitk.GetArrayFromImage(soft).astype(np.float32), 0.0, 1.0)
         support = binary | (field >= _ISO)
     else:
         field = binary

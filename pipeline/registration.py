@@ -109,7 +109,7 @@ def _identity() -> sitk.Euler3DTransform:
 
 def _mask_centroid_lps(mask: sitk.Image) -> np.ndarray:
     """Centroid (LPS, mm) of the non-zero voxels of ``mask``; image centre if empty."""
-    arr = sitk.GetArrayViewFromImage(mask)
+    arr = sitk.GetArrayFromImage(mask)
     idx = np.argwhere(arr > 0)
     if idx.size == 0:
         centre_idx = (np.array(mask.GetSize(), dtype=float) - 1.0) / 2.0
@@ -178,14 +178,14 @@ def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Im
     factors = [max(1, int(round(_N4_VOXEL_MM / s))) for s in img.GetSpacing()]
     small = sitk.BinShrink(img, factors)
     small_mask = sitk.Cast(sitk.BinShrink(sitk.Cast(body, sitk.sitkFloat32), factors) > 0.5, sitk.sitkUInt8)
-    if not sitk.GetArrayViewFromImage(small_mask).any():
+    if not sitk.GetArrayFromImage(small_mask).any():
         return img
     n4 = sitk.N4BiasFieldCorrectionImageFilter()
     n4.SetMaximumNumberOfIterations(list(_N4_ITERATIONS))
     n4.SetNumberOfThreads(threads)
     # N4 needs positive intensities: lift non-positive images by a constant relative to their range
     # (a fixed +1 would distort images scaled to ~1).
-    arr = sitk.GetArrayViewFromImage(small)
+    arr = sitk.GetArrayFromImage(small)
     lo, hi = float(arr.min()), float(arr.max())
     lift = 0.0 if lo > 0 else -lo + 0.01 * max(hi - lo, 1e-6)
     n4.Execute(small + lift, small_mask)
@@ -200,8 +200,8 @@ def _interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
     f.SetKernelType(sitk.sitkBall)
     f.SetForegroundValue(1)
     inner = _exec(f, body, threads=threads)
-    n_inner = int(sitk.GetArrayViewFromImage(inner).sum())
-    n_body = int(sitk.GetArrayViewFromImage(body).sum())
+    n_inner = int(sitk.GetArrayFromImage(inner).sum())
+    n_body = int(sitk.GetArrayFromImage(body).sum())
     return inner if n_inner >= 0.2 * n_body else body
 
 
@@ -327,7 +327,7 @@ def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float
         mask = _exec(c, mask, threads=threads)
     in_slice = np.zeros((3, 3, 3), dtype=bool)
     in_slice[1] = ndimage.generate_binary_structure(2, 1)
-    filled = ndimage.binary_fill_holes(sitk.GetArrayViewFromImage(mask) > 0, structure=in_slice)
+    filled = ndimage.binary_fill_holes(sitk.GetArrayFromImage(mask) > 0, structure=in_slice)
     out = sitk.GetImageFromArray(filled.astype(np.uint8))
     out.CopyInformation(image)
     return out
@@ -354,14 +354,14 @@ def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> fl
     ``mask_image`` defines the points (its grid, in the transform's fixed space). Works for any
     transform (it is sampled as a displacement field). Returns 0.0 for an empty mask.
     """
-    m = sitk.GetArrayViewFromImage(mask_image) > 0
+    m = sitk.GetArrayFromImage(mask_image) > 0
     if not m.any():
         return 0.0
     f = sitk.TransformToDisplacementFieldFilter()
     f.SetReferenceImage(mask_image)
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
     field = f.Execute(transform)
-    disp = sitk.GetArrayViewFromImage(field)  # (k, j, i, 3)
+    disp = sitk.GetArrayFromImage(field)  # (k, j, i, 3)
     return float(np.linalg.norm(disp[m], axis=1).mean())
 
 
@@ -386,7 +386,7 @@ def jacobian_determinant_range(transform: sitk.Transform, body: sitk.Image) -> t
     Returns (1.0, 1.0) for an empty body.
     """
     ref = coarse_grid_like(body, _JACOBIAN_SPACING_MM)
-    inside = sitk.GetArrayViewFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
+    inside = sitk.GetArrayFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
                                                       0, sitk.sitkUInt8)) > 0
     if not inside.any():
         return 1.0, 1.0
@@ -429,8 +429,8 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     mov = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
     ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(moving)
-    inside = sitk.GetArrayViewFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
-    mask = sitk.GetArrayViewFromImage(fixed_mask) > 0
+    inside = sitk.GetArrayFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    mask = sitk.GetArrayFromImage(fixed_mask) > 0
     m = mask & inside
     overlap = float(m.sum() / max(int(mask.sum()), 1))
     if not m.any():
@@ -445,7 +445,7 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
         den = float(np.sqrt((a * a).sum() * (b * b).sum()))
         return float((a * b).sum() / den) if den > 0 else 0.0
 
-    ncc = corr(sitk.GetArrayViewFromImage(fix), sitk.GetArrayViewFromImage(mov))
+    ncc = corr(sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(mov))
     g = sitk.GradientMagnitudeRecursiveGaussianImageFilter()
     g.SetSigma(1.5)
     # GetArrayFromImage (a copy), not a view: a view of a temporary image dangles.
@@ -498,7 +498,7 @@ def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk
         levels = [(1, 0.0)]
     fixed_pyr = [_pyramid_image(fixed, s, sg, threads) for s, sg in levels]
     moving_pyr = [_pyramid_image(moving, s, sg, threads) for s, sg in levels]
-    mask_frac = float((sitk.GetArrayViewFromImage(metric_mask) > 0).mean())
+    mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
     finest = min(fixed.GetSpacing())
 
     tx: sitk.Transform = sitk.Euler3DTransform(initial) if isinstance(initial, sitk.Euler3DTransform) \
@@ -635,7 +635,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         return failed(str(exc))
     try:
         fixed_body = body_mask(fixed, threads=threads)
-        if not sitk.GetArrayViewFromImage(fixed_body).any():
+        if not sitk.GetArrayFromImage(fixed_body).any():
             return failed("no body found on the fixed image")
         # The moving body seeds the inter-study starts and masks N4: computed once.
         moving_body = body_mask(moving, threads=threads) if not intra or stage.bias_correction == "n4" else None
@@ -648,7 +648,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         last_sigma = (stage.smoothing_sigmas_mm or [0.0])[-1]
         fixed_eval = _pyramid_image(fixed, last_shrink, last_sigma, threads)
         moving_eval = _pyramid_image(moving, last_shrink, last_sigma, threads)
-        mask_frac = float((sitk.GetArrayViewFromImage(metric_mask) > 0).mean())
+        mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
         eval_frac = _sampling_fraction(fixed_eval, mask_frac, stage.sampling_fraction)
         metric_before = _evaluate_metric(fixed_eval, moving_eval, metric_mask, _identity(),
                                          eval_frac, threads)
@@ -867,14 +867,14 @@ def deformation_max_mm(transform: sitk.Transform, body: sitk.Image) -> float:
     if deformable is None:
         return 0.0
     ref = coarse_grid_like(body, _JACOBIAN_SPACING_MM)
-    inside = sitk.GetArrayViewFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
+    inside = sitk.GetArrayFromImage(sitk.Resample(body, ref, sitk.Transform(), sitk.sitkNearestNeighbor,
                                                       0, sitk.sitkUInt8)) > 0
     if not inside.any():
         return 0.0
     f = sitk.TransformToDisplacementFieldFilter()
     f.SetReferenceImage(ref)
     f.SetOutputPixelType(sitk.sitkVectorFloat64)
-    disp = sitk.GetArrayViewFromImage(f.Execute(deformable))
+    disp = sitk.GetArrayFromImage(f.Execute(deformable))
     return float(np.linalg.norm(disp[inside], axis=1).max())
 
 

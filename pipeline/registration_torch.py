@@ -153,13 +153,13 @@ class _Level:
 def _level(fixed_l: sitk.Image, moving_l: sitk.Image, mask: sitk.Image, fraction: float, shrink: int,
            device: torch.device) -> _Level:
     mask_l = sitk.Resample(mask, fixed_l, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    m = sitk.GetArrayViewFromImage(mask_l) > 0
+    m = sitk.GetArrayFromImage(mask_l) > 0
     idx = np.argwhere(m)  # (k, j, i)
     if len(idx) == 0:
         raise RuntimeError("torch backend: the metric mask is empty on this level")
     n = int(min(len(idx), _MAX_SAMPLES, max(_MIN_SAMPLES, fraction * len(idx))))
     pick = idx[np.random.default_rng(_SAMPLING_SEED).choice(len(idx), n, replace=False)]
-    vals = sitk.GetArrayViewFromImage(fixed_l)[pick[:, 0], pick[:, 1], pick[:, 2]].astype(np.float64)
+    vals = sitk.GetArrayFromImage(fixed_l)[pick[:, 0], pick[:, 1], pick[:, 2]].astype(np.float64)
     ijk1 = np.c_[pick[:, ::-1].astype(np.float64), np.ones(n)]
     pts = (ijk1 @ voxel_to_lps(fixed_l).T)[:, :3]
     to_norm = _index_to_normalised(moving_l.GetSize()) @ np.linalg.inv(voxel_to_lps(moving_l))
@@ -373,7 +373,7 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
         # ~10x slower per iteration with 2 threads under load).
         torch.set_num_threads(1)
     levels = list(zip(stage.shrink_factors, stage.smoothing_sigmas_mm)) or [(1, 0.0)]
-    mask_frac = float((sitk.GetArrayViewFromImage(metric_mask) > 0).mean())
+    mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
     pyramid = []
     for shrink, sigma in levels:
         f_img = _pyramid_image(fixed, shrink, sigma, threads)

@@ -109,7 +109,7 @@ class FocusMargin:
 
 # --------------------------------------------------------------------------- helpers
 def _array_zyx(image: sitk.Image) -> np.ndarray:
-    return sitk.GetArrayViewFromImage(image)
+    return sitk.GetArrayFromImage(image)
 
 
 def _sample_linear(vol_zyx: np.ndarray, idx_xyz: np.ndarray) -> np.ndarray:

@@ -84,9 +84,9 @@ def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, c
 
 def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, cfg: PipelineConfig) -> np.ndarray:
     """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with models/infer.py."""
-    re_a = ndi.gaussian_filter(sitk.GetArrayViewFromImage(relative_enhancement).astype(np.float32),
+    re_a = ndi.gaussian_filter(sitk.GetArrayFromImage(relative_enhancement).astype(np.float32),
                                sigma=(0, 0.5, 0.5))
-    return _enhancing_mask(re_a, sitk.GetArrayViewFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
+    return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
 
 
 def segment(
@@ -103,11 +103,11 @@ def segment(
     """
     spacing = spacing_zyx(pre)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    pre_a = sitk.GetArrayViewFromImage(pre).astype(np.float32)
-    body_a = sitk.GetArrayViewFromImage(body) > 0
+    pre_a = sitk.GetArrayFromImage(pre).astype(np.float32)
+    body_a = sitk.GetArrayFromImage(body) > 0
     # Light in-plane smoothing: the RE of single voxels is noisy (noise adds in the ratio). Not a
     # median filter: a 3x3 median erases a rim one pixel wide.
-    re_a = ndi.gaussian_filter(sitk.GetArrayViewFromImage(relative_enhancement).astype(np.float32),
+    re_a = ndi.gaussian_filter(sitk.GetArrayFromImage(relative_enhancement).astype(np.float32),
                                sigma=(0, 0.5, 0.5))
     thr = cfg.enhancement.relative_enhancement_threshold
     tissue = body_a & (pre_a > 0)

@@ -147,7 +147,7 @@ def analyse_study(
         timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         foci = _with_supporting_signals(study, foci, focus_masks, pre, post_series, post, transform, rel, seg,
-                                        sitk.GetArrayViewFromImage(body) > 0, cfg)
+                                        sitk.GetArrayFromImage(body) > 0, cfg)
         timings["supporting_signals"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         labels_a[seg.rim] = LABEL_RIM

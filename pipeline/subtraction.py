@@ -77,7 +77,7 @@ def normalise_post_to_pre(pre: sitk.Image, post_on_pre_grid: sitk.Image,
     _check_same_grid(pre, post_on_pre_grid, "normalise_post_to_pre(pre, post)")
     _check_same_grid(pre, body, "normalise_post_to_pre(pre, body)")
     pre_a, post_a = _array(pre), _array(post_on_pre_grid)
-    body_a = sitk.GetArrayViewFromImage(body)
+    body_a = sitk.GetArrayFromImage(body)
     solid = SOLID_SIGNAL_FRACTION * _body_median(pre_a, body_a)
     sel = (body_a > 0) & (pre_a >= solid) & (pre_a > 0) & (post_a > 0) \
         & np.isfinite(pre_a) & np.isfinite(post_a)
@@ -110,7 +110,7 @@ def relative_enhancement(pre: sitk.Image, post_norm: sitk.Image, body: sitk.Imag
     _check_same_grid(pre, post_norm, "relative_enhancement(pre, post)")
     _check_same_grid(pre, body, "relative_enhancement(pre, body)")
     pre_a, post_a = _array(pre), _array(post_norm)
-    body_a = sitk.GetArrayViewFromImage(body) > 0
+    body_a = sitk.GetArrayFromImage(body) > 0
     floor = floor_fraction * _body_median(pre_a, body_a)
     if not floor > 0:
         raise ValueError("body median of the pre-contrast image is not positive")
@@ -136,8 +136,8 @@ def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, base
 
     _check_same_grid(followup_sub, followup_pre, "temporal_difference(followup sub, pre)")
     _check_same_grid(baseline_sub, baseline_pre, "temporal_difference(baseline sub, pre)")
-    fu_body = sitk.GetArrayViewFromImage(body_mask(followup_pre)) > 0
-    base_scale = _body_median(_array(baseline_pre), sitk.GetArrayViewFromImage(body_mask(baseline_pre)))
+    fu_body = sitk.GetArrayFromImage(body_mask(followup_pre)) > 0
+    base_scale = _body_median(_array(baseline_pre), sitk.GetArrayFromImage(body_mask(baseline_pre)))
     fu_scale = _body_median(_array(followup_pre), fu_body)
     if not (base_scale > 0 and fu_scale > 0):
         raise ValueError("body median of a pre-contrast image is not positive")

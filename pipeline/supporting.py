@@ -29,7 +29,7 @@ def enhancement_by_phase(
     onto the chosen grid through chosen -> pre -> that phase. Keys are phase indices as text.
     """
     out = [{} for _ in masks]
-    re_chosen = sitk.GetArrayViewFromImage(chosen_re)
+    re_chosen = sitk.GetArrayFromImage(chosen_re)
     for values, mask in zip(out, masks):
         mean = _mean(re_chosen, mask)
         if mean is not None:
@@ -52,7 +52,7 @@ def enhancement_by_phase(
         chain = sitk.CompositeTransform(3)
         chain.AddTransform(to_pre.GetInverse())
         chain.AddTransform(chosen_to_pre)
-        re_on_chosen = sitk.GetArrayViewFromImage(resample_to(re_here, chosen_grid, chain))
+        re_on_chosen = sitk.GetArrayFromImage(resample_to(re_here, chosen_grid, chain))
         for values, mask in zip(out, masks):
             mean = _mean(re_on_chosen, mask)
             if mean is not None:
@@ -76,8 +76,8 @@ def t2_ratios(study: StudyRecord, grid: sitk.Image, az: np.ndarray, body: np.nda
     except (SeriesGeometryError, OSError, ValueError) as exc:
         return [(None, None) for _ in masks], f"T2 unreadable: {exc}"
     identity = sitk.Euler3DTransform()
-    covered = sitk.GetArrayViewFromImage(resample_to(sitk.Cast(t2 * 0 + 1, sitk.sitkFloat32), grid, identity)) > 0.5
-    t2_a = sitk.GetArrayViewFromImage(resample_to(t2, grid, identity))
+    covered = sitk.GetArrayFromImage(resample_to(sitk.Cast(t2 * 0 + 1, sitk.sitkFloat32), grid, identity)) > 0.5
+    t2_a = sitk.GetArrayFromImage(resample_to(t2, grid, identity))
     az_t2 = _mean(t2_a, az & covered)
     body_t2 = float(np.median(t2_a[body & covered])) if (body & covered).any() else None
     out = []

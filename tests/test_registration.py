@@ -178,7 +178,7 @@ def test_body_mask_is_body(baseline):
     m = body_mask(baseline)
     assert m.GetPixelID() == sitk.sitkUInt8
     assert m.GetOrigin() == baseline.GetOrigin() and m.GetDirection() == baseline.GetDirection()
-    arr = sitk.GetArrayViewFromImage(m)
+    arr = sitk.GetArrayFromImage(m)
     # Ellipse a(z) x 72 mm per slice (a ~ 95 mm). The mask may be up to ~2 mm generous at the
     # blurred skin edge (perimeter ~530 mm x 2 mm ~ 5 % of the area), never smaller.
     z = np.array([baseline.TransformIndexToPhysicalPoint([0, 0, k])[2] for k in range(arr.shape[0])])
@@ -297,7 +297,7 @@ def test_resample_flipped_reference_keeps_physical_position():
     flip = make_grid((60, 60, 20), (2.0, 2.0, 3.0), np.diag([-1.0, 1.0, -1.0]))
     out = resample_to(img, flip, sitk.Euler3DTransform())
     assert out.GetDirection() == flip.GetDirection() and out.GetOrigin() == flip.GetOrigin()
-    a = sitk.GetArrayViewFromImage(out)
+    a = sitk.GetArrayFromImage(out)
     centroid_idx = np.argwhere(a > 500).mean(axis=0)[::-1]
     centroid = np.array(out.TransformContinuousIndexToPhysicalPoint(centroid_idx.tolist()))
     assert np.linalg.norm(centroid - blob) < 1.0

@@ -290,7 +290,7 @@ def test_temporal_difference_on_followup_grid():
     fu_sub, fu_pre = volume(fu_grid, 2.0, 0.8, move)  # other intensity scale, blob enhances more
     diff = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move)
     assert diff.GetSize() == fu_grid.GetSize() and diff.GetDirection() == fu_grid.GetDirection()
-    arr = sitk.GetArrayViewFromImage(diff)
+    arr = sitk.GetArrayFromImage(diff)
     blob_centre = fu_grid.TransformPhysicalPointToIndex(move.TransformPoint((15.0, -10.0, 0.0)))
     k, j, i = blob_centre[::-1]
     assert arr[k, j, i] == pytest.approx(0.5, abs=0.05)  # 0.8 - 0.3 of the typical tissue signal
