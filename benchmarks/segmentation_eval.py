@@ -7,8 +7,10 @@ The cohort (phantom ``heldout`` profile: other sizes, noise, poses and contrast 
 is built once by the real pipeline (models/data.py: ingest, registration, subtraction and the
 classical segmentation, whose labels are stored beside the truth) and reused. Network labels are
 the TTA argmax of models/infer.py on the study's post grid, cleaned as the pipeline cleans them
-(``models.infer.clean_prediction``: one AZ component, rim near it, foci of the minimum size;
-the classical labels went through the same kind of rules); ``network_raw`` is the bare argmax.
+(``models.infer.clean_prediction``: one AZ component, rim near it and enhancing, foci of the
+minimum size; the AZ edge by ``place_az_edge`` when ``segmentation.network_az_edge`` is
+``half_max``; the classical labels went through the same kind of rules); ``network_own_edge``
+is the cleaned labels with the network's own AZ edge, ``network_raw`` the bare argmax.
 Per class, Dice is over the studies
 where the truth or the prediction holds the class (both empty: not counted); HD95 (mm, MONAI)
 over the studies where both hold it. Prints a table and, with --json, writes the figures.
@@ -29,20 +31,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE, build_synthetic_cohort  # noqa: E402
-from models.infer import clean_prediction, load_model, predict  # noqa: E402
+from models.infer import clean_prediction, load_model, place_az_edge, predict  # noqa: E402
+from models.train import case_dice  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.registration import body_mask  # noqa: E402
+from pipeline.segment_classical import enhancing_tissue  # noqa: E402
+from pipeline.subtraction import relative_enhancement  # noqa: E402
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, spacing_zyx: np.ndarray) -> dict[str, dict]:
     from monai.metrics import compute_hausdorff_distance
 
     out = {}
+    dice = case_dice(pred, truth)  # the validation's Dice: nan only where neither holds the class
     for c, name in enumerate(CLASS_NAMES[1:], 1):
         p, t = pred == c, truth == c
-        entry = {"dice": None, "hd95_mm": None, "truth_voxels": int(t.sum()), "pred_voxels": int(p.sum())}
-        if p.any() or t.any():
-            entry["dice"] = float(2 * (p & t).sum() / (p.sum() + t.sum()))
+        entry = {"dice": None if np.isnan(dice[c - 1]) else dice[c - 1], "hd95_mm": None,
+                 "truth_voxels": int(t.sum()), "pred_voxels": int(p.sum())}
         if p.any() and t.any():
             hd = compute_hausdorff_distance(torch.from_numpy(p[None, None]), torch.from_numpy(t[None, None]),
                                             percentile=95, spacing=[float(s) for s in spacing_zyx])
@@ -88,27 +93,38 @@ def main() -> None:
         pred = predict(model, pre, sub, tta=not args.no_tta)
         seconds.append(time.perf_counter() - t0)
         spacing = np.array(pre.GetSpacing()[::-1])
-        cleaned = clean_prediction(pred, sitk.GetArrayFromImage(body_mask(pre)) > 0, spacing, cfg)
-        network = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
+        body = body_mask(pre)
+        body_a = sitk.GetArrayFromImage(body) > 0
+        # The pipeline's RE map: the subtraction is post_norm - pre (pipeline/subtraction.py).
+        rel = relative_enhancement(pre, sitk.Add(pre, sub), body)
+        cleaned = clean_prediction(pred, body_a, spacing, cfg, relative_enhancement=sitk.GetArrayFromImage(rel))
+        own_edge = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
+        network = own_edge
+        if cleaned is not None and cfg.segmentation.network_az_edge == "half_max":
+            network = place_az_edge(cleaned, sitk.GetArrayFromImage(pre), enhancing_tissue(rel, body, cfg), body_a,
+                                    spacing).labels()
         per_case.append({"case": folder.name, "network": _scores(network, truth, spacing),
+                         "network_own_edge": _scores(own_edge, truth, spacing),
                          "network_raw": _scores(pred.labels, truth, spacing),
                          "classical": _scores(classical, truth, spacing), "uncertainty": pred.case_uncertainty})
     result = {"weights": str(args.weights), "cohort": {"patients": args.patients, "seed": args.seed,
                                                        "profile": args.profile, "studies": len(per_case)},
               "device": args.device, "tta": not args.no_tta,
               "seconds_per_study_median": float(np.median(seconds)) if seconds else None,
-              "network": _summary(per_case, "network"), "network_raw": _summary(per_case, "network_raw"),
+              "network_az_edge": cfg.segmentation.network_az_edge,
+              "network": _summary(per_case, "network"), "network_own_edge": _summary(per_case, "network_own_edge"),
+              "network_raw": _summary(per_case, "network_raw"),
               "classical": _summary(per_case, "classical"),
               "per_case": per_case}
     print(f"{len(per_case)} studies, {args.profile} profile seed {args.seed}; network "
           f"{result['seconds_per_study_median']:.1f} s/study on {args.device} (TTA {not args.no_tta})")
-    print(f"{'class':18s} {'method':11s} {'Dice':>6s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
+    print(f"{'class':18s} {'method':16s} {'Dice':>6s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
     for name in CLASS_NAMES[1:]:
-        for method in ("network", "network_raw", "classical"):
+        for method in ("network", "network_own_edge", "network_raw", "classical"):
             s = result[method][name]
             dice = f"{s['dice_mean']:.3f}" if s["dice_mean"] is not None else "-"
             hd = f"{s['hd95_median_mm']:.1f}" if s["hd95_median_mm"] is not None else "-"
-            print(f"{name:18s} {method:11s} {dice:>6s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
+            print(f"{name:18s} {method:16s} {dice:>6s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -112,7 +112,9 @@ def predict(model: LoadedModel, pre_on_post: sitk.Image, subtraction: sitk.Image
             any_lesion |= prob.argmax(0) > 0
     mean = total / len(views)
     variance = (total_sq / len(views) - mean * mean).clamp_min(0).sum(0)
-    case_unc = float(variance[any_lesion].mean()) if bool(any_lesion.any()) else 0.0
+    # Rounded: torch's CPU kernels are not bit-reproducible across thread schedules (the 11th
+    # digit moved between a run and its resume), and the figure is stored in assessment.json.
+    case_unc = round(float(variance[any_lesion].mean()), 6) if bool(any_lesion.any()) else 0.0
 
     # Back to the post grid: each class probability by linear interpolation; outside the
     # working grid (it covers the same FOV, so only at the border) it is background.
@@ -150,7 +152,8 @@ class CleanedPrediction:
 
 
 def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: np.ndarray, cfg,
-                     hint_zyx: np.ndarray | None = None) -> CleanedPrediction | None:
+                     hint_zyx: np.ndarray | None = None,
+                     relative_enhancement: np.ndarray | None = None) -> CleanedPrediction | None:
     """The argmax turned into one ablation zone, its rim and the foci; None without an AZ.
 
     Why each rule (the same as the classical method's, pipeline/segment_classical.py): one
@@ -175,6 +178,9 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
     near_az = ndi.distance_transform_edt(~az, sampling=spacing) <= cfg.segmentation.rim_search_mm
     rim = (pred.labels == LABEL_RIM) & ~az & body_a & near_az
+    if (relative_enhancement is not None and rim.any()
+            and float(relative_enhancement[rim].mean()) < cfg.segmentation.network_rim_min_mean_re):
+        rim = np.zeros_like(rim)
     focus = (pred.labels == LABEL_FOCUS) & ~az & body_a
     flab, nf = ndi.label(focus)
     min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
@@ -183,13 +189,37 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     return CleanedPrediction(az, soft.astype(np.float32), rim, foci)
 
 
+def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, enhancing: np.ndarray, body_a: np.ndarray,
+                  spacing_zyx: np.ndarray) -> CleanedPrediction:
+    """The network's zone with its edge at the half-way pre-contrast level (``segmentation.network_az_edge``).
+
+    The network decides which zone is the ablation zone and where its rim and foci are; the edge
+    of the zone is then placed where the pre-contrast signal crosses half-way between the zone's
+    core and its surroundings, the partial-volume convention the classical method measures on
+    (``pipeline.segment_classical.half_max_edge``, shared). Why: the network sees the study on a
+    1.6 mm working grid and is trained on labels resampled to it by nearest neighbour, so its edge
+    jitters by a fraction of a voxel (held-out AZ Dice 0.967 with its own edge; models/README.md
+    gives both figures). Rim and foci keep the network's voxels outside the new zone.
+    """
+    from pipeline.segment_classical import half_max_edge
+
+    inside = body_a & np.isfinite(pre_a)
+    az, soft = half_max_edge(cleaned.az, pre_a, enhancing, body_a, np.asarray(spacing_zyx, float),
+                             float(np.median(pre_a[inside])))
+    if not az.any():
+        return cleaned
+    return CleanedPrediction(az, soft, cleaned.rim & ~az, [m & ~az for m in cleaned.foci if (m & ~az).any()])
+
+
 def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_enhancement: sitk.Image,
                     body: sitk.Image, cfg, model: LoadedModel,
                     target_hint_lps: tuple[float, float, float] | None = None):
     """``SegmentationResult`` (pipeline/segment_classical.py) from the network, plus the prediction.
 
-    The AZ, rim and foci are ``clean_prediction``'s; ``az_soft`` is the AZ probability (the
-    partial-volume fraction the measurement refines the edge with). ``enhancing`` stays rule 6's
+    The AZ, rim and foci are ``clean_prediction``'s, the AZ's edge placed by ``place_az_edge``
+    when ``segmentation.network_az_edge`` is ``half_max``; ``az_soft`` is then the zone's
+    partial-volume fraction, else the network's AZ probability (what the measurement refines the
+    edge with). ``enhancing`` stays rule 6's
     definition (RE >= threshold, components >= the minimum size; shared with the classical
     method) plus the network's rim and foci, because the foci stage measures new lesions and
     vessels on it, not only what the network labels.
@@ -203,11 +233,14 @@ def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_e
     hint = None
     if target_hint_lps is not None:
         hint = np.array(pre_on_post.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))[::-1])
-    cleaned = clean_prediction(pred, body_a, spacing, cfg, hint)
+    cleaned = clean_prediction(pred, body_a, spacing, cfg, hint, sitk.GetArrayFromImage(relative_enhancement))
     if cleaned is None:
         empty = np.zeros(pred.labels.shape, bool)
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "the network found no ablation zone"), pred
+    if cfg.segmentation.network_az_edge == "half_max":
+        cleaned = place_az_edge(cleaned, sitk.GetArrayFromImage(pre_on_post).astype(np.float32), enhancing, body_a,
+                                spacing)
     network_enhancing = cleaned.rim.copy()
     for mask in cleaned.foci:
         network_enhancing |= mask

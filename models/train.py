@@ -113,25 +113,35 @@ def make_checkpoint(net: torch.nn.Module, settings: TrainSettings, iteration: in
             "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}}
 
 
-def validate(net: torch.nn.Module, cases: list[Case], roi_zyx, device: str) -> dict[str, Any]:
-    """Dice per foreground class on whole validation cases (sliding window, no TTA)."""
-    from monai.inferers import sliding_window_inference
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
+def case_dice(pred: np.ndarray, truth: np.ndarray) -> list[float]:
+    """Dice per foreground class of one case; nan only where neither holds the class.
 
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    A class predicted on a case whose truth lacks it scores 0 (MONAI's ``ignore_empty`` would drop
+    the case): a false rim on a rim-free late follow-up is the error that matters most for the
+    rim, and checkpoint selection must see it (benchmarks/segmentation_eval.py counts it alike).
+    """
+    out = []
+    for c in range(1, N_CLASSES):
+        p, t = pred == c, truth == c
+        total = int(p.sum()) + int(t.sum())
+        out.append(2.0 * float((p & t).sum()) / total if total else float("nan"))
+    return out
+
+
+def validate(net: torch.nn.Module, cases: list[Case], roi_zyx, device: str) -> dict[str, Any]:
+    """Dice per foreground class on whole validation cases (sliding window, no TTA; ``case_dice``)."""
+    from monai.inferers import sliding_window_inference
+
     net.eval()
+    per_case = []
     with torch.no_grad(), _autocast(device):
         for case in cases:
             x = torch.from_numpy(case.image[None]).to(device)
             logits = sliding_window_inference(x, roi_zyx, 2, net, overlap=0.25, mode="gaussian")
-            pred = one_hot(logits.argmax(1, keepdim=True), N_CLASSES)
-            truth = one_hot(torch.from_numpy(case.label[None, None].astype(np.int64)).to(device), N_CLASSES)
-            metric(pred, truth)
-    per_case = metric.aggregate().cpu().numpy()  # (cases, classes-1), nan where the class is absent
-    metric.reset()
+            per_case.append(case_dice(logits.argmax(1)[0].cpu().numpy(), case.label))
     net.train()
-    dice = {name: (float(np.nanmean(per_case[:, i])) if np.isfinite(per_case[:, i]).any() else None)
+    scores = np.asarray(per_case, float).reshape(len(cases), N_CLASSES - 1)
+    dice = {name: (float(np.nanmean(scores[:, i])) if np.isfinite(scores[:, i]).any() else None)
             for i, name in enumerate(CLASS_NAMES[1:])}
     present = [v for v in dice.values() if v is not None]
     return {"dice": dice, "mean_dice": float(np.mean(present)) if present else 0.0}

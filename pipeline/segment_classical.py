@@ -129,14 +129,31 @@ def segment(
     if keep == 0:
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "no T1-bright non-enhancing zone found")
-    core = lab == keep
-    # Refine the boundary at half-way between the core and its surroundings (partial volume):
-    # a fixed ratio threshold would shift the edge with the core's brightness.
+    az, soft = half_max_edge(lab == keep, pre_a, enhancing, body_a, spacing, ref)
+
+    # The AZ is non-enhancing by definition: voxels it holds are not enhancing tissue.
+    enhancing &= ~az
+    shell = ndi.binary_dilation(az, structure=ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
+    rim = enhancing & shell
+    foci = _focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
+    return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
+
+
+def half_max_edge(core: np.ndarray, pre_a: np.ndarray, enhancing: np.ndarray, body_a: np.ndarray,
+                  spacing: np.ndarray, fallback_level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The AZ bounded half-way between the core's pre-contrast signal and its surroundings', and its soft map.
+
+    ``core``: a mask inside the zone (the classical bright core, or the network's zone); the edge
+    is placed within 4 mm of it where the pre-contrast signal crosses the half-way level
+    (partial volume): a fixed ratio threshold would shift the edge with the core's brightness.
+    ``fallback_level``: the surroundings' level when no non-enhancing tissue lies 2-6 mm out.
+    Returns the zone (one component, holes filled) and the partial-volume fraction near it.
+    """
     near = ndi.binary_dilation(core, structure=ball_zyx(6.0, spacing)) & ~ndi.binary_dilation(
         core, structure=ball_zyx(2.0, spacing)) & body_a
-    core_level = float(np.median(pre_a[ndi.binary_erosion(core, structure=ball_zyx(2.0, spacing))] if
-                                 ndi.binary_erosion(core, structure=ball_zyx(2.0, spacing)).any() else pre_a[core]))
-    outside_level = float(np.median(pre_a[near & ~enhancing])) if (near & ~enhancing).any() else ref
+    inner = ndi.binary_erosion(core, structure=ball_zyx(2.0, spacing))
+    core_level = float(np.median(pre_a[inner] if inner.any() else pre_a[core]))
+    outside_level = float(np.median(pre_a[near & ~enhancing])) if (near & ~enhancing).any() else fallback_level
     half = 0.5 * (core_level + outside_level)
     region = ndi.binary_dilation(core, structure=ball_zyx(4.0, spacing)) & body_a
     soft = np.clip((pre_a - outside_level) / max(core_level - outside_level, 1e-6), 0.0, 1.0).astype(np.float32)
@@ -148,13 +165,7 @@ def segment(
         az = az_lab == (1 + int(np.argmax(overlap)))
     az = ndi.binary_fill_holes(az)
     soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
-
-    # The AZ is non-enhancing by definition: voxels it holds are not enhancing tissue.
-    enhancing &= ~az
-    shell = ndi.binary_dilation(az, structure=ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
-    rim = enhancing & shell
-    foci = _focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
-    return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
+    return az, soft
 
 
 def _focus_candidates(enhancing: np.ndarray, az: np.ndarray, spacing: np.ndarray,

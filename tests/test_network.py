@@ -19,7 +19,7 @@ import torch
 from models.data import LABEL_FILE, PRE_FILE, SUB_FILE, load_cases, network_input, working_grid
 from models.infer import LoadedModel, WeightsError, load_model, predict, segment_network
 from models.network import default_network_config
-from models.train import TrainSettings, train
+from models.train import TrainSettings, case_dice, train
 from pipeline.config import load_config
 
 # Small enough for 2 CPU cores: 8 filters, 3 mm voxels, 16 x 48 x 48 patches.
@@ -176,8 +176,10 @@ def _network_cfg(weights: str, tta: bool = True):
         update={"method": "network", "network_weights": weights, "network_tta": tta})})
 
 
-def test_classical_stays_the_default():
-    assert load_config().segmentation.method == "classical"
+def test_the_network_is_the_default():
+    cfg = load_config()
+    assert cfg.segmentation.method == "network" and cfg.segmentation.network_az_edge == "half_max"
+    assert (Path(__file__).resolve().parents[1] / cfg.segmentation.network_weights).is_file()
 
 
 def test_without_weights_the_classical_method_segments_and_says_why(assessed_run, tmp_path):
@@ -194,10 +196,11 @@ def test_without_weights_the_classical_method_segments_and_says_why(assessed_run
         load_model(broken)
     _seg, method, note, _u, _d = _segment(pre, sub, rel, body, _network_cfg(str(broken)), None, "cpu")
     assert method == "classical" and "unusable" in note
-    # The assessments of the shared run (classical default) record the method used.
+    # The assessments of the shared run (network default) record the method and device used.
     _root, out, _t, _s = assessed_run
-    record = json.loads(next(out.glob("patients/*/*/assessment.json")).read_text())
-    assert record["imaging"]["segmentation_method"] == "classical"
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("patients/*/*/assessment.json"))]
+    imaged = [r["imaging"] for r in records if r["imaging"]["ok"]]
+    assert imaged and all(i["segmentation_method"] == "network" and i["device"] == "cpu" for i in imaged)
 
 
 def test_network_segmentation_has_the_classical_structure(assessed_run, tiny_training):
@@ -307,3 +310,64 @@ def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     assert out[2, 5, 5] == 0 and out[10, 25, 25] == LABEL_AZ and out[10, 19, 25] == LABEL_RIM
     empty = NetworkPrediction(np.zeros(shape, np.uint8), probs, probs[0], 0.0, "cpu", 1)
     assert clean_prediction(empty, np.ones(shape, bool), spacing, cfg) is None
+
+
+def test_validation_dice_counts_a_class_predicted_where_the_truth_has_none():
+    truth = np.zeros((4, 6, 6), np.uint8)
+    truth[1:3, 1:4, 1:4] = 1  # an AZ, no rim, no focus
+    pred = truth.copy()
+    pred[0, 0, :3] = 2  # a false rim
+    az, rim, focus = case_dice(pred, truth)
+    assert az == pytest.approx(1.0)
+    assert rim == 0.0  # counted as a miss, not ignored
+    assert np.isnan(focus)  # neither holds a focus: not counted
+
+
+def _zone_with_rim(shape=(20, 60, 60)):
+    from models.infer import LABEL_AZ, LABEL_RIM, NetworkPrediction
+
+    labels = np.zeros(shape, np.uint8)
+    labels[8:13, 20:35, 20:35] = LABEL_AZ
+    labels[8:13, 18:20, 20:35] = LABEL_RIM
+    probs = np.stack([(labels == c).astype(np.float32) for c in range(4)])
+    return NetworkPrediction(labels, probs, np.zeros(shape, np.float32), 0.0, "cpu", 1)
+
+
+def test_a_network_rim_that_does_not_enhance_is_dropped():
+    from models.infer import clean_prediction
+
+    cfg = load_config()
+    pred, spacing = _zone_with_rim(), np.array([3.0, 1.5, 1.5])
+    body = np.ones(pred.labels.shape, bool)
+    flat = np.full(pred.labels.shape, -0.02, np.float32)  # a late follow-up: nothing enhances
+    assert not clean_prediction(pred, body, spacing, cfg, relative_enhancement=flat).rim.any()
+    enhancing = flat.copy()
+    enhancing[8:13, 18:20, 20:35] = 0.08  # a thin rim, diluted by partial volume, still enhances
+    assert clean_prediction(pred, body, spacing, cfg, relative_enhancement=enhancing).rim.sum() == 5 * 2 * 15
+    assert clean_prediction(pred, body, spacing, cfg).rim.any()  # no RE map given: not judged
+
+
+def test_the_zone_edge_is_placed_at_the_half_way_pre_contrast_level():
+    """A network zone drawn one voxel too wide all round is brought back to the true edge."""
+    from scipy import ndimage as ndi
+
+    from models.infer import CleanedPrediction, place_az_edge
+
+    shape, spacing = (24, 64, 64), np.array([3.0, 1.5, 1.5])
+    zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    r = np.sqrt((zz - 36.0) ** 2 + (yy - 48.0) ** 2 + (xx - 48.0) ** 2)
+    truth = r <= 15.0
+    pre = np.where(truth, 200.0, 100.0).astype(np.float32)
+    pre = ndi.gaussian_filter(pre, sigma=0.6 / spacing)  # partial volume at the edge
+    too_wide = ndi.binary_dilation(truth)
+    rim = ndi.binary_dilation(too_wide, iterations=2) & ~too_wide
+    cleaned = CleanedPrediction(too_wide, too_wide.astype(np.float32), rim, [])
+    placed = place_az_edge(cleaned, pre, np.zeros(shape, bool), np.ones(shape, bool), spacing)
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    assert dice(too_wide, truth) < 0.93
+    assert dice(placed.az, truth) > 0.98
+    assert not (placed.rim & placed.az).any() and placed.rim.sum() >= rim.sum()
+    assert 0.0 <= placed.az_soft.min() and placed.az_soft.max() <= 1.0
