@@ -371,3 +371,31 @@ def test_the_zone_edge_is_placed_at_the_half_way_pre_contrast_level():
     assert dice(placed.az, truth) > 0.98
     assert not (placed.rim & placed.az).any() and placed.rim.sum() >= rim.sum()
     assert 0.0 <= placed.az_soft.min() and placed.az_soft.max() <= 1.0
+
+
+def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate():
+    """The network (a stand-in that labels only the bright zone) draws no focus; rule 6's thick
+    enhancing region at the zone's margin still reaches the foci stage as a candidate."""
+    from pipeline.registration import body_mask
+    from pipeline.subtraction import relative_enhancement
+
+    size, spacing = (64, 64, 20), (1.5, 1.5, 3.0)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in size[::-1]), indexing="ij")
+    x, y, z = i * spacing[0], j * spacing[1], k * spacing[2]
+    zone = (x - 48) ** 2 + (y - 48) ** 2 + (z - 30) ** 2 <= 15.0 ** 2
+    nodule = ((x - 66) ** 2 + (y - 48) ** 2 + (z - 30) ** 2 <= 5.0 ** 2) & ~zone
+    pre = np.where(zone, 250.0, 100.0).astype(np.float32)
+    sub = np.where(nodule, 80.0, 0.0).astype(np.float32)  # RE +80 % in the nodule only
+    images = []
+    for arr in (pre, sub):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(spacing)
+        images.append(img)
+    pre_img, sub_img = images
+    body = body_mask(pre_img)
+    rel = relative_enhancement(pre_img, sitk.Add(pre_img, sub_img), body)
+    model = LoadedModel(_BrightIsAblationZone().eval(), {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]},
+                        "cpu", Path("stand-in"))
+    seg, pred = segment_network(pre_img, sub_img, rel, body, _network_cfg("stand-in", tta=False), model)
+    assert not (pred.labels == 3).any() and seg.found
+    assert any((mask & nodule).sum() >= 0.5 * nodule.sum() for mask in seg.focus_candidates)
