@@ -9,8 +9,12 @@ classical segmentation, whose labels are stored beside the truth) and reused. Ne
 the TTA argmax of models/infer.py on the study's post grid, cleaned as the pipeline cleans them
 (``models.infer.clean_prediction``: one AZ component, rim near it and enhancing, foci of the
 minimum size; the AZ edge by ``place_az_edge`` when ``segmentation.network_az_edge`` is
-``half_max``; the classical labels went through the same kind of rules); ``network_own_edge``
-is the cleaned labels with the network's own AZ edge, ``network_raw`` the bare argmax.
+``half_max``; the classical labels went through the same kind of rules);
+``network_own_edge`` is the cleaned labels with the network's own AZ edge, ``network_raw`` the
+bare argmax. The focus candidates the pipeline hands on (the network's foci merged with rule
+6's thick enhancing regions, ``models.infer.pipeline_foci``) are not scored here: before the
+foci stage judges them they hold every thick enhancing region of the body; the judged foci are
+scored through the whole pipeline (benchmarks/evaluate_cohort.py).
 Per class, Dice is over the studies
 where the truth or the prediction holds the class (both empty: not counted); HD95 (mm, MONAI)
 over the studies where both hold it. Prints a table and, with --json, writes the figures.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -76,6 +81,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-tta", action="store_true")
+    ap.add_argument("--tta-views", type=int, choices=(2, 4), default=None,
+                    help="TTA views (default: segmentation.network_tta_views of the config)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,6 +90,7 @@ def main() -> None:
     cases_dir = build_synthetic_cohort(args.cohort_dir, args.patients, args.seed, args.profile)
     model = load_model(args.weights, args.device)
     cfg = load_config()
+    tta_views = args.tta_views or cfg.segmentation.network_tta_views
     per_case, seconds = [], []
     for folder in sorted(p for p in cases_dir.iterdir() if (p / CLASSICAL_FILE).is_file()):
         pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
@@ -90,7 +98,7 @@ def main() -> None:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / LABEL_FILE)))
         classical = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / CLASSICAL_FILE)))
         t0 = time.perf_counter()
-        pred = predict(model, pre, sub, tta=not args.no_tta)
+        pred = predict(model, pre, sub, tta=not args.no_tta, tta_views=tta_views)
         seconds.append(time.perf_counter() - t0)
         spacing = np.array(pre.GetSpacing()[::-1])
         body = body_mask(pre)
@@ -101,30 +109,35 @@ def main() -> None:
         own_edge = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
         network = own_edge
         if cleaned is not None and cfg.segmentation.network_az_edge == "half_max":
-            network = place_az_edge(cleaned, sitk.GetArrayFromImage(pre), enhancing_tissue(rel, body, cfg), body_a,
-                                    spacing).labels()
+            network = place_az_edge(cleaned, sitk.GetArrayFromImage(pre), sitk.GetArrayFromImage(rel),
+                                    enhancing_tissue(rel, body, cfg), body_a, spacing, cfg).labels()
         per_case.append({"case": folder.name, "network": _scores(network, truth, spacing),
                          "network_own_edge": _scores(own_edge, truth, spacing),
                          "network_raw": _scores(pred.labels, truth, spacing),
                          "classical": _scores(classical, truth, spacing), "uncertainty": pred.case_uncertainty})
     result = {"weights": str(args.weights), "cohort": {"patients": args.patients, "seed": args.seed,
                                                        "profile": args.profile, "studies": len(per_case)},
-              "device": args.device, "tta": not args.no_tta,
+              "device": args.device, "tta": not args.no_tta, "tta_views": tta_views,
               "seconds_per_study_median": float(np.median(seconds)) if seconds else None,
+              # The whole benchmark process (cohort arrays, both methods' labels, MONAI metrics):
+              # an upper bound of what inference needs.
+              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "network_az_edge": cfg.segmentation.network_az_edge,
-              "network": _summary(per_case, "network"), "network_own_edge": _summary(per_case, "network_own_edge"),
+              "network": _summary(per_case, "network"),
+              "network_own_edge": _summary(per_case, "network_own_edge"),
               "network_raw": _summary(per_case, "network_raw"),
               "classical": _summary(per_case, "classical"),
               "per_case": per_case}
     print(f"{len(per_case)} studies, {args.profile} profile seed {args.seed}; network "
-          f"{result['seconds_per_study_median']:.1f} s/study on {args.device} (TTA {not args.no_tta})")
-    print(f"{'class':18s} {'method':16s} {'Dice':>6s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
+          f"{result['seconds_per_study_median']:.1f} s/study on {args.device} (TTA {not args.no_tta}, "
+          f"{tta_views} views, {args.threads} thread(s)); peak RSS of this process {result['peak_rss_mb']} MB")
+    print(f"{'class':18s} {'method':16s} {'Dice':>7s} {'n':>3s} {'HD95 mm':>8s} {'n':>3s}")
     for name in CLASS_NAMES[1:]:
         for method in ("network", "network_own_edge", "network_raw", "classical"):
             s = result[method][name]
-            dice = f"{s['dice_mean']:.3f}" if s["dice_mean"] is not None else "-"
+            dice = f"{s['dice_mean']:.4f}" if s["dice_mean"] is not None else "-"
             hd = f"{s['hd95_median_mm']:.1f}" if s["hd95_median_mm"] is not None else "-"
-            print(f"{name:18s} {method:16s} {dice:>6s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
+            print(f"{name:18s} {method:16s} {dice:>7s} {s['dice_n']:>3d} {hd:>8s} {s['hd95_n']:>3d}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

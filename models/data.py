@@ -170,14 +170,19 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
     from pipeline.study import analyse_study
 
     root = Path(root)
-    params = {"n_patients": n_patients, "seed": seed, "profile": profile}
+    # "reference": caches built while the default method was the network (2026-12-02, before this
+    # key) hold the network's labels under CLASSICAL_FILE; the key makes them rebuild.
+    params = {"n_patients": n_patients, "seed": seed, "profile": profile, "reference": "classical"}
     manifest = root / COHORT_MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
         return root / "cases"
     truth = generate_export(root / "data", n_patients, seed, profile=profile, with_junk=False)
     labels_of = {s["study_instance_uid"]: root / "data" / s["truth_labels"]
                  for p in truth["patients"] for s in p["studies"]}
-    cfg = load_config()  # segmentation.method classical: its labels are the reference
+    # The reference labels come from the classical method whatever the default method is (the
+    # network's cohort is built with this function, so it must not depend on the weights).
+    base = load_config()
+    cfg = base.model_copy(update={"segmentation": base.segmentation.model_copy(update={"method": "classical"})})
     index = index_export(root / "data" / "export", root / "catalogue.sqlite", cfg.ingest)
     written, skipped = [], []
     for study in index.studies:

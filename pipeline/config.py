@@ -101,8 +101,12 @@ class SegmentationConfig(_Section):
     # models/ (method network): checkpoint of models/train.py, a path or relative to the
     # repository root; when it cannot be loaded the classical method segments and says why.
     network_weights: str = "models/weights/segresnet_synthetic.pt"
-    # Flip test-time augmentation: mean of 4 views, their variance is the uncertainty.
+    # Flip test-time augmentation: mean of the views, their variance is the uncertainty.
     network_tta: bool = True
+    # Views of the TTA (models/infer.py TTA_VIEWS): 2 = the input and its flip along all three
+    # axes (the default: half the CPU time of 4, as accurate on validation), 4 = the input and
+    # its flip along each axis.
+    network_tta_views: Literal[2, 4] = 2
     # Review flag "segmentation_uncertain" when the network segmented and its per-case uncertainty
     # (StudyImaging.segmentation_uncertainty) exceeds this; None: never (models/README.md).
     network_review_uncertainty: float | None = Field(default=None, gt=0)

@@ -84,8 +84,7 @@ def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, c
 
 def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, cfg: PipelineConfig) -> np.ndarray:
     """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with models/infer.py."""
-    re_a = ndi.gaussian_filter(sitk.GetArrayFromImage(relative_enhancement).astype(np.float32),
-                               sigma=(0, 0.5, 0.5))
+    re_a = smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement))
     return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
 
 
@@ -105,21 +104,14 @@ def segment(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     pre_a = sitk.GetArrayFromImage(pre).astype(np.float32)
     body_a = sitk.GetArrayFromImage(body) > 0
-    # Light in-plane smoothing: the RE of single voxels is noisy (noise adds in the ratio). Not a
-    # median filter: a 3x3 median erases a rim one pixel wide.
-    re_a = ndi.gaussian_filter(sitk.GetArrayFromImage(relative_enhancement).astype(np.float32),
-                               sigma=(0, 0.5, 0.5))
-    thr = cfg.enhancement.relative_enhancement_threshold
-    tissue = body_a & (pre_a > 0)
+    re_a = smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement))
     empty = np.zeros(pre_a.shape, bool)
-    if tissue.sum() < 100:
+    ref = tissue_reference_level(pre_a, body_a)
+    if ref is None:
         return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
-    ref = float(np.median(pre_a[tissue & (pre_a >= np.percentile(pre_a[tissue], 25))]))
     enhancing = _enhancing_mask(re_a, body_a, spacing, cfg)
 
-    bright = body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref) & (re_a < thr)
-    bright = ndi.binary_opening(bright, structure=ball_zyx(1.6, spacing))
-    lab, n = ndi.label(bright)
+    lab, n = t1_bright_components(pre_a, re_a, body_a, spacing, ref, cfg)
     hint = None
     if target_hint_lps is not None:
         idx_xyz = pre.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))
@@ -137,6 +129,34 @@ def segment(
     rim = enhancing & shell
     foci = _focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
     return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
+
+
+def smooth_relative_enhancement(re_a: np.ndarray) -> np.ndarray:
+    """Light in-plane smoothing of an RE array: the RE of single voxels is noisy (noise adds in
+    the ratio). Not a median filter: a 3x3 median erases a rim one pixel wide."""
+    return ndi.gaussian_filter(np.asarray(re_a, np.float32), sigma=(0, 0.5, 0.5))
+
+
+def tissue_reference_level(pre_a: np.ndarray, body_a: np.ndarray) -> float | None:
+    """Typical body tissue on the pre-contrast (median above its 25th percentile); None without a body."""
+    tissue = body_a & (pre_a > 0)
+    if tissue.sum() < 100:
+        return None
+    return float(np.median(pre_a[tissue & (pre_a >= np.percentile(pre_a[tissue], 25))]))
+
+
+def t1_bright_components(pre_a: np.ndarray, re_smooth: np.ndarray, body_a: np.ndarray, spacing: np.ndarray,
+                         ref: float, cfg: PipelineConfig) -> tuple[np.ndarray, int]:
+    """Labelled T1-bright non-enhancing regions (the ablation-zone candidates) and their count.
+
+    Bright: pre-contrast >= ``az_min_pre_ratio`` x ``ref``; non-enhancing: smoothed RE below the
+    enhancement threshold; opened with a 1.6 mm ball so that thin bright strands do not join
+    a zone to its neighbours.
+    """
+    bright = (body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref)
+              & (re_smooth < cfg.enhancement.relative_enhancement_threshold))
+    bright = ndi.binary_opening(bright, structure=ball_zyx(1.6, spacing))
+    return ndi.label(bright)
 
 
 def half_max_edge(core: np.ndarray, pre_a: np.ndarray, enhancing: np.ndarray, body_a: np.ndarray,

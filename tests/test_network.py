@@ -132,9 +132,10 @@ def test_prediction_lies_on_the_study_grid_of_an_oblique_flipped_acquisition():
     pre, sub, sphere, centre_lps = _oblique_flipped_pair()
     model = LoadedModel(_BrightIsAblationZone().eval(), {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]},
                         "cpu", Path("stand-in"))
-    pred = predict(model, pre, sub, tta=True)
+    pred = predict(model, pre, sub, tta=True, tta_views=4)
     assert pred.labels.shape == sphere.shape and pred.probabilities.shape == (4, *sphere.shape)
     assert pred.n_views == 4
+    assert predict(model, pre, sub, tta=True).n_views == 2  # the default: input + flip along all axes
     found = pred.labels == 1
     dice = 2 * (found & sphere).sum() / (found.sum() + sphere.sum())
     assert dice > 0.9
@@ -285,6 +286,40 @@ def test_uncertain_network_segmentation_raises_the_review_flag():
     assert not decide("network", 0.2, off).flagged  # None: the uncertainty never flags
 
 
+def test_an_input_unlike_the_training_data_raises_the_uncertainty_above_the_review_threshold(case_root):
+    """The shipped weights on a study as the pipeline prepares it, then on the same study with its
+    pre-contrast inverted (a series of another contrast taken for the T1, say): the clean study's
+    per-case uncertainty stays under ``segmentation.network_review_uncertainty``, the corrupted
+    one rises above it (models/README.md: the threshold and what it catches)."""
+    cfg = load_config()
+    limit = cfg.segmentation.network_review_uncertainty
+    assert limit is not None
+    model = load_model(Path(__file__).resolve().parents[1] / cfg.segmentation.network_weights)
+    folder = next(f for f in sorted(case_root.iterdir())
+                  if (sitk.GetArrayFromImage(sitk.ReadImage(str(f / LABEL_FILE))) == 1).any())
+    pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
+    sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
+    inverted = sitk.Subtract(float(np.percentile(sitk.GetArrayFromImage(pre), 99)), pre)
+    clean = predict(model, pre, sub).case_uncertainty
+    corrupted = predict(model, inverted, sitk.Subtract(sitk.Add(pre, sub), inverted)).case_uncertainty
+    assert clean < limit < corrupted
+
+
+def test_the_batch_of_windows_is_sized_to_the_free_gpu_memory(monkeypatch):
+    from models.infer import MAX_WINDOWS_PER_BATCH, WINDOW_BYTES, windows_per_batch
+
+    assert windows_per_batch("cpu", (24, 64, 64)) == 2
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    free["bytes"] = 10 * WINDOW_BYTES  # half of it: 5 windows of the reference size
+    assert windows_per_batch("cuda", (24, 64, 64)) == 5
+    assert windows_per_batch("cuda:0", (48, 64, 64)) == 2  # windows twice as large
+    free["bytes"] = WINDOW_BYTES // 4
+    assert windows_per_batch("cuda", (24, 64, 64)) == 1  # never none
+    free["bytes"] = 140 * 2**30
+    assert windows_per_batch("cuda", (24, 64, 64)) == MAX_WINDOWS_PER_BATCH
+
+
 def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     """The argmax is cleaned as the classical method is: the largest AZ component, rim only
     within rim_search_mm of it, focus components of rule 6's minimum size."""
@@ -347,30 +382,65 @@ def test_a_network_rim_that_does_not_enhance_is_dropped():
     assert clean_prediction(pred, body, spacing, cfg).rim.any()  # no RE map given: not judged
 
 
+def _bright_sphere(shape=(24, 64, 64), spacing=(3.0, 1.5, 1.5), radius_mm=15.0):
+    """A T1-bright sphere (200 against 100) with partial volume at its edge, and its true mask."""
+    from scipy import ndimage as ndi
+
+    spacing = np.array(spacing)
+    zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    truth = np.sqrt((zz - 36.0) ** 2 + (yy - 48.0) ** 2 + (xx - 48.0) ** 2) <= radius_mm
+    pre = ndi.gaussian_filter(np.where(truth, 200.0, 100.0).astype(np.float32), sigma=0.6 / spacing)
+    return pre, truth, spacing
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
 def test_the_zone_edge_is_placed_at_the_half_way_pre_contrast_level():
     """A network zone drawn one voxel too wide all round is brought back to the true edge."""
     from scipy import ndimage as ndi
 
     from models.infer import CleanedPrediction, place_az_edge
 
-    shape, spacing = (24, 64, 64), np.array([3.0, 1.5, 1.5])
-    zz, yy, xx = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
-    r = np.sqrt((zz - 36.0) ** 2 + (yy - 48.0) ** 2 + (xx - 48.0) ** 2)
-    truth = r <= 15.0
-    pre = np.where(truth, 200.0, 100.0).astype(np.float32)
-    pre = ndi.gaussian_filter(pre, sigma=0.6 / spacing)  # partial volume at the edge
+    pre, truth, spacing = _bright_sphere()
+    shape = truth.shape
     too_wide = ndi.binary_dilation(truth)
     rim = ndi.binary_dilation(too_wide, iterations=2) & ~too_wide
     cleaned = CleanedPrediction(too_wide, too_wide.astype(np.float32), rim, [])
-    placed = place_az_edge(cleaned, pre, np.zeros(shape, bool), np.ones(shape, bool), spacing)
+    placed = place_az_edge(cleaned, pre, np.zeros(shape, np.float32), np.zeros(shape, bool), np.ones(shape, bool),
+                           spacing, load_config())
 
-    def dice(a, b):
-        return 2 * (a & b).sum() / (a.sum() + b.sum())
-
-    assert dice(too_wide, truth) < 0.93
-    assert dice(placed.az, truth) > 0.98
+    assert _dice(too_wide, truth) < 0.93
+    assert _dice(placed.az, truth) > 0.98
     assert not (placed.rim & placed.az).any() and placed.rim.sum() >= rim.sum()
     assert 0.0 <= placed.az_soft.min() and placed.az_soft.max() <= 1.0
+
+
+def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
+    """The network's zone 6 mm short of the T1-bright region all round: the edge grows from the
+    zone joined with the bright region it overlaps, not from the zone alone (whose 4 mm search
+    cannot reach the true edge); a bright region it does not touch is left out."""
+    from scipy import ndimage as ndi
+
+    from models.infer import CleanedPrediction, place_az_edge
+    from pipeline.segment_classical import half_max_edge
+
+    pre, truth, spacing = _bright_sphere()
+    shape = truth.shape
+    other = np.zeros(shape, bool)
+    other[2:6, 5:15, 5:15] = True  # another T1-bright region (a cyst, say), far from the zone
+    pre = np.where(other, 200.0, pre).astype(np.float32)
+    short = ndi.binary_erosion(truth, structure=np.ones((1, 3, 3), bool), iterations=4)
+    cleaned = CleanedPrediction(short, short.astype(np.float32), np.zeros(shape, bool), [])
+    body = np.ones(shape, bool)
+    placed = place_az_edge(cleaned, pre, np.zeros(shape, np.float32), np.zeros(shape, bool), body, spacing,
+                           load_config())
+    from_zone_alone, _ = half_max_edge(short, pre, np.zeros(shape, bool), body, spacing, 100.0)
+
+    assert _dice(from_zone_alone, truth) < 0.97
+    assert _dice(placed.az, truth) > 0.98
+    assert not (placed.az & other).any()
 
 
 def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate():
