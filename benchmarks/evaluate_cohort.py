@@ -59,6 +59,10 @@ def main() -> None:
         s = report[key]
         print(f"{key:<20}n {s['n']}  mean|e| {s['mean_abs']}  median|e| {s['median_abs']}  max|e| {s['max_abs']}  "
               f"mean e {s['mean_signed']}")
+    cf = report["clean_studies_flagged"]
+    print(f"clean flagged       {cf['flagged']}/{cf['n']}  false new lesions {report['false_new_lesions']}")
+    for group, g in report["accuracy_by_group"].items():
+        print(f"  {group:<28}{g['correct']}/{g['n']}")
     print(f"time                {report['seconds_per_study']} s/study (flow {summary['seconds']} s, "
           f"{args.workers} worker(s)); peak RSS {report['peak_rss_mb']} MB")
     for w in report["wrong"]:

@@ -36,9 +36,22 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
     atp = afn = atn = afp = 0
     long_err, short_err, vol_err = [], [], []
     wrong = []
+    # Issue 15's measures: clean studies flagged, false new lesions, accuracy per scenario and
+    # per organ beside the zone (profiles that place one).
+    clean_n = clean_flagged = false_new = 0
+    by_group: dict[str, Counter[str]] = {}
     for patient, study, row in pairs:
         t, p = study["category"], row["category"]
         confusion[(t, p)] += 1
+        if t in ("complete_ablation", "no_evidence_of_ltp"):
+            clean_n += 1
+            clean_flagged += row["flagged"] == "true"
+        false_new += row["new_lesion"] == "true"  # the generator draws no new lesion
+        groups = [f"scenario:{patient.get('scenario')}"]
+        groups += [f"organ:{o}" for o in sorted(set(patient.get("organs_beside_zone") or []))]
+        for g in groups:
+            by_group.setdefault(g, Counter())["n"] += 1
+            by_group[g]["correct"] += t == p
         if t != p:
             wrong.append({"patient_id": patient["patient_id"], "scenario": patient.get("scenario"),
                           "study_date": study["study_date"], "truth": t, "predicted": p,
@@ -77,6 +90,10 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         "long_axis_error_mm": stats(long_err),
         "short_axis_error_mm": stats(short_err),
         "volume_error_pct": stats(vol_err),
+        "clean_studies_flagged": {"n": clean_n, "flagged": clean_flagged, "rate": _rate(clean_flagged, clean_n)},
+        "false_new_lesions": false_new,
+        "accuracy_by_group": {g: {"n": c["n"], "correct": c["correct"], "accuracy": _rate(c["correct"], c["n"])}
+                              for g, c in sorted(by_group.items())},
         "confusion": {f"{t} -> {p}": n for (t, p), n in sorted(confusion.items())},
         "wrong": wrong,
     }

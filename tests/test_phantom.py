@@ -131,6 +131,40 @@ def test_vessel_touches_az_at_baseline():
     assert -0.3 < gap.min() < 0.3
 
 
+def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
+    """Issue 15: every ablation zone of the abdomen profile touches a kidney, the spleen or a
+    bowel loop (gap 0-2 mm between the surfaces at baseline), whose contrast physiology enhances like tumour; the old profiles draw no such organ."""
+    from pipeline.phantom.anatomy import LesionState, t1_tissue_values
+
+    prof = get_profile("abdomen")
+    u = np.random.default_rng(0).standard_normal((40000, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    kinds = set()
+    for i in range(8):
+        plan = plan_patient(i, np.random.default_rng([SEED, i]), prof)
+        beside = [o for o in plan.anatomy.organs if o.beside_zone]
+        assert beside, plan.scenario
+        les = next(s.lesion for s in plan.studies if s.timepoint == "baseline")
+        surf = les.az_centre + (u * les.az_semi_axes) @ les.az_rot.T
+        for organ in beside:
+            kinds.add(organ.kind)
+            # Points of the organ's surface against the AZ's implicit function: the nearest is
+            # within 0-2.5 mm of the AZ surface (first-order distance, a fraction of a mm off).
+            w = ((u * organ.semi) @ organ.rot.T + organ.centre - les.az_centre) @ les.az_rot / les.az_semi_axes
+            q = np.sqrt(np.sum(w * w, axis=1))
+            gap = float(np.min((q - 1) * np.min(les.az_semi_axes)))
+            assert -0.5 < gap < 2.5, (plan.scenario, organ.kind, gap)
+        assert plan.anatomy.physiology == "abdominal"
+        values = t1_tissue_values(plan.anatomy, les, 20)
+        pre = t1_tissue_values(plan.anatomy, les, None)
+        assert values["kidney_cortex"] / pre["kidney_cortex"] - 1 >= 1.0  # corticomedullary phase
+    assert kinds >= {"kidney", "bowel"}
+    # The default profile is unchanged: no organ beside the zone, mild physiology.
+    plan = plan_patient(0, np.random.default_rng([SEED, 0]), get_profile("default"))
+    assert not any(o.beside_zone for o in plan.anatomy.organs) and plan.anatomy.physiology == "mild"
+    assert isinstance(les, LesionState)
+
+
 def test_growth_rescaling_rule():
     """Truth sizes are adjusted so the category agrees with the growth rule on each grid."""
     from pipeline.phantom.export import _size_consistent

@@ -15,7 +15,7 @@ Intensities are arbitrary units before vendor scaling (T1 fat-sat GRE: muscle ~2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -27,7 +27,7 @@ T1_PHASE_SECONDS = (20, 70, 180)
 # the list displaces later ones (a nodule replaces necrosis, a vessel pushes the rim aside).
 LESION_TISSUES = ("nodule", "tumour", "az", "vessel", "rim", "bone")
 # Then the other interior structures, before muscle (septa = intermuscular fat, fat-suppressed).
-ANATOMY_TISSUES = ("canal", "disc", "kidney_medulla", "kidney_cortex", "fluid", "septum")
+ANATOMY_TISSUES = ("canal", "disc", "kidney_medulla", "kidney_cortex", "fluid", "bowel_wall", "spleen", "septum")
 
 
 # --------------------------------------------------------------------------- patient anatomy
@@ -98,14 +98,18 @@ class Vessel:
 
 @dataclass(frozen=True)
 class Organ:
-    """An ellipsoidal organ: ``kidney`` (cortex + medulla = inner ellipsoid x ``inner``) or
-    ``fluid`` (fluid-filled, dark on T1 and bright on T2, non-enhancing)."""
+    """An ellipsoidal organ: ``kidney`` (cortex + medulla = inner ellipsoid x ``inner``),
+    ``fluid`` (fluid-filled, dark on T1 and bright on T2, non-enhancing), ``spleen`` (solid,
+    homogeneous) or ``bowel`` (a loop: fluid contents inside an enhancing wall ``wall_mm`` thick).
+    ``beside_zone``: placed against the ablation zone (the ``abdomen`` profile)."""
 
     kind: str
     centre: np.ndarray
     rot: np.ndarray
     semi: np.ndarray
     inner: float = 0.6
+    wall_mm: float = 0.0
+    beside_zone: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,9 @@ class Anatomy:
     septa_half_mm: float = 1.0
     sector_gain: np.ndarray | None = None  # muscle gain between septum k and k+1
     organs: tuple[Organ, ...] = ()
+    # "mild": organs barely enhance (the default/heldout profiles); "abdominal": dynamic-contrast
+    # physiology of abdominal organs (``t1_tissue_values``), the ``abdomen`` profile.
+    physiology: str = "mild"
 
     def at_z(self, z: float) -> np.ndarray:
         """Row of ``ztab`` at world z (nearest sample)."""
@@ -391,6 +398,107 @@ def touching_vessel(rng: np.random.Generator, az_centre: np.ndarray, az_rot: np.
                   float(az_centre[2]), r, touching=True, touch_dir=n[:2].copy(), touch_h=h)
 
 
+def _support(rot: np.ndarray, semi: np.ndarray, n: np.ndarray) -> float:
+    """Support function of an ellipsoid (centre 0): distance to its tangent plane of normal n."""
+    m = rot @ np.diag(np.asarray(semi, float) ** 2) @ rot.T
+    return float(np.sqrt(n @ m @ n))
+
+
+def _fits_in_body(anatomy: Anatomy, pts: np.ndarray, margin: float) -> bool:
+    """All points inside the muscle interior (``margin`` mm in) and clear of the spine and canal."""
+    for x, y, z in pts:
+        r_ = anatomy.at_z(float(z))
+        if ((x - r_[ZC_IN_X]) / (r_[ZC_IN_A] - margin)) ** 2 + ((y - r_[ZC_IN_Y]) / (r_[ZC_IN_B] - margin)) ** 2 >= 1:
+            return False
+        sx, sy = r_[ZC_SPINE_X], r_[ZC_SPINE_Y]
+        if np.hypot(x - sx, y - sy) < anatomy.bone_radius + margin:
+            return False
+        if np.hypot(x - sx, y - sy - anatomy.canal_offset()) < anatomy.canal_radius + 4 + margin:
+            return False
+    return True
+
+
+def _fibonacci_sphere(n: int) -> np.ndarray:
+    """``n`` near-uniform unit vectors (deterministic: no draw from the patient's generator)."""
+    i = np.arange(n) + 0.5
+    phi = np.arccos(1 - 2 * i / n)
+    theta = np.pi * (1 + 5 ** 0.5) * i
+    return np.column_stack([np.cos(theta) * np.sin(phi), np.sin(theta) * np.sin(phi), np.cos(phi)])
+
+
+_FIBONACCI_SPHERE = _fibonacci_sphere(4000)
+
+
+def _slide_to_gap(centre: np.ndarray, n: np.ndarray, rot: np.ndarray, semi: np.ndarray, az_surface: np.ndarray,
+                  gap: float) -> np.ndarray:
+    """Organ centre moved along -n so that its surface is ``gap`` mm from the nearest AZ surface
+    point (bisection on the first-order distance of ``_ellipsoid``; at most 20 mm)."""
+    def clearance(shift: float) -> float:
+        d, _, _ = _ellipsoid(az_surface.astype(np.float32), centre - shift * n, rot, semi)
+        return float(d.min())
+
+    lo, hi = 0.0, 20.0
+    if clearance(lo) <= gap:
+        return centre
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if clearance(mid) > gap else (lo, mid)
+    return centre - lo * n
+
+
+def organs_beside_zone(rng: np.random.Generator, anatomy: Anatomy, az_centre: np.ndarray, az_rot: np.ndarray,
+                       semi_axes: np.ndarray, avoid_dir: np.ndarray | None) -> Anatomy:
+    """The anatomy with 1-2 enhancing organs lying against the ablation zone (``abdomen`` profile).
+
+    Each organ (a kidney, the spleen's tip or a bowel loop) is placed along an in-plane-ish
+    direction ``n`` so that its tangent plane coincides with the AZ's (``_support``) plus a
+    0-2 mm gap: the two touch, as a paraspinal or retroperitoneal zone touches the kidney in
+    practice. ``avoid_dir`` (the nodule's direction) is kept > 40 degrees away so that the
+    nodule stays visible, yet may lie next to the organ. Organs that do not fit in the body are
+    shrunk (x0.85) and tried again.
+    """
+    u = rng.standard_normal((300, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    az_surface = az_centre + (_FIBONACCI_SPHERE * np.asarray(semi_axes, float)) @ az_rot.T
+    kinds = [str(rng.choice(["kidney", "kidney", "spleen", "bowel"]))]
+    if rng.random() < 0.5:
+        kinds.append(str(rng.choice([k for k in ("bowel", "kidney", "spleen") if k != kinds[0]])))
+    placed: list[Organ] = []
+    for kind in kinds:
+        if kind == "kidney":
+            semi = np.array([rng.uniform(22, 28), rng.uniform(16, 20), rng.uniform(45, 55)])
+            rot = random_rotation_small(rng, 25.0)
+        elif kind == "spleen":
+            semi = np.array([rng.uniform(22, 32), rng.uniform(35, 50), rng.uniform(40, 55)])
+            rot = random_rotation_small(rng, 25.0)
+        else:
+            semi = np.array([rng.uniform(10, 16), rng.uniform(10, 16), rng.uniform(30, 60)])
+            rot = random_rotation(rng)
+        wall = float(rng.uniform(1.5, 3.0)) if kind == "bowel" else 0.0
+        for attempt in range(120):
+            if attempt and attempt % 40 == 0:
+                semi = semi * 0.85
+            ang = rng.uniform(0, 2 * np.pi)
+            n = np.array([np.cos(ang), np.sin(ang), rng.uniform(-0.25, 0.25)])
+            n /= np.linalg.norm(n)
+            if avoid_dir is not None and n @ avoid_dir > np.cos(np.deg2rad(40)):
+                continue
+            if any(n @ ((o.centre - az_centre) / np.linalg.norm(o.centre - az_centre)) > np.cos(np.deg2rad(70))
+                   for o in placed):
+                continue
+            gap = rng.uniform(0.0, 2.0)
+            c = az_centre + n * (_support(az_rot, semi_axes, n) + gap + _support(rot, semi, n))
+            # Coincident tangent planes leave a gap where the two contact points are offset
+            # laterally: slide the organ along -n until the surfaces are ``gap`` apart.
+            c = _slide_to_gap(c, n, rot, semi, az_surface, gap)
+            pts = c + (u * semi) @ rot.T
+            if not _fits_in_body(anatomy, pts[::3], 3.0):
+                continue
+            placed.append(Organ(kind, c, rot, semi, wall_mm=wall, beside_zone=True))
+            break
+    return replace(anatomy, organs=anatomy.organs + tuple(placed), physiology="abdominal")
+
+
 # --------------------------------------------------------------------------- lesion state
 @dataclass(frozen=True)
 class LesionState:
@@ -611,8 +719,12 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
         np.minimum(d_vessel, d_v, out=d_vessel)
     raw["vessel"] = raw_v
 
-    for name in ("kidney_cortex", "kidney_medulla", "fluid"):
+    for name in ("kidney_cortex", "kidney_medulla", "fluid", "bowel_wall", "spleen"):
         raw[name] = np.zeros_like(X)
+
+    def put(name: str, box, f: np.ndarray) -> None:  # organs may share a box: keep the larger share
+        raw[name][box] = np.maximum(raw[name][box], f)
+
     for o in anatomy.organs:
         box = _box(grid, pose, o.centre, float(np.max(o.semi)))
         if box is None:
@@ -623,10 +735,16 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
         if o.kind == "kidney":
             d_m, n_m, _ = _ellipsoid(xb, o.centre, o.rot, o.semi * o.inner)
             f_m = _frac(d_m, n_m, axes)
-            raw["kidney_medulla"][box] = f_m
-            raw["kidney_cortex"][box] = np.clip((f_o - f_m) / np.maximum(1 - f_m, 1e-6), 0, 1)
+            put("kidney_medulla", box, f_m)
+            put("kidney_cortex", box, np.clip((f_o - f_m) / np.maximum(1 - f_m, 1e-6), 0, 1))
+        elif o.kind == "bowel":
+            f_c = _frac(d_o + np.float32(o.wall_mm), n_o, axes)  # contents: the wall's inner surface
+            put("fluid", box, f_c)
+            put("bowel_wall", box, np.clip((f_o - f_c) / np.maximum(1 - f_c, 1e-6), 0, 1))
+        elif o.kind == "spleen":
+            put("spleen", box, f_o)
         else:
-            raw["fluid"][box] = f_o
+            put("fluid", box, f_o)
 
     labels = np.zeros(grid.shape, np.uint8)
     for name in ("nodule", "tumour", "az", "rim"):
@@ -719,10 +837,11 @@ def t1_tissue_values(anatomy: Anatomy, lesion: LesionState, phase_seconds: int |
     pre = {"air": 0.0, "fat": 60.0, "muscle": m, "bone": 150.0, "vessel": 120.0,
            "az": lesion.az_t1_ratio * m, "rim": m, "nodule": 1.05 * m, "tumour": 1.05 * m,
            "septum": 60.0, "disc": 0.35 * m, "canal": 0.25 * m, "kidney_cortex": 0.95 * m,
-           "kidney_medulla": 0.72 * m, "fluid": 0.2 * m}
+           "kidney_medulla": 0.72 * m, "fluid": 0.2 * m, "bowel_wall": 0.95 * m, "spleen": 0.85 * m}
     if phase_seconds is None:
         return pre
     p = {20: 0, 70: 1, 180: 2}[phase_seconds]
+    abdominal = anatomy.physiology == "abdominal"
     re = {
         "air": 0.0,
         "fat": 0.02,
@@ -740,7 +859,23 @@ def t1_tissue_values(anatomy: Anatomy, lesion: LesionState, phase_seconds: int |
         "kidney_cortex": (0.10, 0.11, 0.11)[p],
         "kidney_medulla": (0.03, 0.06, 0.08)[p],
         "fluid": 0.0,
+        "bowel_wall": 0.02,
+        "spleen": 0.02,
     }
+    if abdominal:
+        # Dynamic-contrast physiology as abdominal MRI texts describe it (engineering values in
+        # the reported ranges, not measurements): the renal cortex enhances as strongly as
+        # arteries in the corticomedullary (arterial) phase, the medulla catches up in the
+        # nephrographic phase; the spleen enhances strongly and evenly by the portal phase; the
+        # bowel wall enhances at the portal phase, its contents do not. Every one of them
+        # enhances as much as, or more than, a viable tumour nodule: only shape, scale and
+        # continuity tell them apart.
+        re.update({
+            "kidney_cortex": (2.0, 1.5, 1.1)[p],
+            "kidney_medulla": (0.5, 1.3, 1.4)[p],
+            "spleen": (1.4, 1.1, 0.9)[p],
+            "bowel_wall": (0.7, 1.0, 0.8)[p],
+        })
     return {k: v * (1 + re[k]) for k, v in pre.items()}
 
 
@@ -749,7 +884,7 @@ def t2_tissue_values(lesion: LesionState) -> dict[str, float]:
     return {"air": 0.0, "fat": 80.0, "muscle": 100.0, "bone": 30.0, "vessel": 40.0,
             "az": lesion.az_t2, "rim": 115.0, "nodule": 200.0, "tumour": 180.0,
             "septum": 80.0, "disc": 150.0, "canal": 230.0, "kidney_cortex": 120.0, "kidney_medulla": 150.0,
-            "fluid": 250.0}
+            "fluid": 250.0, "bowel_wall": 110.0, "spleen": 150.0}
 
 
 def intensity(r: Rendered, values: dict[str, float], texture_amp: float = 0.05) -> np.ndarray:

@@ -173,8 +173,11 @@ def _t1_grid(rng: np.random.Generator, prof: Profile, target_phys: np.ndarray) -
     nk = int(rng.integers(prof.t1_slices[0], prof.t1_slices[1] + 1))
     px = float(np.round(rng.uniform(*prof.t1_pixel_mm), 4))
     off = np.array([*rng.uniform(-prof.fov_offset_mm, prof.fov_offset_mm, 2), rng.uniform(-8, 8)])
-    grid = make_grid(target_phys + direction @ off, direction, (ni, nj, nk), (px, px, prof.t1_slice_mm),
-                     prof.t1_slice_mm)
+    slice_mm = prof.t1_slice_mm
+    if prof.t1_slice_mm_choices:
+        slice_mm = float(rng.choice(prof.t1_slice_mm_choices))
+        nk = int(round(nk * prof.t1_slice_mm / slice_mm))  # the same slab, thicker slices
+    grid = make_grid(target_phys + direction @ off, direction, (ni, nj, nk), (px, px, slice_mm), slice_mm)
     return grid, tilt
 
 
@@ -420,6 +423,7 @@ def _generate_patient(plan: PatientPlan, rng: np.random.Generator, prof: Profile
                            "target_x": tgt[0], "target_y": tgt[1], "target_z": tgt[2]})
     patient = {
         "patient_id": pid, "scenario": plan.scenario, "vendor": plan.vendor,
+        "organs_beside_zone": [o.kind for o in anatomy.organs if o.beside_zone],
         "ablation_dates": [d.isoformat() for d in plan.ablation_dates],
         "intensities": {"muscle_t1_pre": round(anatomy.muscle_t1, 3), "muscle_re": round(anatomy.muscle_re, 4),
                         "noise_sigma": round(sigma, 3)},

@@ -45,7 +45,14 @@ class Profile:
     t1_pixel_mm: Range = (1.4, 1.9)
     t1_slices: Range = (36, 44)
     t1_slice_mm: float = 3.0
+    # Drawn per study when set (else ``t1_slice_mm``): thicker abdominal slabs.
+    t1_slice_mm_choices: tuple[float, ...] | None = None
     pre_ablation_fraction: float = 0.5
+    # --- a body around the zone (``abdomen``): enhancing organs placed against the AZ
+    # (``anatomy.organs_beside_zone``), abdominal contrast physiology, and a vessel touching
+    # the zone in this fraction of the patients besides the ``vessel`` scenario.
+    organs_beside_zone: bool = False
+    touching_vessel_fraction: float = 0.0
 
 
 PROFILES: dict[str, Profile] = {
@@ -75,6 +82,37 @@ PROFILES: dict[str, Profile] = {
         fov_offset_mm=25.0,
     ),
 }
+
+
+# A body around the zone (DESIGN.md "Synthetic cohort", issue 15): a kidney, the spleen or a
+# bowel loop against every ablation zone, all enhancing as strongly as tumour (corticomedullary
+# kidney, spleen, bowel wall), larger vessels touching the zone, 3-5 mm slices, more breathing
+# motion between phases and studies. Its evaluation seeds are fixed in docs/evaluation.md
+# before any rule was tuned on it.
+PROFILES["abdomen"] = Profile(
+    name="abdomen",
+    az_semi_axes_mm=(10.0, 22.0),
+    az_t1_ratio_baseline=(1.9, 2.6),
+    rim_thickness_mm=(0.9, 2.5),
+    rim_re=(0.35, 0.85),
+    nodule_diameter_mm=(7.5, 12.0),
+    nodule_re=(0.70, 1.30),
+    fat_thickness_mm=(10.0, 22.0),
+    muscle_re=(0.04, 0.10),
+    noise_sigma=(0.025, 0.045),
+    bias_range=(0.80, 1.20),
+    deform_amplitude_mm=1.0,
+    reposition_rot_deg=6.0,
+    reposition_trans_mm=20.0,
+    motion_rot_deg=1.5,
+    motion_trans_mm=4.5,
+    oblique_fraction=0.3,
+    oblique_tilt_deg=(8.0, 25.0),
+    fov_offset_mm=25.0,
+    t1_slice_mm_choices=(3.0, 4.0, 5.0),
+    organs_beside_zone=True,
+    touching_vessel_fraction=0.5,
+)
 
 
 def get_profile(name: str) -> Profile:

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .anatomy import Anatomy, LesionState, random_anatomy, random_lesion_orientation, surface_point, touching_vessel
+from .anatomy import (Anatomy, LesionState, organs_beside_zone, random_anatomy, random_lesion_orientation,
+                      surface_point, touching_vessel)
 from .profiles import Profile
 
 SCENARIOS = ("complete", "ltp", "residual", "growth", "vessel", "asymmetric_rim", "missing_post", "reablation")
@@ -96,6 +97,9 @@ def plan_patient(index: int, rng: np.random.Generator, profile: Profile) -> Pati
     nod_re = rng.uniform(*profile.nodule_re)
 
     vessel_touching = scenario == "vessel"
+    if profile.organs_beside_zone:  # draws only for such profiles: the others' cohorts are unchanged
+        anatomy = organs_beside_zone(rng, anatomy, centre, az_rot, semi0, nod_dir)
+        vessel_touching = vessel_touching or bool(rng.random() < profile.touching_vessel_fraction)
     if vessel_touching:
         anatomy = replace(anatomy, vessels=anatomy.vessels + (touching_vessel(rng, centre, az_rot, semi0, nod_dir),))
 
