@@ -49,11 +49,14 @@ def train_segmentation(
     init_checkpoint: str | None = None,
     device: str = "auto",
     weights_out: str | None = None,
+    train_profiles: tuple[str, ...] = ("default",),
+    val_profile: str = "default",
 ) -> dict:
     """Train the segmentation network; returns a summary (iterations, losses, validation, paths).
 
     ``data``: fine-tune (or train) on these case folders instead of the synthetic training
     cohort; the synthetic validation cohort still measures the result unless ``val_patients`` is 0.
+    ``train_profiles``: one training cohort of ``train_patients`` per phantom profile (same seed).
     """
     from pipeline.devices import resolve_device
 
@@ -62,12 +65,15 @@ def train_segmentation(
     if data:
         train_dirs = [Path(data)]
     else:
-        train_dirs = [cohort_task(work / f"train_seed{train_seed}_n{train_patients}", train_patients, train_seed,
-                                  "default")]
-    val_dirs = ([cohort_task(work / f"val_seed{val_seed}_n{val_patients}", val_patients, val_seed, "default")]
-                if val_patients > 0 else [])
-    provenance = {"data": data or f"phantom profile default, seed {train_seed}, {train_patients} patients",
-                  "validation": f"phantom profile default, seed {val_seed}, {val_patients} patients" if val_dirs else "",
+        # The default profile keeps its former cache folder name (existing caches stay valid).
+        train_dirs = [cohort_task(work / f"train{'' if p == 'default' else '_' + p}_seed{train_seed}_n{train_patients}",
+                                  train_patients, train_seed, p) for p in train_profiles]
+    val_name = f"val{'' if val_profile == 'default' else '_' + val_profile}_seed{val_seed}_n{val_patients}"
+    val_dirs = [cohort_task(work / val_name, val_patients, val_seed, val_profile)] if val_patients > 0 else []
+    provenance = {"data": data or (f"phantom profile(s) {', '.join(train_profiles)}, seed {train_seed}, "
+                                   f"{train_patients} patients each"),
+                  "validation": (f"phantom profile {val_profile}, seed {val_seed}, {val_patients} patients"
+                                 if val_dirs else ""),
                   "init_checkpoint": init_checkpoint or ""}
     result = train_task(train_dirs, val_dirs, settings, Path(out_dir), resolved,
                         Path(init_checkpoint) if init_checkpoint else None, provenance)

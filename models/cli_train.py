@@ -19,6 +19,8 @@ def register(app: typer.Typer, console) -> None:
         init: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="checkpoint to fine-tune from")] = None,
         train_patients: Annotated[int, typer.Option(min=1)] = 6,
         train_seed: Annotated[int, typer.Option()] = 101,
+        train_profile: Annotated[str, typer.Option(help="phantom profile(s) of the training cohorts, comma-separated")] = "default",
+        val_profile: Annotated[str, typer.Option(help="phantom profile of the validation cohort")] = "default",
         val_patients: Annotated[int, typer.Option(min=0, help="synthetic validation patients (0: none)")] = 2,
         val_seed: Annotated[int, typer.Option()] = 202,
         iterations: Annotated[int, typer.Option(min=1)] = 1000,
@@ -54,8 +56,14 @@ def register(app: typer.Typer, console) -> None:
             weights = tuple(float(v) for v in ce_weights.split(","))
             if len(roi) != 3 or len(ratios) != N_CLASSES or len(weights) != N_CLASSES:
                 raise ValueError
+            profiles = tuple(p.strip() for p in train_profile.split(",") if p.strip())
+            from pipeline.phantom.profiles import get_profile
+
+            for name in (*profiles, val_profile):
+                get_profile(name)
         except ValueError:
-            console.print(f"[red]error:[/red] --patch needs 3 integers, --crop-ratios and --ce-weights {N_CLASSES} numbers")
+            console.print(f"[red]error:[/red] --patch needs 3 integers, --crop-ratios and --ce-weights {N_CLASSES} "
+                          "numbers, --train-profile and --val-profile known phantom profiles")
             raise typer.Exit(code=2) from None
         settings = asdict(TrainSettings(seed=seed, max_iterations=iterations, max_minutes=minutes, stop_after=stop_after,
                                         validate_every=validate_every, network=net_cfg, threads=threads,
@@ -64,7 +72,7 @@ def register(app: typer.Typer, console) -> None:
         try:
             summary = train_segmentation(str(out), str(work_dir), settings, train_patients, train_seed, val_patients,
                                          val_seed, str(data) if data else None, str(init) if init else None, device,
-                                         str(weights_out) if weights_out else None)
+                                         str(weights_out) if weights_out else None, profiles or ("default",), val_profile)
         except ValueError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(code=2) from None

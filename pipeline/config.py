@@ -135,6 +135,12 @@ class FociConfig(_Section):
     vessel_min_length_mm: float = Field(gt=0)
     focal_max_deg: float
     crescentic_max_deg: float
+    # Organ-scale enhancing structures (pipeline/focus_context.py); organ_min_radius_mm null: off.
+    organ_min_radius_mm: float | None = Field(default=None, gt=0)
+    organ_min_extent_mm: float = Field(default=40.0, gt=0)
+    organ_contact_margin_mm: float = Field(default=2.5, ge=0)
+    # Enclosed non-enhancing contents that make a hollow organ solid (bowel loop); null: off.
+    hollow_min_content_ml: float | None = Field(default=None, ge=0)
 
 
 class RulesConfig(_Section):

@@ -15,6 +15,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from pipeline.config import PipelineConfig
+from pipeline.focus_context import enclosed_contents, organ_bodies
 from pipeline.rim import angular_extent_deg, az_surface_samples, focus_margin_metrics
 from pipeline.segment_classical import SegmentationResult, ball_zyx, spacing_zyx
 from pipeline.types import AxisMeasurement, Focus, RimMetrics
@@ -140,20 +141,29 @@ def analyse_foci(
     surface = az_surface_samples(az_img)
     # Vessel test on the enhancing tissue beyond the benign-rim shell: a vessel touching the AZ
     # merges with the rim into a compact-looking blob, but beyond the shell it runs on as a tube.
-    beyond = seg.enhancing & ~ndi.binary_dilation(
-        seg.az, structure=ball_zyx(cfg.rim.benign_max_thickness_mm, spacing))
+    shell = ndi.binary_dilation(seg.az, structure=ball_zyx(cfg.rim.benign_max_thickness_mm, spacing))
+    beyond = seg.enhancing & ~shell
     beyond_lab, _ = ndi.label(beyond)
     shapes: dict[int, tuple[float, float]] = {}
     foci: list[Focus] = []
     masks: list[np.ndarray] = []
-    for mask in seg.focus_candidates:
-        outside = mask & ~seg.az
-        if not outside.any():
-            continue
+    # Organ-scale enhancing bodies (kidney, spleen, large vessels, and bowel loops filled with
+    # their enclosed contents): candidates are split at their surface and only what protrudes is
+    # judged (focus_context.py).
+    bodies = None
+    if fc.organ_min_radius_mm is not None:
+        contents = None
+        if fc.hollow_min_content_ml is not None:
+            contents = enclosed_contents(beyond, shell, spacing, fc.hollow_min_content_ml)
+        bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
+                              fc.organ_contact_margin_mm, contents)
+    min_part_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+
+    def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str) -> tuple[Focus, bool] | None:
         # Distance from the AZ surface: voxel-centre distance minus half a voxel.
         distance = max(0.0, float(dist_to_az[outside].min()) - 0.5 * in_plane)
         if distance > fc.new_lesion_search_mm:
-            continue
+            return None
         zyx = np.argwhere(outside)
         points = voxels_to_lps(grid, zyx)
         volume_ml = float(len(zyx) * np.prod(spacing) / 1000.0)
@@ -214,12 +224,40 @@ def analyse_foci(
                        "crescentic" if extent <= fc.crescentic_max_deg else "circumferential")
         else:
             pattern = "distant"
-        foci.append(Focus(
+        if anatomy_reason:
+            suspicious, reason = False, anatomy_reason
+        elif organ_mm:
+            reason = f"{reason}; measured on what protrudes from an organ-scale enhancing structure ({organ_mm:.0f} mm)"
+        return Focus(
             centroid_lps=[round(float(v), 2) for v in points.mean(0)], volume_ml=round(volume_ml, 3),
             diameter_mm=round(diameter, 2), max_thickness_mm=round(thickness, 2),
             distance_to_az_surface_mm=round(distance, 2), mean_relative_enhancement=round(mean_re, 3),
             angular_extent_deg=round(extent, 1), pattern=pattern, local=local, suspicious=suspicious,
-            reason=reason))
-        if suspicious:
-            masks.append(outside)
+            reason=reason, organ_extent_mm=organ_mm), suspicious
+
+    for mask in seg.focus_candidates:
+        outside = mask & ~seg.az
+        if not outside.any():
+            continue
+        # Split the candidate at the surface of the organ it touches: what lies within it stays
+        # in the evidence with its reason, what protrudes is judged.
+        parts: list[tuple[np.ndarray, float | None, str]] = [(outside, None, "")]
+        if bodies is not None and bodies.found and (outside & bodies.zone).any():
+            organ_mm, hollow = bodies.touching(outside)
+            kind = ("a hollow organ (enhancing wall around non-enhancing contents: bowel loop, gallbladder)"
+                    if hollow else "an organ-scale enhancing structure (kidney, spleen, large vessel)")
+            parts = [(outside & bodies.zone, organ_mm, (
+                f"part of {kind}, {organ_mm:.0f} mm long and >= {2 * fc.organ_min_radius_mm:g} mm thick: "
+                "normal anatomy, not a nodule"))]
+            rest = outside & ~bodies.zone
+            lab, n = ndi.label(rest)
+            sizes = ndi.sum_labels(rest, lab, index=np.arange(1, n + 1)) if n else []
+            parts += [(lab == i + 1, organ_mm, "") for i, size in enumerate(sizes) if size >= min_part_vox]
+        for part, part_organ_mm, anatomy_reason in parts:
+            described = describe(part, part_organ_mm, anatomy_reason)
+            if described is None:
+                continue
+            foci.append(described[0])
+            if described[1]:
+                masks.append(part)
     return foci, masks

@@ -181,6 +181,10 @@ class Focus(BaseModel):
     local: bool
     suspicious: bool
     reason: str
+    # Length (mm) of the organ-scale enhancing structure this candidate touched (issue 15): the
+    # part of the candidate within the organ's contact margin was discounted as anatomy. None:
+    # no organ touched.
+    organ_extent_mm: float | None = None
     # Supporting signals (suspicious foci only; never decide the category): mean RE per
     # post-contrast phase index, and T2 signal relative to the AZ and to the body's median.
     enhancement_by_phase: dict[str, float] = Field(default_factory=dict)

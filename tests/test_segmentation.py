@@ -27,8 +27,16 @@ def _coords():
     return x * SPACING[0] - 75.0, y * SPACING[1] - 75.0, z * SPACING[2] - 36.0
 
 
-def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0):
-    """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes."""
+def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0,
+          organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False):
+    """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes.
+
+    ``organ``: a kidney-sized ellipsoid (20 x 16 x 34 mm semi-axes) lying against the AZ on its
+    -x side (1 mm gap), enhancing +200 % like a renal cortex. ``nodule_angle_deg``: direction of
+    the nodule in the axial plane from +x (180 = between the AZ and the organ). ``bowel``: a loop
+    (ellipsoidal shell, 12 x 30 x 12 mm semi-axes, 2.5 mm enhancing wall, fluid inside) against
+    the -x side of the AZ.
+    """
     x, y, z = _coords()
     r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
     pre = np.full(SHAPE, MUSCLE)
@@ -39,8 +47,22 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
     dist = (r_az ** 2 - 1.0) / (2 * grad)
     rim = (~az) & (dist <= rim_mm)
     post = np.where(rim, MUSCLE * 1.6, post)
+    if organ:
+        kidney = ((x + 36.0) / 20.0) ** 2 + (y / 16.0) ** 2 + (z / 34.0) ** 2 <= 1.0
+        post = np.where(kidney, MUSCLE * 0.95 * 3.0, post)
+        pre = np.where(kidney, MUSCLE * 0.95, pre)
+    if bowel:
+        q = np.sqrt(((x + 28.0) / 12.0) ** 2 + (y / 30.0) ** 2 + (z / 12.0) ** 2)
+        loop, contents = q <= 1.0, q <= 1.0 - 2.5 / 12.0
+        pre = np.where(loop, MUSCLE, pre)
+        post = np.where(loop, MUSCLE * 2.0, post)
+        pre = np.where(contents, MUSCLE * 0.2, pre)
+        post = np.where(contents, MUSCLE * 0.2, post)
     if nodule_mm:
-        nodule = (x - 15.0) ** 2 + y ** 2 + z ** 2 <= (nodule_mm / 2) ** 2
+        a = np.deg2rad(nodule_angle_deg)
+        cx, cy = np.cos(a), np.sin(a)
+        t = 1.0 / np.sqrt((cx / 15.0) ** 2 + (cy / 12.0) ** 2)  # the AZ surface along that direction
+        nodule = (x - t * cx) ** 2 + (y - t * cy) ** 2 + z ** 2 <= (nodule_mm / 2) ** 2
         post = np.where(nodule, MUSCLE * 2.0, post)
         pre = np.where(nodule, MUSCLE * 1.05, pre)
         az &= ~nodule
@@ -118,3 +140,49 @@ def test_no_bright_zone_means_no_ablation_zone():
     flat.CopyInformation(pre)
     seg = segment(flat, rel, body, CFG)
     assert not seg.found and "no T1-bright" in seg.reason
+
+
+def test_an_enhancing_organ_against_the_zone_is_anatomy_and_stays_in_the_evidence():
+    """Issue 15: a kidney touching a complete ablation was read as residual tumour."""
+    seg, az, rim, foci = run(organ=True)
+    assert not [f for f in foci if f.suspicious], foci
+    organ = [f for f in foci if f.organ_extent_mm and not f.suspicious]
+    assert organ and all("organ-scale" in f.reason for f in organ if "part of" in f.reason)
+    assert max(f.organ_extent_mm for f in organ) >= 60.0  # the organ is 68 mm long (z)
+    # Without the rule the same organ is a strongly suspicious focus: the test is not vacuous.
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_min_radius_mm": None})})
+    pre, rel, _body = build(organ=True)
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+@pytest.mark.parametrize("angle", [0.0, 130.0])
+def test_a_nodule_beside_an_enhancing_organ_is_still_tumour(angle):
+    """A nodule on the free margin (0 deg) or next to the organ (130 deg) protrudes from it."""
+    seg, az, rim, foci = run(organ=True, nodule_mm=9.0, nodule_angle_deg=angle)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    a = np.deg2rad(angle)
+    centre = np.array(suspicious[0].centroid_lps[:2])
+    assert centre @ np.array([np.cos(a), np.sin(a)]) > 10.0  # on the nodule's side, not the organ's
+
+
+def test_the_wall_of_a_bowel_loop_against_the_zone_is_not_a_nodule():
+    """Issue 15 (abdomen profile, development seed 61): a bowel loop touching a complete
+    ablation was read as residual tumour, its wall cut tangentially by the slices."""
+    seg, az, rim, foci = run(bowel=True)
+    assert not [f for f in foci if f.suspicious], foci
+    assert any("hollow organ" in f.reason for f in foci), foci
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"hollow_min_content_ml": None})})
+    pre, rel, _body = build(bowel=True)
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+
+@pytest.mark.parametrize("angle", [0.0, 140.0])
+def test_a_nodule_beside_a_bowel_loop_is_still_tumour(angle):
+    """On the free margin (0 deg) or against the loop's wall (140 deg): it protrudes from the wall."""
+    seg, az, rim, foci = run(bowel=True, nodule_mm=9.0, nodule_angle_deg=angle)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    a = np.deg2rad(angle)
+    assert np.array(suspicious[0].centroid_lps[:2]) @ np.array([np.cos(a), np.sin(a)]) > 10.0

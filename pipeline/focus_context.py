@@ -1,0 +1,129 @@
+"""Organ-scale enhancing structures: what a focus candidate must not be part of (issue 15).
+
+Normal organs enhance as much as tumour does (renal cortex, spleen, bowel wall, large vessels;
+criteria.md §4: a dynamic series at ~20/70/180 s), and they lie against ablation zones in
+practice (retroperitoneal and paraspinal zones touch the kidney, hepatic ones the vessels and
+bowel). Enhancement alone cannot tell them from a residual nodule; scale and shape can: a nodule
+at the margin is compact and bounded, an organ is thick over a long extent.
+
+An **organ body** is enhancing tissue that holds a ball of radius ``organ_min_radius_mm``
+everywhere (a morphological opening, computed exactly with two Euclidean distance transforms in
+mm, anisotropic slices included) over a length of at least ``organ_min_extent_mm``. A candidate
+focus is split at the organ's surface: its voxels within ``organ_contact_margin_mm`` of an
+organ body are the organ's (partial volume, the organ's own surface roughness), and only what
+protrudes from it is judged as a focus. Vessels and bowel walls are too thin to have a body:
+they keep their own tests (elongation, thickness).
+
+scipy's ``binary_opening`` with a ball of 8 mm is slow on a whole abdomen (an 11x11x5
+structuring element); the distance-transform form is the same opening for a Euclidean ball.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+@dataclass
+class OrganBodies:
+    """Organ-scale enhancing bodies of one study, on the post-contrast grid (z, y, x)."""
+
+    labels: np.ndarray  # int: 0 outside, k = body k (the opened enhancing tissue, long enough)
+    hollow: dict[int, bool]  # body label -> it holds enclosed non-enhancing contents (a hollow organ)
+    zone: np.ndarray  # bool: the bodies grown by the contact margin (what belongs to an organ)
+    extents_mm: dict[int, float]  # body label -> length along its first principal axis
+
+    @property
+    def found(self) -> bool:
+        return bool(self.extents_mm)
+
+    def touching(self, region: np.ndarray) -> tuple[float, bool]:
+        """(length in mm, hollow) of the longest body that ``region`` overlaps or touches ((0, False): none)."""
+        near = ndi.binary_dilation(region, iterations=2) & (self.labels > 0)
+        found = [(self.extents_mm[int(t)], self.hollow[int(t)]) for t in np.unique(self.labels[near])]
+        return max(found, default=(0.0, False))
+
+
+def principal_length_mm(zyx: np.ndarray, spacing: np.ndarray) -> float:
+    """Length (mm) of a point set along its first principal axis (voxel centres, +1 voxel)."""
+    if len(zyx) < 4:
+        return float(len(zyx) and np.max(spacing))
+    pts = zyx * spacing
+    centred = pts - pts.mean(0)
+    _, vecs = np.linalg.eigh(np.cov(centred.T))
+    proj = centred @ vecs[:, -1]
+    return float(proj.max() - proj.min() + np.min(spacing))
+
+
+def open_with_ball(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Morphological opening by a Euclidean ball of ``radius_mm`` on an anisotropic grid.
+
+    Erosion: voxels farther than the radius from the background; dilation: voxels within the
+    radius of what survived. The volume is padded so that the image border is not background.
+    """
+    if not mask.any():
+        return np.zeros_like(mask)
+    pad = np.ceil(radius_mm / spacing).astype(int) + 1
+    padded = np.pad(mask, [(p, p) for p in pad], mode="edge")
+    core = ndi.distance_transform_edt(padded, sampling=spacing) > radius_mm
+    if not core.any():
+        return np.zeros_like(mask)
+    opened = ndi.distance_transform_edt(~core, sampling=spacing) <= radius_mm
+    opened &= padded
+    return opened[tuple(slice(p, p + n) for p, n in zip(pad, mask.shape))]
+
+
+def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: float, min_extent_mm: float,
+                 contact_margin_mm: float, contents: np.ndarray | None = None) -> OrganBodies:
+    """Organ-scale bodies of an enhancing mask (bool, z/y/x; ``spacing`` mm in the same order).
+
+    ``enhancing`` should not hold the ablation zone. ``contents``: enclosed non-enhancing
+    contents (``enclosed_contents``) that make a hollow organ solid. Bodies shorter than
+    ``min_extent_mm`` (a compact nodule thick enough to hold the ball) are not organs.
+    """
+    solid = enhancing if contents is None else enhancing | contents
+    opened = open_with_ball(solid, min_radius_mm, spacing)
+    lab, n = ndi.label(opened)
+    extents: dict[int, float] = {}
+    hollow: dict[int, bool] = {}
+    for idx, sl in enumerate(ndi.find_objects(lab), 1):
+        body = lab[sl] == idx
+        length = principal_length_mm(np.argwhere(body) + [s.start for s in sl], spacing)
+        if length >= min_extent_mm:
+            extents[idx] = round(length, 1)
+            hollow[idx] = contents is not None and bool(
+                contents[sl][body].sum() > 0.25 * body.sum())
+    lab[~np.isin(lab, list(extents))] = 0
+    zone = np.zeros(enhancing.shape, bool)
+    if extents:
+        zone = ndi.distance_transform_edt(lab == 0, sampling=spacing) <= contact_margin_mm
+    return OrganBodies(lab, hollow, zone, extents)
+
+
+
+
+def enclosed_contents(enhancing: np.ndarray, exclude: np.ndarray, spacing: np.ndarray,
+                      min_content_ml: float) -> np.ndarray:
+    """Non-enhancing contents enclosed by enhancing walls, slice by slice (bool, z/y/x).
+
+    ``exclude``: space never counted as contents (the ablation zone and its rim shell, which a
+    tumour crescent may wrap). On each acquired slice the enhancing tissue is closed by one pixel
+    (a thin wall loses pixels to partial volume) and its holes filled; the filled space that is
+    neither enhancing nor excluded is enclosed. Regions under ``min_content_ml`` (specks between
+    vessels) are dropped. A bowel loop, the gallbladder or a cyst is a thin enhancing wall
+    around such contents; filled with them it is the solid organ it is. Per slice because
+    3-6 mm slices cut a loop into rings, while 3D hole filling needs a wall closed in every
+    direction.
+    """
+    contents = np.zeros_like(enhancing)
+    ring = ndi.generate_binary_structure(2, 1)
+    for k in np.flatnonzero(enhancing.any(axis=(1, 2))):
+        closed = ndi.binary_closing(enhancing[k], structure=ring, iterations=1) | enhancing[k]
+        contents[k] = ndi.binary_fill_holes(closed) & ~closed & ~exclude[k]
+    lab, n = ndi.label(contents)
+    if not n:
+        return contents
+    sizes = ndi.sum_labels(contents, lab, index=np.arange(1, n + 1)) * float(np.prod(spacing)) / 1000.0
+    return np.isin(lab, 1 + np.flatnonzero(sizes >= min_content_ml))
