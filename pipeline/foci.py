@@ -4,7 +4,10 @@ A focus candidate (thick enhancing tissue, from the segmentation) is suspicious 
 compact (not vessel-like) and locally >= 5 mm thick and >= 2x the rim's typical thickness;
 strongly so when > 10 mm across [S10][S12][S24]. It is local when <= 10 mm from the AZ surface,
 otherwise a new lesion [S6]. Its pattern along the margin is focal (< 90 deg), crescentic
-(90-270 deg) or circumferential (> 270 deg) [S12].
+(90-270 deg) or circumferential (> 270 deg) [S12]. A candidate touching an organ-scale
+enhancing body (kidney, spleen, large vessel, a bowel loop filled with its contents; issue 15,
+``pipeline.focus_context``) is split at the organ's surface: the organ part is kept in the
+evidence, not suspicious, and only what protrudes from it is judged.
 """
 
 from __future__ import annotations

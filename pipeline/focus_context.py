@@ -14,7 +14,7 @@ organ body are the organ's (partial volume, the organ's own surface roughness), 
 protrudes from it is judged as a focus. Vessels and bowel walls are too thin to have a body:
 they keep their own tests (elongation, thickness).
 
-scipy's ``binary_opening`` with a ball of 8 mm is slow on a whole abdomen (an 11x11x5
+scipy's ``binary_opening`` with a ball of 6-8 mm is slow on a whole abdomen (an 11x11x5
 structuring element); the distance-transform form is the same opening for a Euclidean ball.
 """
 
