@@ -11,8 +11,9 @@ everywhere (a morphological opening, computed exactly with two Euclidean distanc
 mm, anisotropic slices included) over a length of at least ``organ_min_extent_mm``. A candidate
 focus is split at the organ's surface: its voxels within ``organ_contact_margin_mm`` of an
 organ body are the organ's (partial volume, the organ's own surface roughness), and only what
-protrudes from it is judged as a focus. Vessels and bowel walls are too thin to have a body:
-they keep their own tests (elongation, thickness).
+protrudes from it is judged as a focus. Small vessels are too thin to have a body and keep their
+own tests (elongation, thickness); a bowel loop gets one once its enclosed contents fill it
+(``enclosed_contents``).
 
 scipy's ``binary_opening`` with a ball of 6-8 mm is slow on a whole abdomen (an 11x11x5
 structuring element); the distance-transform form is the same opening for a Euclidean ball.
