@@ -141,6 +141,11 @@ class FociConfig(_Section):
     organ_contact_margin_mm: float = Field(default=2.5, ge=0)
     # Enclosed non-enhancing contents that make a hollow organ solid (bowel loop); null: off.
     hollow_min_content_ml: float | None = Field(default=None, ge=0)
+    # Enhancing tissue this close to enclosed contents is a hollow organ's wall; null: off.
+    hollow_wall_max_mm: float | None = Field(default=None, gt=0)
+    # Rule 9's thickness is at most the diameter of the largest disc the focus's half-maximum
+    # core holds on one slice (pipeline/focus_context.py inscribed_disc_mm); false: normals only.
+    thickness_holds_ball: bool = False
 
 
 class RulesConfig(_Section):

@@ -7,7 +7,9 @@ otherwise a new lesion [S6]. Its pattern along the margin is focal (< 90 deg), c
 (90-270 deg) or circumferential (> 270 deg) [S12]. A candidate touching an organ-scale
 enhancing body (kidney, spleen, large vessel, a bowel loop filled with its contents; issue 15,
 ``pipeline.focus_context``) is split at the organ's surface: the organ part is kept in the
-evidence, not suspicious, and only what protrudes from it is judged.
+evidence, not suspicious, and only what protrudes from it is judged. Its thickness is at most
+the diameter of the largest disc its half-maximum core holds on one slice
+(``foci.thickness_holds_ball``): a thin wall crossed obliquely by the margin normals is not a nodule.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
 from pipeline.config import PipelineConfig
-from pipeline.focus_context import enclosed_contents, organ_bodies
+from pipeline.focus_context import enclosed_contents, inscribed_disc_mm, organ_bodies
 from pipeline.rim import angular_extent_deg, az_surface_samples, focus_margin_metrics
 from pipeline.segment_classical import SegmentationResult, ball_zyx, spacing_zyx
 from pipeline.types import AxisMeasurement, Focus, RimMetrics
@@ -159,7 +161,7 @@ def analyse_foci(
         if fc.hollow_min_content_ml is not None:
             contents = enclosed_contents(beyond, shell, spacing, fc.hollow_min_content_ml)
         bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
-                              fc.organ_contact_margin_mm, contents)
+                              fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm)
     min_part_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
 
     def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str) -> tuple[Focus, bool] | None:
@@ -179,6 +181,12 @@ def analyse_foci(
                                              surface=surface).local_thickness_mm
         else:
             thickness = _thickness_half_max(re_a, outside, seg.az, spacing)
+        along_normals = thickness
+        if fc.thickness_holds_ball:
+            # A nodule is thick in every direction, a wall cut obliquely only along the normals.
+            # Its half-maximum core: partial-volume voxels at a thin wall's faces do not count.
+            core = ndi.binary_fill_holes(outside & (re_a >= 0.5 * np.percentile(re_a[outside], 95)))
+            thickness = min(thickness, inscribed_disc_mm(core, spacing))
         elongation, length = _elongation(points)
         # A vessel whose calibre hovers around the focus threshold breaks into short, compact-
         # looking pieces: look at the enhancing tissue within a ball around the piece as well.
@@ -220,6 +228,10 @@ def analyse_foci(
                       f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
             if large:
                 reason += f"; strongly suspicious: {diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)"
+        elif thickness < along_normals - 0.5:
+            suspicious, reason = False, (
+                f"thin enhancement: holds no disc thicker than {thickness:.1f} mm on any slice ({along_normals:.1f} mm "
+                "along the margin normals): a wall or sheet cut obliquely, not a nodule")
         else:
             suspicious, reason = False, f"thin enhancement ({thickness:.1f} mm), within the benign rim pattern"
         if local:
@@ -249,9 +261,9 @@ def analyse_foci(
             organ_mm, hollow = bodies.touching(outside)
             kind = ("a hollow organ (enhancing wall around non-enhancing contents: bowel loop, gallbladder)"
                     if hollow else "an organ-scale enhancing structure (kidney, spleen, large vessel)")
-            parts = [(outside & bodies.zone, organ_mm, (
-                f"part of {kind}, {organ_mm:.0f} mm long and >= {2 * fc.organ_min_radius_mm:g} mm thick: "
-                "normal anatomy, not a nodule"))]
+            size = (f"{organ_mm:.0f} mm long" if hollow else
+                    f"{organ_mm:.0f} mm long and >= {2 * fc.organ_min_radius_mm:g} mm thick")
+            parts = [(outside & bodies.zone, organ_mm, f"part of {kind}, {size}: normal anatomy, not a nodule")]
             rest = outside & ~bodies.zone
             lab, n = ndi.label(rest)
             sizes = ndi.sum_labels(rest, lab, index=np.arange(1, n + 1)) if n else []

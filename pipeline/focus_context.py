@@ -77,15 +77,21 @@ def open_with_ball(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> n
 
 
 def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: float, min_extent_mm: float,
-                 contact_margin_mm: float, contents: np.ndarray | None = None) -> OrganBodies:
+                 contact_margin_mm: float, contents: np.ndarray | None = None,
+                 wall_max_mm: float | None = None) -> OrganBodies:
     """Organ-scale bodies of an enhancing mask (bool, z/y/x; ``spacing`` mm in the same order).
 
     ``enhancing`` should not hold the ablation zone. ``contents``: enclosed non-enhancing
-    contents (``enclosed_contents``) that make a hollow organ solid. Bodies shorter than
-    ``min_extent_mm`` (a compact nodule thick enough to hold the ball) are not organs.
+    contents (``enclosed_contents``) that make a hollow organ solid. ``wall_max_mm``: the
+    enhancing tissue within this distance of the contents is the hollow organ's wall whether or
+    not it holds the ball (a collapsed loop narrower than the ball, a loop's tapering end).
+    Bodies shorter than ``min_extent_mm`` (a compact nodule thick enough to hold the ball, a
+    small ring-enhancing nodule around its necrosis) are not organs.
     """
     solid = enhancing if contents is None else enhancing | contents
     opened = open_with_ball(solid, min_radius_mm, spacing)
+    if contents is not None and wall_max_mm is not None and contents.any():
+        opened |= solid & (ndi.distance_transform_edt(~contents, sampling=spacing) <= wall_max_mm)
     lab, n = ndi.label(opened)
     extents: dict[int, float] = {}
     hollow: dict[int, bool] = {}
@@ -95,7 +101,7 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
         if length >= min_extent_mm:
             extents[idx] = round(length, 1)
             hollow[idx] = contents is not None and bool(
-                contents[sl][body].sum() > 0.25 * body.sum())
+                contents[sl][body].sum() > 0.1 * body.sum())
     lab[~np.isin(lab, list(extents))] = 0
     zone = np.zeros(enhancing.shape, bool)
     if extents:
@@ -103,6 +109,23 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
     return OrganBodies(lab, hollow, zone, extents)
 
 
+
+
+def inscribed_disc_mm(region: np.ndarray, spacing: np.ndarray) -> float:
+    """Diameter (mm) of the largest disc ``region`` holds on one acquired slice (bool, z/y/x).
+
+    Twice the largest in-plane distance from a voxel to the background, less half a pixel (n
+    pixels across read n or n + 1 pixels; the estimate is within half a pixel either way). In
+    plane, not in 3D: with 3-6 mm slices a 6 mm nodule spans one or two slices and partial
+    volume, so no 3D ball can tell its thickness, while 1-2 mm pixels can. A wall crossed
+    obliquely by the zone's margin normals (bowel, vessel wall, renal cortex) is long along those
+    normals but holds only a disc of its own thickness on the slices that cut it across.
+    """
+    if not region.any():
+        return 0.0
+    box = np.pad(region[ndi.find_objects(region.astype(np.uint8))[0]], ((0, 0), (1, 1), (1, 1)))
+    deepest = max(float(ndi.distance_transform_edt(plane, sampling=spacing[1:]).max()) for plane in box)
+    return max(0.0, 2.0 * deepest - 0.5 * float(np.min(spacing[1:])))
 
 
 def enclosed_contents(enhancing: np.ndarray, exclude: np.ndarray, spacing: np.ndarray,

@@ -28,14 +28,18 @@ def _coords():
 
 
 def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0,
-          organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False):
+          organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False, narrow_loop: bool = False,
+          oblique_wall: bool = False):
     """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes.
 
     ``organ``: a kidney-sized ellipsoid (20 x 16 x 34 mm semi-axes) lying against the AZ on its
     -x side (1 mm gap), enhancing +200 % like a renal cortex. ``nodule_angle_deg``: direction of
     the nodule in the axial plane from +x (180 = between the AZ and the organ). ``bowel``: a loop
     (ellipsoidal shell, 12 x 30 x 12 mm semi-axes, 2.5 mm enhancing wall, fluid inside) against
-    the -x side of the AZ.
+    the -x side of the AZ. ``narrow_loop``: a loop too narrow to be an organ body (24 x 9 x 8 mm
+    semi-axes, 2.5 mm wall) whose end touches the AZ at its -x tip. ``oblique_wall``: a flat
+    enhancing wall 3 mm thick, 40 mm across and 36 mm high (z), leaving the AZ's +y side at 60
+    deg to its surface, so that the margin normals cross it over 6 mm.
     """
     x, y, z = _coords()
     r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
@@ -58,6 +62,20 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
         post = np.where(loop, MUSCLE * 2.0, post)
         pre = np.where(contents, MUSCLE * 0.2, pre)
         post = np.where(contents, MUSCLE * 0.2, post)
+    if narrow_loop:
+        q = np.sqrt(((x + 38.0) / 24.0) ** 2 + (y / 9.0) ** 2 + (z / 8.0) ** 2)
+        loop, contents = (q <= 1.0) & ~az, q <= 1.0 - 2.5 / 9.0
+        pre = np.where(loop, MUSCLE, pre)
+        post = np.where(loop, MUSCLE * 2.0, post)
+        pre = np.where(contents, MUSCLE * 0.2, pre)
+        post = np.where(contents, MUSCLE * 0.2, post)
+    if oblique_wall:
+        phi = np.deg2rad(60.0)
+        across = -np.sin(phi) * x + np.cos(phi) * (y - 12.0)  # distance from the wall's mid-plane
+        along = np.cos(phi) * x + np.sin(phi) * (y - 12.0)
+        wall = (np.abs(across) <= 1.5) & (along >= -3.0) & (along <= 37.0) & (np.abs(z) <= 18.0) & ~az
+        pre = np.where(wall, MUSCLE, pre)
+        post = np.where(wall, MUSCLE * 2.0, post)
     if nodule_mm:
         a = np.deg2rad(nodule_angle_deg)
         cx, cy = np.cos(a), np.sin(a)
@@ -186,3 +204,35 @@ def test_a_nodule_beside_a_bowel_loop_is_still_tumour(angle):
     assert len(suspicious) == 1, foci
     a = np.deg2rad(angle)
     assert np.array(suspicious[0].centroid_lps[:2]) @ np.array([np.cos(a), np.sin(a)]) > 10.0
+
+
+def test_a_loop_too_narrow_for_the_organ_ball_is_still_a_hollow_organ():
+    """Issue 15 (abdomen profile, development seed 62): the end of an 18 mm loop touching the zone,
+    its side walls crossed lengthwise by the margin normals, read as a nodule 10 mm thick."""
+    seg, az, rim, foci = run(narrow_loop=True)
+    assert not [f for f in foci if f.suspicious], foci
+    assert any("hollow organ" in f.reason for f in foci), foci
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"hollow_wall_max_mm": None})})
+    pre, rel, _body = build(narrow_loop=True)
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+@pytest.mark.parametrize("angle", [0.0, 150.0])
+def test_a_nodule_beside_a_narrow_loop_is_still_tumour(angle):
+    seg, az, rim, foci = run(narrow_loop=True, nodule_mm=9.0, nodule_angle_deg=angle)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    a = np.deg2rad(angle)
+    assert np.array(suspicious[0].centroid_lps[:2]) @ np.array([np.cos(a), np.sin(a)]) > 10.0
+
+
+def test_a_thin_wall_leaving_the_zone_obliquely_is_not_a_nodule():
+    """Issue 15: the margin normals cross a 3 mm wall at 60 deg over 10 mm (rule 9's thickness);
+    on every slice it holds no disc thicker than its own 3 mm."""
+    seg, az, rim, foci = run(oblique_wall=True)
+    assert foci and not [f for f in foci if f.suspicious], foci
+    assert any("holds no disc" in f.reason and f.max_thickness_mm < 5.0 for f in foci), foci
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"thickness_holds_ball": False})})
+    pre, rel, _body = build(oblique_wall=True)
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
