@@ -139,6 +139,10 @@ class FociConfig(_Section):
     organ_min_radius_mm: float | None = Field(default=None, gt=0)
     organ_min_extent_mm: float = Field(default=40.0, gt=0)
     organ_contact_margin_mm: float = Field(default=2.5, ge=0)
+    # Organ bodies are cut into lobes at saddles organ_lobe_depth_mm shallower than a lobe's
+    # centre; a lobe shorter than organ_lobe_max_mm is no organ's (a nodule against it); null: off.
+    organ_lobe_depth_mm: float | None = Field(default=None, gt=0)
+    organ_lobe_max_mm: float | None = Field(default=None, gt=0)
     # Enclosed non-enhancing contents that make a hollow organ solid (bowel loop); null: off.
     hollow_min_content_ml: float | None = Field(default=None, ge=0)
     # Enhancing tissue this close to enclosed contents is a hollow organ's wall; null: off.

@@ -161,7 +161,8 @@ def analyse_foci(
         if fc.hollow_min_content_ml is not None:
             contents = enclosed_contents(beyond, shell, spacing, fc.hollow_min_content_ml)
         bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
-                              fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm)
+                              fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm,
+                              fc.organ_lobe_depth_mm, fc.organ_lobe_max_mm)
     min_part_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
 
     def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str) -> tuple[Focus, bool] | None:

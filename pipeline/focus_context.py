@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 
 @dataclass
@@ -78,7 +80,8 @@ def open_with_ball(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> n
 
 def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: float, min_extent_mm: float,
                  contact_margin_mm: float, contents: np.ndarray | None = None,
-                 wall_max_mm: float | None = None) -> OrganBodies:
+                 wall_max_mm: float | None = None, lobe_depth_mm: float | None = None,
+                 lobe_max_mm: float | None = None) -> OrganBodies:
     """Organ-scale bodies of an enhancing mask (bool, z/y/x; ``spacing`` mm in the same order).
 
     ``enhancing`` should not hold the ablation zone. ``contents``: enclosed non-enhancing
@@ -86,13 +89,16 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
     enhancing tissue within this distance of the contents is the hollow organ's wall whether or
     not it holds the ball (a collapsed loop narrower than the ball, a loop's tapering end).
     Bodies shorter than ``min_extent_mm`` (a compact nodule thick enough to hold the ball, a
-    small ring-enhancing nodule around its necrosis) are not organs.
+    small ring-enhancing nodule around its necrosis) are not organs. ``lobe_depth_mm``,
+    ``lobe_max_mm``: the bodies are cut into lobes (``split_lobes``), and a lobe shorter than
+    ``lobe_max_mm`` is taken out of its body: a nodule pressed against an organ, thick enough
+    to hold the ball itself, joins the organ in the opening but is a lobe of its own.
     """
     solid = enhancing if contents is None else enhancing | contents
     opened = open_with_ball(solid, min_radius_mm, spacing)
     if contents is not None and wall_max_mm is not None and contents.any():
         opened |= solid & (ndi.distance_transform_edt(~contents, sampling=spacing) <= wall_max_mm)
-    lab, n = ndi.label(opened)
+    lab, _ = ndi.label(opened)
     extents: dict[int, float] = {}
     hollow: dict[int, bool] = {}
     for idx, sl in enumerate(ndi.find_objects(lab), 1):
@@ -103,12 +109,35 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
             hollow[idx] = contents is not None and bool(
                 contents[sl][body].sum() > 0.1 * body.sum())
     lab[~np.isin(lab, list(extents))] = 0
+    if extents and lobe_depth_mm is not None and lobe_max_mm is not None:
+        lobes = split_lobes(solid, lab > 0, spacing, lobe_depth_mm)
+        for idx, sl in enumerate(ndi.find_objects(lobes), 1):
+            if sl is None:
+                continue
+            lobe = lobes[sl] == idx
+            if principal_length_mm(np.argwhere(lobe) + [s.start for s in sl], spacing) < lobe_max_mm:
+                lab[sl][lobe] = 0
     zone = np.zeros(enhancing.shape, bool)
     if extents:
         zone = ndi.distance_transform_edt(lab == 0, sampling=spacing) <= contact_margin_mm
     return OrganBodies(lab, hollow, zone, extents)
 
 
+def split_lobes(solid: np.ndarray, opened: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.ndarray:
+    """Label the lobes of ``opened`` (int, 0 outside): one per depth maximum of ``solid``.
+
+    Depth is the distance (mm) to the nearest non-solid voxel. A lobe is the watershed basin
+    of a maximum that stands ``depth_mm`` or more above the saddle joining it to a deeper one:
+    a nodule pressed against an organ is as deep as its radius at its centre and shallower
+    where it meets the organ, so it becomes a lobe of its own, while an organ's surface
+    irregularities (shallower than ``depth_mm``) do not split it. The opening joins what
+    touches over a ball's width; only this separates a 12-20 mm nodule from the kidney it lies
+    against. scikit-image's h-maxima and watershed.
+    """
+    depth = ndi.distance_transform_edt(solid, sampling=spacing)
+    depth = np.where(opened, depth, 0.0)
+    markers, _ = ndi.label(h_maxima(depth, depth_mm))
+    return watershed(-depth, markers, mask=opened)
 
 
 def inscribed_disc_mm(region: np.ndarray, spacing: np.ndarray) -> float:

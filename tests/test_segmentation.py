@@ -236,3 +236,14 @@ def test_a_thin_wall_leaving_the_zone_obliquely_is_not_a_nodule():
     pre, rel, _body = build(oblique_wall=True)
     assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
 
+
+
+@pytest.mark.parametrize("nodule_mm", [14.0, 16.0])
+def test_a_nodule_thick_enough_to_hold_the_organ_ball_pressed_against_the_organ_is_tumour(nodule_mm):
+    """Issue 15 (development seed 61): a 15 mm residual nodule between the zone and the spleen
+    held the organ ball itself and was discounted with the organ."""
+    seg, az, rim, foci = run(organ=True, nodule_mm=nodule_mm, nodule_angle_deg=140.0)
+    assert len([f for f in foci if f.suspicious]) == 1, foci
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_lobe_depth_mm": None})})
+    pre, rel, _body = build(organ=True, nodule_mm=nodule_mm, nodule_angle_deg=140.0)
+    assert not [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
