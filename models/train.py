@@ -89,7 +89,11 @@ def _transforms(settings: TrainSettings):
         mt.RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
         mt.RandScaleIntensityd("image", factors=0.15, prob=0.8, channel_wise=True),
         mt.RandShiftIntensityd("image", offsets=0.05, prob=0.5, channel_wise=True),
-        mt.RandBiasFieldd("image", coeff_range=(0.0, 0.15), prob=0.3),
+        # Domain randomisation (issue 15): coil bias as strong as a body-array's, and acquisitions
+        # coarser than the working grid (thick slices, 3-6 mm; low in-plane matrices) simulated by
+        # down- and up-sampling, so that the network does not learn one scanner's look.
+        mt.RandBiasFieldd("image", coeff_range=(0.0, 0.3), prob=0.4),
+        mt.RandSimulateLowResolutiond("image", zoom_range=(0.5, 1.0), prob=0.25),
         mt.RandGaussianSmoothd("image", sigma_x=(0.0, 0.6), sigma_y=(0.3, 1.0), sigma_z=(0.3, 1.0), prob=0.3),
         mt.RandGaussianNoised("image", std=0.04, prob=0.5),
         mt.EnsureTyped(keys, dtype=(torch.float32, torch.long), track_meta=False),
