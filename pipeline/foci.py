@@ -183,11 +183,13 @@ def analyse_foci(
         else:
             thickness = _thickness_half_max(re_a, outside, seg.az, spacing)
         along_normals = thickness
+        disc = None
         if fc.thickness_holds_ball:
             # A nodule is thick in every direction, a wall cut obliquely only along the normals.
             # Its half-maximum core: partial-volume voxels at a thin wall's faces do not count.
             core = ndi.binary_fill_holes(outside & (re_a >= 0.5 * np.percentile(re_a[outside], 95)))
-            thickness = min(thickness, inscribed_disc_mm(core, spacing))
+            disc = inscribed_disc_mm(core, spacing)
+            thickness = min(thickness, disc)
         elongation, length = _elongation(points)
         # A vessel whose calibre hovers around the focus threshold breaks into short, compact-
         # looking pieces: look at the enhancing tissue within a ball around the piece as well.
@@ -204,7 +206,12 @@ def analyse_foci(
         mean_re = float(re_a[outside].mean())
         local = distance <= fc.local_max_distance_mm
         vessel = elongation >= fc.vessel_min_elongation and length >= fc.vessel_min_length_mm
-        thick = thickness >= fc.min_thickness_mm and thickness >= fc.min_thickness_ratio_to_rim * rim_median
+        # The disc tells a sheet from a nodule and is held to the absolute minimum only: the rim
+        # ratio compares thicknesses along the normals (a thick baseline rim, 2.7 mm, would ask
+        # a 7.5 mm nodule on 5 mm slices for a 5.4 mm disc on one slice; development seed 13).
+        thick = (along_normals >= fc.min_thickness_mm
+                 and along_normals >= fc.min_thickness_ratio_to_rim * rim_median
+                 and (disc is None or disc >= fc.min_thickness_mm))
         # Rule 9: a nodular focus (thick) is suspicious, and strongly so when > 10 mm across. Size
         # alone is not enough: a stretch of patchy rim is long (and, with 3 mm slices, an oblique
         # 2.5 mm rim reads up to ~4.5 mm along its normals). The rule's "or coverage under 90 deg"
@@ -225,14 +232,16 @@ def analyse_foci(
                                          f"{fc.new_lesion_min_relative_enhancement:g}): parenchyma, not a new lesion")
         elif thick:
             suspicious = True
-            reason = (f"nodular, {thickness:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
+            reason = (f"nodular, {along_normals:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
                       f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
+            if disc is not None:
+                reason += f", holds a {disc:.1f} mm disc on one slice (>= {fc.min_thickness_mm:g} mm)"
             if large:
                 reason += f"; strongly suspicious: {diameter:.1f} mm across (> {fc.strongly_suspicious_diameter_mm:g} mm)"
-        elif thickness < along_normals - 0.5:
+        elif disc is not None and disc < fc.min_thickness_mm <= along_normals:
             suspicious, reason = False, (
-                f"thin enhancement: holds no disc thicker than {thickness:.1f} mm on any slice ({along_normals:.1f} mm "
-                "along the margin normals): a wall or sheet cut obliquely, not a nodule")
+                f"thin enhancement: holds no disc thicker than {disc:.1f} mm (< {fc.min_thickness_mm:g} mm) on any "
+                f"slice ({along_normals:.1f} mm along the margin normals): a wall or sheet cut obliquely, not a nodule")
         else:
             suspicious, reason = False, f"thin enhancement ({thickness:.1f} mm), within the benign rim pattern"
         if local:

@@ -29,7 +29,7 @@ def _coords():
 
 def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0,
           organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False, narrow_loop: bool = False,
-          oblique_wall: bool = False):
+          oblique_wall: bool = False, nodule_offset: float = 0.0):
     """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes.
 
     ``organ``: a kidney-sized ellipsoid (20 x 16 x 34 mm semi-axes) lying against the AZ on its
@@ -39,7 +39,8 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
     the -x side of the AZ. ``narrow_loop``: a loop too narrow to be an organ body (24 x 9 x 8 mm
     semi-axes, 2.5 mm wall) whose end touches the AZ at its -x tip. ``oblique_wall``: a flat
     enhancing wall 3 mm thick, 40 mm across and 36 mm high (z), leaving the AZ's +y side at 60
-    deg to its surface, so that the margin normals cross it over 6 mm.
+    deg to its surface, so that the margin normals cross it over 6 mm. ``nodule_offset``: the
+    nodule's centre lies this fraction of its radius outside the AZ surface (the phantom's 0.35).
     """
     x, y, z = _coords()
     r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
@@ -80,6 +81,7 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
         a = np.deg2rad(nodule_angle_deg)
         cx, cy = np.cos(a), np.sin(a)
         t = 1.0 / np.sqrt((cx / 15.0) ** 2 + (cy / 12.0) ** 2)  # the AZ surface along that direction
+        t += nodule_offset * nodule_mm / 2
         nodule = (x - t * cx) ** 2 + (y - t * cy) ** 2 + z ** 2 <= (nodule_mm / 2) ** 2
         post = np.where(nodule, MUSCLE * 2.0, post)
         pre = np.where(nodule, MUSCLE * 1.05, pre)
@@ -247,3 +249,14 @@ def test_a_nodule_thick_enough_to_hold_the_organ_ball_pressed_against_the_organ_
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_lobe_depth_mm": None})})
     pre, rel, _body = build(organ=True, nodule_mm=nodule_mm, nodule_angle_deg=140.0)
     assert not [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+def test_a_small_nodule_beside_a_thick_baseline_rim_is_tumour():
+    """Issue 15 (development seed 13, default profile): a 7.5 mm residual nodule at baseline, its
+    centre outside the zone as the phantom draws it, beside a 2.7 mm rim, was discounted: the disc
+    its core holds on one slice (5.3 mm) was held to twice the rim (5.4 mm). The disc tells a sheet
+    from a nodule against the absolute minimum; the rim ratio applies along the normals."""
+    seg, az, rim, foci = run(rim_mm=2.5, nodule_mm=7.0, nodule_offset=0.35)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    assert "disc" in suspicious[0].reason
