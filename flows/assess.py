@@ -42,7 +42,8 @@ def _retry_on_io(task, task_run, state) -> bool:
 
 @task(name="index-export", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def index_task(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig) -> IndexResult:
-    return index_export(export_dir, catalogue_path, cfg.ingest)
+    # The outputs (catalogue, SEG/SR) are never inputs, even where the folder lies inside the export.
+    return index_export(export_dir, catalogue_path, cfg.ingest, skip_dirs=[catalogue_path.parent])
 
 
 @task(name="study-imaging", retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
