@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -103,3 +104,28 @@ def test_timeline_plot_renders(tmp_path):
     render_timeline_plot(tmp_path / "timeline.png", "P1", points)
     data = (tmp_path / "timeline.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.fixture
+def umask_0022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_outputs_honour_the_umask_and_secrets_stay_private(tmp_path, umask_0022):
+    """mkstemp creates 0600 files: outputs must get what the umask gives (issue 18)."""
+    from pipeline.outputs import atomic_write_bytes, atomic_write_image, atomic_write_transform, current_umask
+
+    assert current_umask() == 0o022
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    atomic_write_text(tmp_path / "cohort.csv", "a,b\n")
+    atomic_write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), tmp_path / "labels.nii.gz")
+    atomic_write_transform(sitk.Euler3DTransform(), tmp_path / "to_baseline.tfm")
+    for name in ("a.bin", "cohort.csv", "labels.nii.gz", "to_baseline.tfm"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    atomic_write_text(tmp_path / "key", "secret", mode=0o600)
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    os.umask(0o027)
+    atomic_write_text(tmp_path / "group.csv", "a\n")
+    assert stat.S_IMODE((tmp_path / "group.csv").stat().st_mode) == 0o640
