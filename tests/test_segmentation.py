@@ -247,3 +247,29 @@ def test_a_nodule_thick_enough_to_hold_the_organ_ball_pressed_against_the_organ_
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_lobe_depth_mm": None})})
     pre, rel, _body = build(organ=True, nodule_mm=nodule_mm, nodule_angle_deg=140.0)
     assert not [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+def test_a_14_mm_nodule_reads_14_mm_thick_while_the_rule_compares_what_it_always_did():
+    """Issue 18: the rule's rays stop 10 mm from the zone (foci.local_max_distance_mm), and every
+    residual focus read "10.0 mm thick". The reader gets the whole thickness; rule 9 still
+    compares the value searched to 10 mm, so no call changes."""
+    seg, az, rim, foci = run(nodule_mm=14.0)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    focus = suspicious[0]
+    assert focus.max_thickness_mm == pytest.approx(CFG.foci.local_max_distance_mm, abs=0.01)
+    assert focus.measured_thickness_mm == pytest.approx(14.0, abs=1.5)
+    assert not focus.thickness_search_stopped
+    assert f"nodular, {focus.measured_thickness_mm:.1f} mm thick" in focus.reason and "10.0 mm thick" not in focus.reason
+    assert "rim's median thickness around the whole margin" in focus.reason
+    # A focus thinner than the search limit reads what the rule compared.
+    small = [f for f in run(nodule_mm=7.0)[3] if f.suspicious][0]
+    assert small.measured_thickness_mm == pytest.approx(small.max_thickness_mm, abs=0.01)
+
+
+def test_a_thickness_whose_search_stopped_reads_at_least():
+    from tests.helpers import focus
+
+    f = focus(thickness=10.0).model_copy(update={"measured_thickness_mm": 24.04, "thickness_search_stopped": True})
+    assert f.thickness_text == "at least 24.0 mm"
+    assert focus(thickness=7.0).thickness_text == "7.0 mm"  # a record written before issue 18
