@@ -198,10 +198,38 @@ def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: P
     )
 
 
+def graceful_runner(**kwargs):
+    """A Prefect Runner that stops on SIGTERM (systemd's stop) the way it stops on Ctrl-C.
+
+    Prefect's own SIGTERM handler calls ``Runner.stop()`` inside the running event loop, where
+    it returns the ``astop`` coroutine unawaited ("RuntimeWarning: coroutine 'Runner.astop' was
+    never awaited") and exits from within the loop. Raising KeyboardInterrupt instead unwinds the
+    runner like Ctrl-C: its schedules are paused and it exits cleanly.
+    """
+    from prefect.runner import Runner
+
+    class _GracefulRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            self._logger.info("SIGTERM received, shutting down...")
+            raise KeyboardInterrupt
+
+    return _GracefulRunner(**kwargs)
+
+
 def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
                   config: Path | None = None, workers: int = 1, device: str = "auto",
                   defer_recent_seconds: float = 300.0) -> None:
-    """Serve the nightly deployment (blocks; Ctrl-C stops it)."""
-    from prefect import serve
+    """Serve the nightly deployment (blocks; Ctrl-C or SIGTERM stops it, exit status 0)."""
+    import asyncio
 
-    serve(nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device, defer_recent_seconds))
+    deployment = nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device,
+                                    defer_recent_seconds)
+    runner = graceful_runner(pause_on_shutdown=True)
+    runner.add_deployment(deployment)
+    print(f"serving deployment 'assess-export/nightly' on cron {cron!r}: export {export_dir}, output {out_dir}; "
+          f"each run logs to {Path(out_dir) / 'run.log'}. Next runs: prefect deployment inspect "
+          "'assess-export/nightly' (docs/operations.md)", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        print("stopped", flush=True)

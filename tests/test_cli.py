@@ -182,3 +182,36 @@ def test_version_and_serve_nightly_help():
     for words in ("cron schedule", "patients processed in parallel", "where the network runs",
                   "still being copied", "PACS export directory"):
         assert words in helped.output, words
+
+
+def test_prefect_telemetry_is_off_in_the_project_settings():
+    import os
+
+    import flows  # noqa: F401 - sets Prefect's environment before Prefect is imported
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    assert settings.server.analytics_enabled is False
+    assert settings.cloud.enable_orchestration_telemetry is False
+    assert os.environ["DO_NOT_TRACK"] == "1"  # Prefect's client-side SDK analytics
+
+
+def test_sigterm_stops_the_nightly_runner_like_ctrl_c_without_an_unawaited_coroutine():
+    """Prefect's handler calls Runner.stop() inside the loop: 'coroutine Runner.astop was never awaited'."""
+    import asyncio
+    import gc
+    import warnings
+
+    from flows.assess import graceful_runner
+
+    runner = graceful_runner()
+
+    async def in_the_loop():
+        runner.handle_sigterm()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(in_the_loop())
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
