@@ -332,7 +332,8 @@ def assess_patient(
         patient_folder = study_dir(out_dir, entries[0].study).parent
         write_json(patient_folder / "timeline.json", [p.model_dump() for p in points])
         try:
-            render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi)
+            render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi,
+                                 (cfg.rules.growth_min_abs_mm, cfg.rules.growth_min_pct))
         except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
             result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
                                              f"timeline plot not rendered: {type(exc).__name__}: {exc}"))

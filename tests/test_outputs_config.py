@@ -129,3 +129,33 @@ def test_outputs_honour_the_umask_and_secrets_stay_private(tmp_path, umask_0022)
     os.umask(0o027)
     atomic_write_text(tmp_path / "group.csv", "a\n")
     assert stat.S_IMODE((tmp_path / "group.csv").stat().st_mode) == 0o640
+
+
+def test_timeline_plot_marks_unmeasured_studies_apart_and_draws_the_nadir_and_threshold():
+    """Issue 18: pre-ablation studies were drawn at 0 mm, complete ablation and no evidence of LTP
+    shared a marker, and the growth rule had no line to read against."""
+    from pipeline.outputs import TimelinePoint
+    from pipeline.timeline_plot import nadir_steps, timeline_figure
+
+    def point(uid, date, timepoint, category, long_mm):
+        return TimelinePoint(study_instance_uid=uid, study_date=date, timepoint=timepoint,
+                             session=None if timepoint == "pre_ablation" else 1, category=category,
+                             az_long_axis_mm=long_mm, az_volume_ml=long_mm / 3 if long_mm else None)
+
+    points = [point("1", "2024-01-01", "pre_ablation", "pre_ablation", None),
+              point("2", "2024-02-10", "baseline", "complete_ablation", 35.0),
+              point("3", "2024-05-10", "follow_up", "no_evidence_of_ltp", 30.0),
+              point("4", "2024-08-10", "follow_up", "indeterminate", None),
+              point("5", "2024-11-10", "follow_up", "suspected_local_tumour_progression", 37.0)]
+    assert nadir_steps(points, 5.0, 20.0) == [("2024-02-10", 35.0, 42.0), ("2024-05-10", 30.0, 36.0),
+                                              ("2024-11-10", 30.0, 36.0)]
+    ax = timeline_figure("P1", points).axes[0]
+    for line in ax.lines:  # nothing drawn at 0 mm on the data scale
+        if line.get_transform() == ax.transData and len(line.get_ydata()):
+            assert 0.0 not in list(line.get_ydata()), line.get_label()
+    handles, labels = ax.get_legend_handles_labels()
+    by_label = dict(zip(labels, handles))
+    assert "pre-ablation (not measured)" in by_label and "indeterminate (not measured)" in by_label
+    assert by_label["complete ablation"].get_marker() != by_label["no evidence of LTP"].get_marker()
+    assert "nadir" in by_label and any(label.startswith("growth threshold") for label in labels)
+    assert list(by_label["nadir"].get_ydata()) == [35.0, 30.0, 30.0]
