@@ -159,3 +159,28 @@ def test_timeline_plot_marks_unmeasured_studies_apart_and_draws_the_nadir_and_th
     assert by_label["complete ablation"].get_marker() != by_label["no evidence of LTP"].get_marker()
     assert "nadir" in by_label and any(label.startswith("growth threshold") for label in labels)
     assert list(by_label["nadir"].get_ydata()) == [35.0, 30.0, 30.0]
+
+
+def test_key_image_has_a_20_mm_bar_a_legend_the_slice_position_and_the_day():
+    """Issue 18: the README promises a 20 mm scale bar; the labels' colours, the slice and the
+    day since ablation were nowhere on the image."""
+    from pipeline.key_image import days_text, key_image_figure, slice_position
+
+    arr = np.zeros((10, 80, 80), np.float32)
+    arr[:, 30:50, 30:50] = 100.0
+    lab = np.zeros((10, 80, 80), np.uint8)
+    lab[4, 32:48, 32:48], lab[4, 30:32, 30:50], lab[4, 48:52, 40:44] = 1, 2, 3
+    images = {}
+    for name, a in (("pre", arr), ("post", arr * 1.5), ("subtraction", arr * 0.5), ("labels", lab)):
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.0, 1.0, 3.0))
+        img.SetOrigin((-40.0, -40.0, -12.0))
+        images[name] = img
+    assert slice_position(images["post"], 3) == "slice 4/10, I 3.0 mm"
+    assert slice_position(images["post"], 9) == "slice 10/10, S 15.0 mm"
+    fig = key_image_figure(images, 9, f"P1  2024-05-01 ({days_text(92)})")
+    assert "day 92 after ablation" in fig._suptitle.get_text() and "slice 10/10, S 15.0 mm" in fig._suptitle.get_text()
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("20 mm") == 3 and "10 mm" not in texts
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ablation zone", "rim", "enhancing focus"]
+    assert days_text(None) == "no ablation date" and days_text(-3) == "3 days before ablation"
