@@ -17,19 +17,33 @@ console = Console()
 table_console = console if console.is_terminal else Console(width=170)
 
 
+def cohort_table(rows: list[dict[str, str]], title: str = "") -> Table:
+    """cohort.csv's rows as a table readable at 80 columns: IDs and dates never cut, the call and
+    the flag reasons in words, wrapped at word boundaries (never cut)."""
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE, pad_edge=False, expand=True)
+    width = max([len("patient")] + [len(r["patient_id"]) for r in rows])
+    table.add_column("patient", no_wrap=True, min_width=width)
+    table.add_column("date", no_wrap=True, min_width=10)
+    table.add_column("call", ratio=2, overflow="fold")
+    table.add_column("axes mm\nvol mL", justify="right", no_wrap=True)
+    table.add_column("flagged: why", ratio=3, overflow="fold")
+    for r in rows:
+        call = f"{r['timepoint'].replace('_', ' ')}: {r['category'].replace('_', ' ')}"
+        size = f"{r['az_long_axis_mm']}/{r['az_short_axis_mm']}\n{r['az_volume_ml']}" if r["az_long_axis_mm"] else ""
+        reasons = "; ".join(part.strip().replace("_", " ") for part in r["flag_reasons"].split(";") if part.strip())
+        if r["flagged"] == "true" and not reasons:
+            reasons = "yes"
+        table.add_row(r["patient_id"], r["study_date"], call, size, reasons)
+    return table
+
+
 def print_cohort(out_dir: Path) -> None:
     """Print cohort.csv as a table."""
     with (out_dir / "cohort.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    table = Table(title=f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}")
-    for col in ("patient", "date", "timepoint", "category", "flag", "long mm", "short mm", "vol mL"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("why flagged", overflow="fold")
-    for r in rows:
-        table.add_row(r["patient_id"], r["study_date"], r["timepoint"], r["category"],
-                      "yes" if r["flagged"] == "true" else "", r["az_long_axis_mm"], r["az_short_axis_mm"],
-                      r["az_volume_ml"], r["flag_reasons"][:90])
-    table_console.print(table)
+    table_console.print(cohort_table(rows, f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}"))
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

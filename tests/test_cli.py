@@ -215,3 +215,29 @@ def test_sigterm_stops_the_nightly_runner_like_ctrl_c_without_an_unawaited_corou
             asyncio.run(in_the_loop())
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def test_the_results_table_is_readable_at_80_columns():
+    """Issue 18: at 80 columns the IDs read "ABL-…" and the reasons were cut mid-word."""
+    import io
+
+    from rich.console import Console
+
+    from pipeline.cli import cohort_table
+
+    reason = ("rim_persisting: enhancing rim over 300 deg on day 400 (expected within 208 days);"
+              "residual_unablated_tumour: nodular focus 14.2 mm thick at the margin")
+    rows = [{"patient_id": f"ABL-{i:04d}-LONGID", "study_date": "2024-05-01", "timepoint": "follow_up",
+             "category": "suspected_local_tumour_progression", "flagged": "true", "flag_reasons": reason,
+             "az_long_axis_mm": "35.21", "az_short_axis_mm": "28.04", "az_volume_ml": "15.33"} for i in range(3)]
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    console.print(cohort_table(rows, "3 studies"))
+    text = console.file.getvalue()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "…" not in text
+    for row in rows:
+        assert row["patient_id"] in text
+    words = set(text.split())
+    for word in reason.replace(";", " ").replace("_", " ").split():
+        assert word in words or word + ";" in words, word  # wrapped at spaces, no word cut
+    assert "35.21/28.04" in words and "suspected" in words
