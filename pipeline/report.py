@@ -79,14 +79,18 @@ def words(code: str) -> str:
     return code.replace("az_", "ablation zone ").replace("_", " ")
 
 
-def value_words(value) -> str:
-    """A measured value for a reader: yes/no for booleans, 3 significant digits for floats."""
+_TENTHS = ("_mm", "_pct", "_deg")  # measured to a tenth: mm on the sub-voxel boundary, % of mm
+
+
+def value_words(value, key: str = "") -> str:
+    """A value for a reader: yes/no for booleans; mm, % and degrees to 0.1 (what was measured),
+    other floats to 3 significant digits; category codes in words."""
     if value is None:
         return ""
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.1f}" if key.endswith(_TENTHS) else f"{value:.3g}"
     return WORDS.get(value, str(value)) if isinstance(value, str) else str(value)
 
 
