@@ -89,6 +89,8 @@ class RunReporter(AbstractContextManager):
         for handler in self._handlers:
             self.logger.removeHandler(handler)
             handler.close()
+        # One logger per run: forget it, or a long-lived nightly process would keep them all.
+        logging.Logger.manager.loggerDict.pop(self.logger.name, None)
 
     def info(self, message: str) -> None:
         self.logger.info(message)

@@ -56,3 +56,6 @@ def test_the_run_log_is_appended_run_after_run(tmp_path):
             log.info(f"run {n}")
     text = (tmp_path / RUN_LOG_NAME).read_text()
     assert "run 1" in text and "run 2" in text
+    import logging
+
+    assert not [name for name in logging.Logger.manager.loggerDict if name.startswith("ablation_response.run.")]
