@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.progress import RunReporter
 from pipeline.assess import PatientResult, assess_patient, study_imaging
 from pipeline.config import PipelineConfig, load_config
 from pipeline.devices import resolve_device
@@ -42,7 +43,8 @@ def _retry_on_io(task, task_run, state) -> bool:
 
 @task(name="index-export", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
 def index_task(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig) -> IndexResult:
-    return index_export(export_dir, catalogue_path, cfg.ingest)
+    # The outputs (catalogue, SEG/SR) are never inputs, even where the folder lies inside the export.
+    return index_export(export_dir, catalogue_path, cfg.ingest, skip_dirs=[catalogue_path.parent])
 
 
 @task(name="study-imaging", retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
@@ -52,8 +54,29 @@ def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, d
 
 @task(name="assess-patient", cache_policy=NO_CACHE)
 def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                 out_dir: Path, device: str) -> PatientResult:
-    return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=study_imaging_task)
+                 out_dir: Path, device: str, reporter: RunReporter | None = None) -> PatientResult:
+    imaging_seconds = 0.0
+
+    def imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str):
+        nonlocal imaging_seconds
+        started = time.perf_counter()
+        try:
+            state, errors = study_imaging_task(study, cfg, out_dir, device)
+        except Exception as exc:
+            if reporter is not None:
+                reporter.study_done(study, time.perf_counter() - started, failed=f"{type(exc).__name__}: {exc}")
+            raise
+        seconds = time.perf_counter() - started
+        imaging_seconds += seconds
+        if reporter is not None:
+            reporter.study_done(study, seconds, reused=state.reused, timings=state.imaging.timings_s)
+        return state, errors
+
+    started = time.perf_counter()
+    result = assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=imaging)
+    if reporter is not None:
+        reporter.patient_done(result.patient_id, len(studies), time.perf_counter() - started - imaging_seconds)
+    return result
 
 
 @task(name="review-worklist", cache_policy=NO_CACHE)
@@ -88,28 +111,36 @@ def assess_export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved_device = resolve_device(device)
-    index = index_task(Path(export_dir), out / CATALOGUE_NAME, cfg)
-    sessions = read_procedures(Path(procedures)) if procedures else None
-    if cfg.ingest.pseudonymise_patient_ids:
-        # Before anything is written: every output below only ever sees pseudonyms.
-        from pipeline.pseudonym import pseudonymise_run
+    with RunReporter(out, echo=show_progress) as log:
+        log.info(f"run started: export {export_dir}, output {out}, device {resolved_device}, workers {workers}")
+        t0 = time.perf_counter()
+        index = index_task(Path(export_dir), out / CATALOGUE_NAME, cfg)
+        log.stage("index", time.perf_counter() - t0,
+                  f"{index.n_files_seen} files, {index.n_files_read} read, {len(index.studies)} studies, "
+                  f"{index.n_deferred} deferred (still being written)")
+        sessions = read_procedures(Path(procedures)) if procedures else None
+        if cfg.ingest.pseudonymise_patient_ids:
+            # Before anything is written: every output below only ever sees pseudonyms.
+            from pipeline.pseudonym import pseudonymise_run
 
-        index, sessions = pseudonymise_run(index, sessions, out / CATALOGUE_NAME)
+            index, sessions = pseudonymise_run(index, sessions, out / CATALOGUE_NAME)
 
-    by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
-    for study in index.studies:
-        by_patient[study.patient_id].append(study)
+        by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
+        for study in index.studies:
+            by_patient[study.patient_id].append(study)
 
-    records: list[AssessmentRecord] = []
-    errors: list[ErrorRecord] = list(index.errors)
-    n_reused = 0
-    progress = _progress(show_progress, sum(len(v) for v in by_patient.values()))
-    futures = {
-        patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device): pid
-        for pid, studies in sorted(by_patient.items())
-    }
-    with progress:
-        bar = progress.add_task("studies", total=sum(len(v) for v in by_patient.values())) if show_progress else None
+        records: list[AssessmentRecord] = []
+        errors: list[ErrorRecord] = list(index.errors)
+        n_reused = 0
+        log.start_studies(sum(len(v) for v in by_patient.values()))
+        if not index.studies:
+            # The nightly run keeps going on a still-empty export; the CLI refuses one beforehand.
+            log.warning(f"no MR study found in {export_dir} ({index.n_files_seen} files, "
+                        f"{len(index.errors)} skipped: see errors.csv)")
+        futures = {
+            patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device, log): pid
+            for pid, studies in sorted(by_patient.items())
+        }
         for future in as_completed(list(futures)):
             pid = futures[future]
             try:
@@ -121,35 +152,27 @@ def assess_export(
                 reason = f"patient assessment failed: {type(exc).__name__}: {exc}"
                 records.extend(indeterminate_records(by_patient[pid], reason))
                 errors.extend(ErrorRecord("", pid, s.study_instance_uid, "", "assess", reason) for s in by_patient[pid])
-            if bar is not None:
-                progress.advance(bar, len(by_patient[pid]))
+                log.patient_done(pid, len(by_patient[pid]), failed=f"{type(exc).__name__}: {exc}")
 
-    try:
-        records = review_task(out, records, cfg)
-    except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
-        errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
-    write_cohort_csv(out, records)
-    write_errors_csv(out, errors)
-    summary = {
-        "export_dir": str(export_dir), "out_dir": str(out), "device": resolved_device,
-        "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
-        "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
-        "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
-        "files_deferred": index.n_deferred, "studies_deferred": len(index.deferred_studies), "seconds": round(time.perf_counter() - started, 2),
-    }
+        t0 = time.perf_counter()
+        try:
+            records = review_task(out, records, cfg)
+        except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
+            errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
+        write_cohort_csv(out, records)
+        write_errors_csv(out, errors)
+        log.stage("review worklist and cohort tables", time.perf_counter() - t0)
+        summary = {
+            "export_dir": str(export_dir), "out_dir": str(out), "device": resolved_device,
+            "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
+            "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
+            "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
+            "files_deferred": index.n_deferred, "studies_deferred": len(index.deferred_studies), "seconds": round(time.perf_counter() - started, 2),
+        }
+        log.info(f"run finished: {summary['studies']} studies ({n_reused} reused), {summary['flagged']} flagged, "
+                 f"{summary['errors']} rows in errors.csv, {summary['seconds']} s")
     write_json(out / "run_summary.json", summary)
     return summary
-
-
-def _progress(enabled: bool, total: int):
-    """A rich progress bar (a no-op context when disabled)."""
-    from contextlib import nullcontext
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not enabled:
-        return nullcontext()
-    return Progress(TextColumn("[bold]assessing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = None, config: Path | None = None,
@@ -175,10 +198,38 @@ def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: P
     )
 
 
+def graceful_runner(**kwargs):
+    """A Prefect Runner that stops on SIGTERM (systemd's stop) the way it stops on Ctrl-C.
+
+    Prefect's own SIGTERM handler calls ``Runner.stop()`` inside the running event loop, where
+    it returns the ``astop`` coroutine unawaited ("RuntimeWarning: coroutine 'Runner.astop' was
+    never awaited") and exits from within the loop. Raising KeyboardInterrupt instead unwinds the
+    runner like Ctrl-C: its schedules are paused and it exits cleanly.
+    """
+    from prefect.runner import Runner
+
+    class _GracefulRunner(Runner):
+        def handle_sigterm(self, *args, **kwargs) -> None:
+            self._logger.info("SIGTERM received, shutting down...")
+            raise KeyboardInterrupt
+
+    return _GracefulRunner(**kwargs)
+
+
 def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
                   config: Path | None = None, workers: int = 1, device: str = "auto",
                   defer_recent_seconds: float = 300.0) -> None:
-    """Serve the nightly deployment (blocks; Ctrl-C stops it)."""
-    from prefect import serve
+    """Serve the nightly deployment (blocks; Ctrl-C or SIGTERM stops it, exit status 0)."""
+    import asyncio
 
-    serve(nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device, defer_recent_seconds))
+    deployment = nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device,
+                                    defer_recent_seconds)
+    runner = graceful_runner(pause_on_shutdown=True)
+    runner.add_deployment(deployment)
+    print(f"serving deployment 'assess-export/nightly' on cron {cron!r}: export {export_dir}, output {out_dir}; "
+          f"each run logs to {Path(out_dir) / 'run.log'}. Next runs: prefect deployment inspect "
+          "'assess-export/nightly' (docs/operations.md)", flush=True)
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        print("stopped", flush=True)

@@ -15,7 +15,7 @@ from pipeline.classify import classify_patient
 from pipeline.config import PipelineConfig
 from pipeline.dicom_outputs import dicom_outputs_missing, write_study_dicom
 from pipeline.imageio import load_series
-from pipeline.key_image import render_key_image
+from pipeline.key_image import days_text, render_key_image
 from pipeline.outputs import (
     AssessmentRecord, SeriesUsed, atomic_write_image, read_assessment, read_image, study_dir,
     timeline_points, write_assessment, write_json,
@@ -179,7 +179,8 @@ def _key_image(state: StudyState, baseline: StudyState | None, record: Assessmen
     k = state.imaging.key_slice_index
     if k is None:
         k = images.post.GetSize()[2] // 2
-    title = (f"{record.patient_id}  {record.study_date}  {record.timepoint}  ->  {record.decision.category.value}"
+    title = (f"{record.patient_id}  {record.study_date} ({days_text(record.days_since_ablation)})  "
+             f"{record.timepoint.replace('_', ' ')}  ->  {record.decision.category.value.replace('_', ' ')}"
              f"  (confidence {record.decision.confidence:.2f})")
     render_key_image(folder / "key_image.png", current, k, title, base_view, dpi=cfg.outputs.key_image_dpi)
 
@@ -332,7 +333,8 @@ def assess_patient(
         patient_folder = study_dir(out_dir, entries[0].study).parent
         write_json(patient_folder / "timeline.json", [p.model_dump() for p in points])
         try:
-            render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi)
+            render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi,
+                                 (cfg.rules.growth_min_abs_mm, cfg.rules.growth_min_pct))
         except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
             result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
                                              f"timeline plot not rendered: {type(exc).__name__}: {exc}"))

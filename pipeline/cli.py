@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -17,35 +17,87 @@ console = Console()
 table_console = console if console.is_terminal else Console(width=170)
 
 
+def cohort_table(rows: list[dict[str, str]], title: str = "") -> Table:
+    """cohort.csv's rows as a table readable at 80 columns: IDs and dates never cut, the call and
+    the flag reasons in words, wrapped at word boundaries (never cut)."""
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE, pad_edge=False, expand=True)
+    width = max([len("patient")] + [len(r["patient_id"]) for r in rows])
+    table.add_column("patient", no_wrap=True, min_width=width)
+    table.add_column("date", no_wrap=True, min_width=10)
+    table.add_column("call", ratio=2, overflow="fold")
+    table.add_column("axes mm\nvol mL", justify="right", no_wrap=True)
+    table.add_column("flagged: why", ratio=3, overflow="fold")
+    for r in rows:
+        call = f"{r['timepoint'].replace('_', ' ')}: {r['category'].replace('_', ' ')}"
+        size = f"{r['az_long_axis_mm']}/{r['az_short_axis_mm']}\n{r['az_volume_ml']}" if r["az_long_axis_mm"] else ""
+        reasons = "; ".join(part.strip().replace("_", " ") for part in r["flag_reasons"].split(";") if part.strip())
+        if r["flagged"] == "true" and not reasons:
+            reasons = "yes"
+        table.add_row(r["patient_id"], r["study_date"], call, size, reasons)
+    return table
+
+
 def print_cohort(out_dir: Path) -> None:
     """Print cohort.csv as a table."""
     with (out_dir / "cohort.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    table = Table(title=f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}")
-    for col in ("patient", "date", "timepoint", "category", "flag", "long mm", "short mm", "vol mL"):
-        table.add_column(col, no_wrap=True)
-    table.add_column("why flagged", overflow="fold")
-    for r in rows:
-        table.add_row(r["patient_id"], r["study_date"], r["timepoint"], r["category"],
-                      "yes" if r["flagged"] == "true" else "", r["az_long_axis_mm"], r["az_short_axis_mm"],
-                      r["az_volume_ml"], r["flag_reasons"][:90])
-    table_console.print(table)
+    table_console.print(cohort_table(rows, f"{len(rows)} studies  ->  {out_dir / 'cohort.csv'}"))
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, no traceback, a non-zero exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=code)
 
 
 def _check_inputs(procedures: Path | None, config: Path | None) -> None:
     """Fail fast, with the reason, on a bad procedures file or config (before any work)."""
-    from pydantic import ValidationError
-
-    from pipeline.config import load_config
-    from pipeline.timeline import ProceduresFileError, read_procedures
+    from pipeline.run_inputs import RunInputError, check_config, check_procedures
 
     try:
-        load_config(config)
-        if procedures is not None:
-            read_procedures(procedures)
-    except (ProceduresFileError, ValidationError, ValueError, OSError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
+        check_config(config)
+        check_procedures(procedures)
+    except RunInputError as exc:
+        _fail(str(exc))
+
+
+def _check_run(export_dir: Path, out: Path, procedures: Path | None, config: Path | None, device: str,
+               *, require_dicom: bool) -> None:
+    """Every input of a run checked before Prefect starts and before ``out`` is created."""
+    from pipeline.run_inputs import RunInputError, check_export_has_dicom, check_run_inputs
+
+    try:
+        check_run_inputs(export_dir, out, procedures, config, device)
+    except RunInputError as exc:
+        _fail(str(exc))
+    try:
+        check_export_has_dicom(export_dir, out)
+    except RunInputError as exc:
+        if require_dicom:
+            _fail(str(exc), code=1)
+        # The nightly deployment may be set up before the first study arrives.
+        typer.echo(f"warning: {exc}; the nightly run will look again", err=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"ablation-response {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """MRI follow-up after percutaneous ablation: IWG-IGTA call per study."""
+
+
+DEVICE_HELP = "where the network runs: auto (CUDA when usable, else CPU) | cpu | cuda (refused without a CUDA device)"
 
 
 @app.command()
@@ -72,10 +124,10 @@ def assess(
     procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="patient_id,ablation_date CSV")] = None,
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML merged over configs/default.yaml")] = None,
     workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
 ) -> None:
     """Assess every study of a PACS export (batch Prefect flow)."""
-    _check_inputs(procedures, config)
+    _check_run(export_dir, out, procedures, config, device, require_dicom=True)
     from flows.assess import run_assessment
 
     summary = run_assessment(export_dir, out, procedures, config, workers, device, show_progress=True)
@@ -108,16 +160,20 @@ def demo(
 
 @app.command("serve-nightly")
 def serve_nightly(
-    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
-    out: Annotated[Path, typer.Option("--out")],
-    cron: Annotated[str, typer.Option(help="cron schedule")] = "0 2 * * *",
-    procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
-    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
-    workers: Annotated[int, typer.Option(min=1)] = 1,
-    device: Annotated[str, typer.Option()] = "auto",
-    defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s)")] = 300.0,
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory, re-read at every run")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (outputs, catalogue, run.log), outside the export")],
+    cron: Annotated[str, typer.Option(help="cron schedule of the runs, in the server's local time (default: 02:00 every night)")] = "0 2 * * *",
+    procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="patient_id,ablation_date CSV, re-read at every run")] = None,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML merged over configs/default.yaml")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s): an export still being copied")] = 300.0,
 ) -> None:
-    """Serve a scheduled Prefect deployment that re-reads the export (only new studies are processed)."""
+    """Serve a scheduled Prefect deployment that re-reads the export (only new studies are processed).
+
+    Blocks until stopped (Ctrl-C or SIGTERM); docs/operations.md shows it as a systemd service.
+    """
+    _check_run(export_dir, out, procedures, config, device, require_dicom=False)
     from flows.assess import serve_nightly as serve
 
     serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds)
@@ -155,8 +211,7 @@ def catalog(
     try:
         studies, _ = group_catalogue(catalogue, load_config(config).ingest)
     except CatalogueNotFound as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(code=2) from None
+        _fail(str(exc))
     table_console.print(catalogue_table(studies))
 
 

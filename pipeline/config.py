@@ -7,13 +7,14 @@ merged over the default file before validation.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -214,19 +215,58 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+class ConfigFileError(ValueError):
+    """A config file that is not YAML, or not a mapping; the message names the file and line."""
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigFileError(f"config file {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigFileError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def describe_config_error(exc: ValidationError, path: Path | str | None) -> str:
+    """One line for a user: the first wrong key (dotted) and the file, plus how many more.
+
+    An unknown key (a typo) gets the closest valid key of its section as a suggestion.
+    """
+    source = f"config file {path}" if path is not None else f"the default config {DEFAULT_CONFIG_PATH}"
+    errors = exc.errors()
+    first = errors[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        section: Any = PipelineConfig
+        for part in loc[:-1]:
+            field = section.model_fields.get(part) if isinstance(section, type) and issubclass(section, BaseModel) else None
+            section = field.annotation if field is not None else None
+        known = list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
+        line = f"unknown config key '{key}' in {source}{hint}"
+    else:
+        value = first.get("input")
+        shown = f" = {value!r}" if not isinstance(value, (dict, list)) else ""
+        line = f"invalid config value '{key}'{shown} in {source}: {first['msg']}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more)"
+    return line
 
 
 def load_config(path: Path | str | None = None) -> PipelineConfig:
     """Load ``configs/default.yaml``, merge ``path`` over it, validate.
 
-    Raises ``pydantic.ValidationError`` naming each wrong field, or ``FileNotFoundError``.
+    Raises ``pydantic.ValidationError`` naming each wrong field (``describe_config_error``
+    makes it one line), ``ConfigFileError`` (not YAML, not a mapping) or ``FileNotFoundError``.
     """
     raw = _read_yaml(DEFAULT_CONFIG_PATH)
     if path is not None and Path(path).resolve() != DEFAULT_CONFIG_PATH:

@@ -174,14 +174,22 @@ def analyse_foci(
         points = voxels_to_lps(grid, zyx)
         volume_ml = float(len(zyx) * np.prod(spacing) / 1000.0)
         diameter = _max_diameter_mm(points, in_plane)
+        search_stopped = False
         if distance <= fc.local_max_distance_mm:
             # Rule 9's "locally thick" along the margin: thickness along the AZ-surface normals.
             focus_img = sitk.GetImageFromArray(outside.astype(np.uint8))
             focus_img.CopyInformation(grid)
-            thickness = focus_margin_metrics(focus_img, az_img, max_search_mm=fc.local_max_distance_mm,
-                                             surface=surface).local_thickness_mm
+            margin = focus_margin_metrics(focus_img, az_img, max_search_mm=fc.local_max_distance_mm, surface=surface)
+            thickness = measured = margin.local_thickness_mm
+            if margin.search_stopped:
+                # The rule's rays end local_max_distance_mm from the zone: what it compares stops
+                # there (and stays so: the calls do not change). The report gives the whole
+                # focus: the same rays, followed on for the focus's diameter.
+                whole = focus_margin_metrics(focus_img, az_img, max_search_mm=fc.local_max_distance_mm + diameter,
+                                             surface=surface, start_within_mm=fc.local_max_distance_mm)
+                measured, search_stopped = max(measured, whole.local_thickness_mm), whole.search_stopped
         else:
-            thickness = _thickness_half_max(re_a, outside, seg.az, spacing)
+            thickness = measured = _thickness_half_max(re_a, outside, seg.az, spacing)
         along_normals = thickness
         disc = None
         if fc.thickness_holds_ball:
@@ -190,6 +198,10 @@ def analyse_foci(
             core = ndi.binary_fill_holes(outside & (re_a >= 0.5 * np.percentile(re_a[outside], 95)))
             disc = inscribed_disc_mm(core, spacing)
             thickness = min(thickness, disc)
+        # The rule's thickness along the normals, as a reader is told it (whole focus, or 'at least').
+        shown = f"at least {measured:.1f} mm" if search_stopped else f"{measured:.1f} mm"
+        if disc is not None and disc < measured:
+            measured, search_stopped = disc, False
         elongation, length = _elongation(points)
         # A vessel whose calibre hovers around the focus threshold breaks into short, compact-
         # looking pieces: look at the enhancing tissue within a ball around the piece as well.
@@ -232,8 +244,11 @@ def analyse_foci(
                                          f"{fc.new_lesion_min_relative_enhancement:g}): parenchyma, not a new lesion")
         elif thick:
             suspicious = True
-            reason = (f"nodular, {along_normals:.1f} mm thick (>= {fc.min_thickness_mm:g} mm and >= "
-                      f"{fc.min_thickness_ratio_to_rim:g}x typical rim {rim_median:.1f} mm)")
+            # rim_median is the rim's median over every margin normal (0 where there is no rim),
+            # not the rim's maximum (rim_max_thickness_mm): the text says which.
+            reason = (f"nodular, {shown} thick (>= {fc.min_thickness_mm:g} mm and >= "
+                      f"{fc.min_thickness_ratio_to_rim:g}x the rim's median thickness around the whole margin, "
+                      f"{rim_median:.1f} mm)")
             if disc is not None:
                 reason += f", holds a {disc:.1f} mm disc on one slice (>= {fc.min_thickness_mm:g} mm)"
             if large:
@@ -256,6 +271,7 @@ def analyse_foci(
         return Focus(
             centroid_lps=[round(float(v), 2) for v in points.mean(0)], volume_ml=round(volume_ml, 3),
             diameter_mm=round(diameter, 2), max_thickness_mm=round(thickness, 2),
+            measured_thickness_mm=round(measured, 2), thickness_search_stopped=search_stopped,
             distance_to_az_surface_mm=round(distance, 2), mean_relative_enhancement=round(mean_re, 3),
             angular_extent_deg=round(extent, 1), pattern=pattern, local=local, suspicious=suspicious,
             reason=reason, organ_extent_mm=organ_mm), suspicious

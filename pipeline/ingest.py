@@ -20,6 +20,7 @@ import struct
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,13 +130,13 @@ class IndexResult:
 
 
 # --------------------------------------------------------------------------- walking
-def _walk(root: Path) -> list[tuple[str, int, int]]:
-    """``[(relative posix path, size, mtime_ns)]`` of every non-hidden regular file.
+def _iter_files(root: Path, skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[str, os.DirEntry]]:
+    """``(relative posix path, entry)`` of every non-hidden regular file under ``root``.
 
-    os.scandir gives the file type without a stat call; one stat per file remains.
-    Directory symlinks are not followed (exports rarely use them and they can loop).
+    Directories in ``skip_dirs`` (e.g. the output folder, should it lie inside the export) are
+    not entered. Directory symlinks are not followed (exports rarely use them and they can loop).
     """
-    out: list[tuple[str, int, int]] = []
+    skip = {os.path.realpath(d) for d in skip_dirs}
     stack = [(str(root), "")]
     while stack:
         abs_dir, rel_dir = stack.pop()
@@ -149,13 +150,50 @@ def _walk(root: Path) -> list[tuple[str, int, int]]:
             rel = f"{rel_dir}{entry.name}"
             try:
                 if entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, rel + "/"))
+                    if not skip or os.path.realpath(entry.path) not in skip:
+                        stack.append((entry.path, rel + "/"))
                 elif entry.is_file():
-                    st = entry.stat()
-                    out.append((rel, st.st_size, st.st_mtime_ns))
+                    yield rel, entry
             except OSError:
                 continue
+
+
+def _walk(root: Path, skip_dirs: Iterable[Path] = ()) -> list[tuple[str, int, int]]:
+    """``[(relative posix path, size, mtime_ns)]`` of every file of :func:`_iter_files`.
+
+    os.scandir gives the file type without a stat call; one stat per file remains.
+    """
+    out: list[tuple[str, int, int]] = []
+    for rel, entry in _iter_files(root, skip_dirs):
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        out.append((rel, st.st_size, st.st_mtime_ns))
     return out
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """The cheap test of :func:`read_header`: a DICM preamble, or a raw stream's first tag."""
+    try:
+        with open(path, "rb") as fp:
+            head = fp.read(132)
+    except OSError:
+        return False
+    if len(head) < _MIN_DICOM_BYTES:
+        return False
+    return head[128:132] == b"DICM" or head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x08")
+
+
+def find_first_dicom(export_dir: Path, skip_dirs: Iterable[Path] = ()) -> Path | None:
+    """The first file under ``export_dir`` that looks like DICOM (None: the export holds none).
+
+    Stops at the first hit, so it is cheap on a real export; reads 132 bytes per file.
+    """
+    for _, entry in _iter_files(Path(export_dir), skip_dirs):
+        if looks_like_dicom(entry.path):
+            return Path(entry.path)
+    return None
 
 
 # --------------------------------------------------------------------------- headers
@@ -699,7 +737,8 @@ def _missing_from_dicomdir(export_dir: Path, listed: dict[str, list[str]], prese
 
 # --------------------------------------------------------------------------- entry point
 def index_export(
-    export_dir: Path, catalogue_path: Path, cfg: IngestConfig, *, workers: int | None = None
+    export_dir: Path, catalogue_path: Path, cfg: IngestConfig, *, workers: int | None = None,
+    skip_dirs: Iterable[Path] = (),
 ) -> IndexResult:
     """Index ``export_dir`` into the SQLite catalogue at ``catalogue_path`` and group it.
 
@@ -708,7 +747,8 @@ def index_export(
     ``cfg.defer_recent_seconds`` ago are deferred (not read), and so is every study they
     belong to (their study UID is peeked at, nothing is stored), so that a study still being
     copied is never processed half-written. ``workers``: header-reading processes (default:
-    the CPUs this process may use). Never raises on bad files; raises only if
+    the CPUs this process may use). ``skip_dirs``: folders never walked (the output folder,
+    should it lie inside the export: its DICOM SEG/SR must not become inputs). Never raises on bad files; raises only if
     ``export_dir`` is not a directory or the catalogue cannot be opened.
     """
     t0 = time.perf_counter()
@@ -721,7 +761,7 @@ def index_export(
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     catalogue_path = Path(catalogue_path).resolve()
 
-    found = _walk(export_dir)
+    found = _walk(export_dir, skip_dirs)
     # Never index the catalogue itself if it lives inside the export.
     found = [f for f in found if not str(export_dir / f[0]).startswith(str(catalogue_path))]
     now_ns = time.time_ns()

@@ -76,11 +76,71 @@ def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None 
     ax.text(w - 5, h / 2, right, **style)
     ax.text(w / 2, 4, top, **style)
     ax.text(w / 2, h - 5, bottom, **style)
-    bar_px = 10.0 / sx  # 10 mm scale bar
+    bar_mm = scale_bar_mm(w * sx)
+    bar_px = bar_mm / sx
     ax.plot([w - 4 - bar_px, w - 4], [h - 4, h - 4], color="white", lw=2)
-    ax.text(w - 4 - bar_px / 2, h - 7, "10 mm", color="white", fontsize=6, ha="center")
+    ax.text(w - 4 - bar_px / 2, h - 7, f"{bar_mm:g} mm", color="white", fontsize=6, ha="center")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
+
+
+def scale_bar_mm(width_mm: float) -> float:
+    """20 mm (the README's scale bar), 10 mm where the panel is under 50 mm wide."""
+    return 20.0 if width_mm >= 50.0 else 10.0
+
+
+def slice_position(image: sitk.Image, k: int) -> str:
+    """``slice 13/64, S 34.5 mm``: the slice number and the patient-axis position of its centre."""
+    nx, ny, nz = image.GetSize()
+    k = int(np.clip(k, 0, nz - 1))
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint(((nx - 1) / 2, (ny - 1) / 2, float(k))))
+    normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+    axis = int(np.argmax(np.abs(normal)))
+    low, high = _LETTERS[axis]
+    value = float(centre[axis])
+    return f"slice {k + 1}/{nz}, {high if value >= 0 else low} {abs(value):.1f} mm"
+
+
+def days_text(days_since_ablation: int | None) -> str:
+    if days_since_ablation is None:
+        return "no ablation date"
+    if days_since_ablation < 0:
+        return f"{-days_since_ablation} days before ablation"
+    return f"day {days_since_ablation} after ablation"
+
+
+LEGEND = (("ablation zone", 1), ("rim", 2), ("enhancing focus", 3))
+
+
+def key_image_figure(
+    current: dict[str, sitk.Image],
+    key_slice: int,
+    title: str,
+    baseline: dict[str, sitk.Image] | None = None,
+) -> Figure:
+    """Pre, post, subtraction+labels of the study, and of the baseline when given.
+
+    ``current``/``baseline`` map "pre", "post", "subtraction", "labels" to images on the
+    current study's post grid (the baseline already resampled through the registration). The
+    title gets the slice's number and position; a legend names the label colours.
+    """
+    from matplotlib.patches import Patch
+
+    rows = 2 if baseline else 1
+    fig = Figure(figsize=(9, 3.2 * rows + 0.4))
+    axes = fig.subplots(rows, 3, squeeze=False)
+    box = crop_box(current["labels"], key_slice) if "labels" in current else None
+    for row, (name, imgs) in enumerate([("this study", current), ("baseline (registered)", baseline)][:rows]):
+        _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre", box=box)
+        _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post", box=box)
+        _panel(axes[row, 2], imgs["subtraction"], key_slice, f"{name}: subtraction + labels",
+               labels=imgs.get("labels"), symmetric=True, box=box)
+    fig.suptitle(f"{title}\n{slice_position(current['post'], key_slice)}", fontsize=9)
+    handles = [Patch(facecolor=_LABEL_COLOURS(value)[:3], alpha=max(_LABEL_COLOURS(value)[3], 0.6), label=name)
+               for name, value in LEGEND]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
 
 
 def render_key_image(
@@ -91,22 +151,7 @@ def render_key_image(
     baseline: dict[str, sitk.Image] | None = None,
     dpi: int = 100,
 ) -> None:
-    """Write a PNG: pre, post, subtraction+labels of the study, and of the baseline when given.
-
-    ``current``/``baseline`` map "pre", "post", "subtraction", "labels" to images on the
-    current study's post grid (the baseline already resampled through the registration).
-    """
-    rows = 2 if baseline else 1
-    fig = Figure(figsize=(9, 3.2 * rows))
-    axes = fig.subplots(rows, 3, squeeze=False)
-    box = crop_box(current["labels"], key_slice) if "labels" in current else None
-    for row, (name, imgs) in enumerate([("this study", current), ("baseline (registered)", baseline)][:rows]):
-        _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre", box=box)
-        _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post", box=box)
-        _panel(axes[row, 2], imgs["subtraction"], key_slice, f"{name}: subtraction + labels",
-               labels=imgs.get("labels"), symmetric=True, box=box)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    """Write :func:`key_image_figure` as a PNG (atomically)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    key_image_figure(current, key_slice, title, baseline).savefig(buffer, format="png", dpi=dpi)
     atomic_write_bytes(path, buffer.getvalue())

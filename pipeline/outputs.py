@@ -96,7 +96,39 @@ def study_dir(out_dir: Path, study: StudyRecord) -> Path:
 
 
 # --------------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc/self/status).
+
+    Elsewhere it is set and restored at once (``os.umask`` has no read-only form), under a lock.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def _final_mode(mode: int | None) -> int:
+    """What ``open()`` would give a new file (0o666 & ~umask), or ``mode`` (e.g. 0o600 for a key).
+
+    ``tempfile.mkstemp`` creates its file 0600 whatever the umask; outputs shared with a group
+    (a results folder on a share) need the permissions any other program would have given them.
+    """
+    return mode if mode is not None else 0o666 & ~current_umask()
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + rename); permissions by the umask,
+    or ``mode`` (set before the file appears under its name: a secret is never readable)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -105,14 +137,15 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _final_mode(mode))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 # One lock around every SimpleITK image file read and write of the process. Why: ITK's NIfTI I/O
@@ -138,6 +171,7 @@ def atomic_write_image(image: sitk.Image, path: Path) -> None:
     try:
         with _IMAGE_IO_LOCK:
             sitk.WriteImage(image, tmp, useCompression=True)
+        os.chmod(tmp, _final_mode(None))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -151,6 +185,7 @@ def atomic_write_transform(transform: sitk.Transform, path: Path) -> None:
     os.close(fd)
     try:
         sitk.WriteTransform(transform, tmp)
+        os.chmod(tmp, _final_mode(None))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

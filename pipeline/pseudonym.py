@@ -54,7 +54,7 @@ def load_or_create_key(path: Path) -> bytes:
             raise ValueError(f"pseudonymisation key {path} is too short ({len(key)} bytes, >= 32 needed)")
         return key
     key = secrets.token_bytes(_KEY_BYTES)
-    atomic_write_bytes(path, key.hex().encode() + b"\n")
+    atomic_write_bytes(path, key.hex().encode() + b"\n", mode=0o600)
     os.chmod(path, 0o600)
     return key
 
@@ -102,7 +102,7 @@ class Pseudonymiser:
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["patient_id", "pseudonym"])
         writer.writerows(sorted(everything.items()))
-        atomic_write_text(mapping_csv_path(self.catalogue_path), buf.getvalue())
+        atomic_write_text(mapping_csv_path(self.catalogue_path), buf.getvalue(), mode=0o600)
         os.chmod(mapping_csv_path(self.catalogue_path), 0o600)
 
 

@@ -99,12 +99,15 @@ class FocusMargin:
 
     local_thickness_mm: robust maximum thickness of the focus along AZ-surface normals (mm);
     angular_extent_deg: azimuthal extent around the AZ centroid (deg, 0..360);
-    pattern: "focal" (< focal_max_deg), "crescentic" (< crescentic_max_deg) or "circumferential".
+    pattern: "focal" (< focal_max_deg), "crescentic" (< crescentic_max_deg) or "circumferential";
+    search_stopped: some ray through the focus was still inside it at ``max_search_mm`` (the
+    thickness is then a lower bound).
     """
 
     local_thickness_mm: float
     angular_extent_deg: float
     pattern: str
+    search_stopped: bool = False
 
 
 # --------------------------------------------------------------------------- helpers
@@ -416,12 +419,14 @@ def focus_margin_metrics(
     surface: SurfaceSamples | None = None,
     focal_max_deg: float = 90.0,
     crescentic_max_deg: float = 270.0,
+    start_within_mm: float | None = None,
 ) -> FocusMargin:
     """Local thickness along the AZ normals and angular extent of one enhancing focus.
 
     focus_mask: binary mask of one focus (connected component), any grid; az_mask: binary AZ mask.
     The thickness is that of the focus's own run along the rays from the AZ surface (it may start
-    anywhere within ``max_search_mm``, since a focus need not touch the AZ), robust max as in
+    anywhere within ``start_within_mm``, default ``max_search_mm``, since a focus need not touch
+    the AZ; rays end at ``max_search_mm``), robust max as in
     ``rim_metrics``; extent from the focus's voxel centres around the AZ centroid in the axial
     plane. Raises ValueError for an empty AZ mask.
     """
@@ -430,7 +435,8 @@ def focus_margin_metrics(
     if surface is None:
         raise ValueError("empty AZ mask")
     prof = rim_thickness_profile(az_mask, focus_mask, max_search_mm=max_search_mm,
-                                 start_within_mm=max_search_mm, surface=surface)
+                                 start_within_mm=max_search_mm if start_within_mm is None else start_within_mm,
+                                 surface=surface)
     hit = prof.thickness_mm > 0
     thickness = float(robust_thickness(prof)[hit].max()) if np.any(hit) else 0.0
     fgrid = Grid.of(focus_mask)
@@ -438,4 +444,5 @@ def focus_margin_metrics(
     pts = fgrid.index_to_lps(np.column_stack([xx, yy, zz]).astype(float))
     extent = angular_extent_deg(pts, surface.centroid_lps)
     return FocusMargin(local_thickness_mm=thickness, angular_extent_deg=extent,
-                       pattern=focus_pattern(extent, focal_max_deg, crescentic_max_deg))
+                       pattern=focus_pattern(extent, focal_max_deg, crescentic_max_deg),
+                       search_stopped=bool(np.any(prof.censored & hit)))

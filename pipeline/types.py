@@ -173,6 +173,8 @@ class Focus(BaseModel):
     centroid_lps: list[float]
     volume_ml: float
     diameter_mm: float
+    # The thickness rule 9 compared: along the margin normals searched to
+    # foci.local_max_distance_mm (10 mm) from the zone, so never above it for a local focus.
     max_thickness_mm: float
     distance_to_az_surface_mm: float
     mean_relative_enhancement: float
@@ -185,11 +187,22 @@ class Focus(BaseModel):
     # part of the candidate within the organ's contact margin was discounted as anatomy. None:
     # no organ touched.
     organ_extent_mm: float | None = None
+    # The focus's whole thickness, the same rays followed beyond the rule's search limit (issue
+    # 18): what a reader is told. ``thickness_search_stopped``: still a lower bound. None in
+    # records written before it existed.
+    measured_thickness_mm: float | None = None
+    thickness_search_stopped: bool = False
     # Supporting signals (suspicious foci only; never decide the category): mean RE per
     # post-contrast phase index, and T2 signal relative to the AZ and to the body's median.
     enhancement_by_phase: dict[str, float] = Field(default_factory=dict)
     t2_ratio_to_az: float | None = None
     t2_ratio_to_body: float | None = None
+
+    @property
+    def thickness_text(self) -> str:
+        """The thickness for a reader: measured, "at least" where the search stopped."""
+        value = self.max_thickness_mm if self.measured_thickness_mm is None else self.measured_thickness_mm
+        return f"at least {value:.1f} mm" if self.thickness_search_stopped else f"{value:.1f} mm"
 
 
 class StudyImaging(BaseModel):

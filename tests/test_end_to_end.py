@@ -63,6 +63,12 @@ def test_outputs_of_the_contract_exist(run):
             assert focus["enhancement_by_phase"] and min(focus["enhancement_by_phase"].values()) > 0.15
             assert focus["t2_ratio_to_az"] > 1.2
     assert list((out / "patients").glob("*/timeline.png"))
+    # Issue 18: the run log in the output folder has a line per study with its stages' seconds.
+    log = (out / "run.log").read_text()
+    for row in rows:
+        folder = next((out / "patients").glob(f"*/{row['study_date']}_*"))
+        assert f"study {row['patient_id']} {folder.name}: imaging" in log, folder.name
+    assert "register_intra" in log and "index:" in log and "run finished:" in log
     errors = (out / "errors.csv").read_text()
     assert "truncated" in errors.lower() or "not a dicom" in errors.lower()
 

@@ -248,3 +248,17 @@ def test_parallel_reading_matches_serial(tmp_path: Path, cfg: IngestConfig, monk
     assert parallel.n_files_read == serial.n_files_read
     assert [(s.series_instance_uid, s.role, s.phase_index, s.files) for s in parallel.studies[0].series] == \
         [(s.series_instance_uid, s.role, s.phase_index, s.files) for s in serial.studies[0].series]
+
+
+def test_output_folder_inside_the_export_is_never_walked(tmp_path: Path, cfg: IngestConfig) -> None:
+    """The flow's outputs (SEG/SR are DICOM) must never come back as inputs (issue 18)."""
+    export = tmp_path / "export"
+    _siemens_study(export)
+    out = export / "results"
+    write_sr(out / "patients" / "P001" / "sr.dcm")
+    write_series(SeriesSpec(series_description="t1_vibe_fs_tra_pre", volume=_vol()), out / "copy")
+    res = index_export(export, out / "catalogue.sqlite", cfg, skip_dirs=[out])
+    assert res.n_files_seen == 3 + 6 * 5
+    assert not any("results" in e.path for e in res.errors)
+    assert ingest.find_first_dicom(out / "copy") is not None
+    assert ingest.find_first_dicom(export, [export / "P001", out]) is None

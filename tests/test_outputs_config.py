@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -103,3 +104,83 @@ def test_timeline_plot_renders(tmp_path):
     render_timeline_plot(tmp_path / "timeline.png", "P1", points)
     data = (tmp_path / "timeline.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.fixture
+def umask_0022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_outputs_honour_the_umask_and_secrets_stay_private(tmp_path, umask_0022):
+    """mkstemp creates 0600 files: outputs must get what the umask gives (issue 18)."""
+    from pipeline.outputs import atomic_write_bytes, atomic_write_image, atomic_write_transform, current_umask
+
+    assert current_umask() == 0o022
+    atomic_write_bytes(tmp_path / "a.bin", b"x")
+    atomic_write_text(tmp_path / "cohort.csv", "a,b\n")
+    atomic_write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), tmp_path / "labels.nii.gz")
+    atomic_write_transform(sitk.Euler3DTransform(), tmp_path / "to_baseline.tfm")
+    for name in ("a.bin", "cohort.csv", "labels.nii.gz", "to_baseline.tfm"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    atomic_write_text(tmp_path / "key", "secret", mode=0o600)
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    os.umask(0o027)
+    atomic_write_text(tmp_path / "group.csv", "a\n")
+    assert stat.S_IMODE((tmp_path / "group.csv").stat().st_mode) == 0o640
+
+
+def test_timeline_plot_marks_unmeasured_studies_apart_and_draws_the_nadir_and_threshold():
+    """Issue 18: pre-ablation studies were drawn at 0 mm, complete ablation and no evidence of LTP
+    shared a marker, and the growth rule had no line to read against."""
+    from pipeline.outputs import TimelinePoint
+    from pipeline.timeline_plot import nadir_steps, timeline_figure
+
+    def point(uid, date, timepoint, category, long_mm):
+        return TimelinePoint(study_instance_uid=uid, study_date=date, timepoint=timepoint,
+                             session=None if timepoint == "pre_ablation" else 1, category=category,
+                             az_long_axis_mm=long_mm, az_volume_ml=long_mm / 3 if long_mm else None)
+
+    points = [point("1", "2024-01-01", "pre_ablation", "pre_ablation", None),
+              point("2", "2024-02-10", "baseline", "complete_ablation", 35.0),
+              point("3", "2024-05-10", "follow_up", "no_evidence_of_ltp", 30.0),
+              point("4", "2024-08-10", "follow_up", "indeterminate", None),
+              point("5", "2024-11-10", "follow_up", "suspected_local_tumour_progression", 37.0)]
+    assert nadir_steps(points, 5.0, 20.0) == [("2024-02-10", 35.0, 42.0), ("2024-05-10", 30.0, 36.0),
+                                              ("2024-11-10", 30.0, 36.0)]
+    ax = timeline_figure("P1", points).axes[0]
+    for line in ax.lines:  # nothing drawn at 0 mm on the data scale
+        if line.get_transform() == ax.transData and len(line.get_ydata()):
+            assert 0.0 not in list(line.get_ydata()), line.get_label()
+    handles, labels = ax.get_legend_handles_labels()
+    by_label = dict(zip(labels, handles))
+    assert "pre-ablation (not measured)" in by_label and "indeterminate (not measured)" in by_label
+    assert by_label["complete ablation"].get_marker() != by_label["no evidence of LTP"].get_marker()
+    assert "nadir" in by_label and any(label.startswith("growth threshold") for label in labels)
+    assert list(by_label["nadir"].get_ydata()) == [35.0, 30.0, 30.0]
+
+
+def test_key_image_has_a_20_mm_bar_a_legend_the_slice_position_and_the_day():
+    """Issue 18: the README promises a 20 mm scale bar; the labels' colours, the slice and the
+    day since ablation were nowhere on the image."""
+    from pipeline.key_image import days_text, key_image_figure, slice_position
+
+    arr = np.zeros((10, 80, 80), np.float32)
+    arr[:, 30:50, 30:50] = 100.0
+    lab = np.zeros((10, 80, 80), np.uint8)
+    lab[4, 32:48, 32:48], lab[4, 30:32, 30:50], lab[4, 48:52, 40:44] = 1, 2, 3
+    images = {}
+    for name, a in (("pre", arr), ("post", arr * 1.5), ("subtraction", arr * 0.5), ("labels", lab)):
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.0, 1.0, 3.0))
+        img.SetOrigin((-40.0, -40.0, -12.0))
+        images[name] = img
+    assert slice_position(images["post"], 3) == "slice 4/10, I 3.0 mm"
+    assert slice_position(images["post"], 9) == "slice 10/10, S 15.0 mm"
+    fig = key_image_figure(images, 9, f"P1  2024-05-01 ({days_text(92)})")
+    assert "day 92 after ablation" in fig._suptitle.get_text() and "slice 10/10, S 15.0 mm" in fig._suptitle.get_text()
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("20 mm") == 3 and "10 mm" not in texts
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ablation zone", "rim", "enhancing focus"]
+    assert days_text(None) == "no ablation date" and days_text(-3) == "3 days before ablation"

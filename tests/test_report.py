@@ -77,9 +77,29 @@ def test_report_escapes_text_and_inlines_images(tmp_path: Path) -> None:
     assert len(page.img_src) == 3 and all(src.startswith("data:image/png;base64,") for src in page.img_src)
     assert base64.b64encode(PNG_1PX).decode() in page.img_src[0]
     assert len(page.sections) == 2
-    for category in ("complete_ablation", "local_tumour_progression"):
+    for category in ("complete ablation", "local tumour progression"):
         assert category in html
-    assert "min_thickness_mm" in html and "focus_max_thickness_mm" in html  # evidence: values vs thresholds
+    # Evidence, values against thresholds, in words (issue 18).
+    assert "a nodule is at least this thick (mm)" in html and "as rule 9 compares it (mm)" in html
+    assert "min_thickness_mm" not in html and "focus_max_thickness_mm" not in html
+
+
+def test_report_speaks_words_and_keeps_uids_in_the_details(tmp_path: Path) -> None:
+    """Issue 18: code names (az_long_axis_mm, rim_benign_pattern False) and full UIDs where a
+    radiologist reads."""
+    record = _record("1.2.826.0.1.3680043.8.498.12345678901234567890", "2024-05-01",
+                     Category.RESIDUAL_UNABLATED_TUMOUR, "P", ["residual_unablated_tumour: nodular"], "r")
+    record.decision.values.update({"az_long_axis_mm": 31.234, "rim_benign_pattern": False})
+    record.imaging.foci[0] = record.imaging.foci[0].model_copy(update={"measured_thickness_mm": 14.2})
+    html = render_patient_report("P", [(record, tmp_path / "missing")], tmp_path)
+    assert "ablation zone long axis (mm)</td><td class=\"num\">31.2<" in html
+    assert "rim thin, smooth and covering the margin (benign pattern)</td><td class=\"num\">no<" in html
+    assert "az_long_axis_mm" not in html and "rim_benign_pattern" not in html and "False" not in html
+    assert "residual unablated tumour: nodular" in html and "residual_unablated_tumour" not in html
+    assert ">14.2 mm<" in html  # the focus's whole thickness
+    body, _, details = html.partition("<details>")
+    assert record.study_instance_uid not in body and record.study_instance_uid in details
+    assert "R2-ltp-after-documented-complete" not in body
 
 
 def test_report_without_images_says_so(tmp_path: Path) -> None:

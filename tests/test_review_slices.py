@@ -85,3 +85,24 @@ def test_png_has_square_physical_pixels_and_the_overlay_colours(tmp_path):
     assert slices.slice_png(key, "current", "overlay", k) is slices.slice_png(key, "current", "overlay", k)
     with pytest.raises(KeyError):
         slices.slice_png(key, "current", "../labels", k)
+
+
+def test_baseline_and_follow_up_subtractions_share_one_window(tmp_path):
+    """Issue 18: each subtraction was windowed on its own, so a faint follow-up looked as bright
+    as a strongly enhancing baseline."""
+    out = tmp_path / "out"
+    _write(out / "patients/P/b", origin=(0.0, 0.0, 0.0), marker_mm=(-20.0, 10.0, 12.0))
+    _write(out / "patients/P/a", origin=(0.0, 0.0, 0.0), marker_mm=(-20.0, 10.0, 12.0))
+    for study, value in (("b", 7.5), ("a", 30.0)):  # the follow-up enhances a quarter as much
+        labels = sitk.ReadImage(str(out / f"patients/P/{study}/labels.nii.gz"))
+        sitk.WriteImage(sitk.Cast(labels, sitk.sitkFloat32) * 0.0 + value, str(out / f"patients/P/{study}/subtraction.nii.gz"))
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 0.0)), str(out / "patients/P/b/to_baseline.tfm"))
+    vol = slices.load_case(slices.case_key(out, "patients/P/b", "patients/P/a", None, None, True))
+    assert vol.windows[("current", "subtraction")] == vol.windows[("baseline", "subtraction")]
+    lo, hi = vol.windows[("baseline", "subtraction")]
+    assert hi == pytest.approx(30.0, rel=0.01) and lo == -hi  # the baseline's (stronger) window
+    # The same tissue renders darker in the fainter study.
+    k = int(np.argwhere(vol.labels["current"] == 3)[0][0])
+    current = np.asarray(slices.render_slice(vol, "current", "subtraction", k))
+    baseline = np.asarray(slices.render_slice(vol, "baseline", "subtraction", k))
+    assert current.max() < baseline.max()

@@ -6,6 +6,7 @@ touching the ablation zone is never tumour, a nodule at the margin is always tum
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -260,3 +261,32 @@ def test_a_small_nodule_beside_a_thick_baseline_rim_is_tumour():
     suspicious = [f for f in foci if f.suspicious]
     assert len(suspicious) == 1, foci
     assert "disc" in suspicious[0].reason
+
+
+def test_a_14_mm_nodule_reads_14_mm_thick_while_the_rule_compares_what_it_always_did():
+    """Issue 18: the rule's rays stop 10 mm from the zone (foci.local_max_distance_mm), and every
+    residual focus read "10.0 mm thick". The reader gets the whole thickness; rule 9 still
+    compares the value searched to 10 mm, so no call changes."""
+    seg, az, rim, foci = run(nodule_mm=14.0)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
+    focus = suspicious[0]
+    assert focus.max_thickness_mm == pytest.approx(CFG.foci.local_max_distance_mm, abs=0.01)
+    assert focus.measured_thickness_mm == pytest.approx(14.0, abs=1.5)
+    assert not focus.thickness_search_stopped
+    # The reason gives the thickness along the normals, the record the smaller of that and the disc.
+    along_normals = re.search(r"nodular, (\d+\.\d) mm thick", focus.reason)
+    assert along_normals and float(along_normals.group(1)) == pytest.approx(14.0, abs=1.5), focus.reason
+    assert "10.0 mm thick" not in focus.reason
+    assert "rim's median thickness around the whole margin" in focus.reason
+    # A focus thinner than the search limit reads what the rule compared.
+    small = [f for f in run(nodule_mm=7.0)[3] if f.suspicious][0]
+    assert small.measured_thickness_mm == pytest.approx(small.max_thickness_mm, abs=0.01)
+
+
+def test_a_thickness_whose_search_stopped_reads_at_least():
+    from tests.helpers import focus
+
+    f = focus(thickness=10.0).model_copy(update={"measured_thickness_mm": 24.04, "thickness_search_stopped": True})
+    assert f.thickness_text == "at least 24.0 mm"
+    assert focus(thickness=7.0).thickness_text == "7.0 mm"  # a record written before issue 18

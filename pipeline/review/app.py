@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 
 from pipeline.outputs import read_assessment
+from pipeline.report import flag_words, value_words, words
 from pipeline.review import auth
 from pipeline.review.db import (
     CATEGORIES, PENDING, ReviewError, WorklistItem, audit_sign_in, database_url, export_csv_text, open_engine,
@@ -78,6 +79,10 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
     secret = secret or auth.load_or_create_secret(out_dir / SECRET_NAME)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
+    # The evidence as the report shows it: names in words, values rounded to what was measured.
+    env.filters["words"] = words
+    env.filters["val"] = value_words
+    env.filters["flag_words"] = flag_words
     templates = Jinja2Templates(env=env)
 
     app = FastAPI(title="ablation-response review", docs_url=None, redoc_url=None, openapi_url=None)

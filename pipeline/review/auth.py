@@ -95,7 +95,7 @@ def add_user(path: Path, username: str, password: str) -> None:
     users[username] = hash_password(password)
     text = "# ablation-response review users: username:scrypt$n$r$p$salt$key\n"
     text += "".join(f"{name}:{stored}\n" for name, stored in sorted(users.items()))
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, mode=0o600)
     os.chmod(path, 0o600)
 
 
@@ -123,6 +123,6 @@ def load_or_create_secret(path: Path) -> str:
         if len(secret) >= 32:
             return secret
     secret = secrets.token_hex(32)
-    atomic_write_text(path, secret + "\n")
+    atomic_write_text(path, secret + "\n", mode=0o600)
     os.chmod(path, 0o600)
     return secret

@@ -162,6 +162,17 @@ def _put(vol: CaseVolumes, view: str, images: dict[str, sitk.Image]) -> None:
     vol.windows[(view, "overlay")] = vol.windows[(view, base)]
 
 
+def share_subtraction_window(vol: CaseVolumes) -> None:
+    """Baseline and follow-up subtractions on one grey-level window (the wider of the two), so
+    that the same enhancement looks the same in both; each was windowed on its own before."""
+    keys = [(view, "subtraction") for view in VIEWS if (view, "subtraction") in vol.windows]
+    if len(keys) < 2:
+        return
+    v = max(vol.windows[key][1] for key in keys)
+    for key in keys:
+        vol.windows[key] = (-v, v)
+
+
 _case_cache: OrderedDict[CaseKey, CaseVolumes] = OrderedDict()
 _png_cache: OrderedDict[tuple, bytes] = OrderedDict()
 _lock = Lock()
@@ -196,6 +207,7 @@ def load_case(key: CaseKey) -> CaseVolumes:
                 notes.append(f"baseline not shown: {exc}")
     else:
         notes.append("no baseline to compare with (this study is the baseline or has none)")
+    share_subtraction_window(vol)
     with _lock:
         _case_cache[key] = vol
         while len(_case_cache) > CASE_CACHE_SIZE:
