@@ -151,6 +151,8 @@ class FociConfig(_Section):
     # Rule 9's thickness is at most the diameter of the largest disc the focus's half-maximum
     # core holds on one slice (pipeline/focus_context.py inscribed_disc_mm); false: normals only.
     thickness_holds_ball: bool = False
+    # What protrudes from an organ body this many times as wide as thick is its fringe; null: off.
+    organ_fringe_min_aspect: float | None = Field(default=None, gt=1)
 
 
 class RulesConfig(_Section):

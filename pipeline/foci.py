@@ -264,6 +264,11 @@ def analyse_foci(
                        "crescentic" if extent <= fc.crescentic_max_deg else "circumferential")
         else:
             pattern = "distant"
+        if (not anatomy_reason and organ_mm and suspicious and fc.organ_fringe_min_aspect is not None
+                and diameter >= fc.organ_fringe_min_aspect * max(measured, 0.1)):
+            anatomy_reason = (f"fringe of an organ-scale enhancing structure ({organ_mm:.0f} mm): what protrudes is "
+                              f"{diameter:.0f} mm across and {measured:.1f} mm thick (>= "
+                              f"{fc.organ_fringe_min_aspect:g}:1), too flat for a nodule")
         if anatomy_reason:
             suspicious, reason = False, anatomy_reason
         elif organ_mm:

@@ -30,7 +30,7 @@ def _coords():
 
 def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0,
           organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False, narrow_loop: bool = False,
-          oblique_wall: bool = False, nodule_offset: float = 0.0):
+          oblique_wall: bool = False, nodule_offset: float = 0.0, organ_lip: bool = False):
     """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes.
 
     ``organ``: a kidney-sized ellipsoid (20 x 16 x 34 mm semi-axes) lying against the AZ on its
@@ -42,6 +42,8 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
     enhancing wall 3 mm thick, 40 mm across and 36 mm high (z), leaving the AZ's +y side at 60
     deg to its surface, so that the margin normals cross it over 6 mm. ``nodule_offset``: the
     nodule's centre lies this fraction of its radius outside the AZ surface (the phantom's 0.35).
+    ``organ_lip`` (with ``organ``): a flat lip of the organ, 6 mm thick (y), 28 mm long (x) and 28
+    mm high (z), reaching from the organ over the AZ's +y side: too thin for the organ ball.
     """
     x, y, z = _coords()
     r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
@@ -55,6 +57,8 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
     post = np.where(rim, MUSCLE * 1.6, post)
     if organ:
         kidney = ((x + 36.0) / 20.0) ** 2 + (y / 16.0) ** 2 + (z / 34.0) ** 2 <= 1.0
+        if organ_lip:
+            kidney |= (x >= -40.0) & (x <= -12.0) & (y >= 10.0) & (y <= 16.0) & (np.abs(z) <= 14.0) & ~az
         post = np.where(kidney, MUSCLE * 0.95 * 3.0, post)
         pre = np.where(kidney, MUSCLE * 0.95, pre)
     if bowel:
@@ -290,3 +294,23 @@ def test_a_thickness_whose_search_stopped_reads_at_least():
     f = focus(thickness=10.0).model_copy(update={"measured_thickness_mm": 24.04, "thickness_search_stopped": True})
     assert f.thickness_text == "at least 24.0 mm"
     assert focus(thickness=7.0).thickness_text == "7.0 mm"  # a record written before issue 18
+
+
+def test_a_flat_fringe_of_an_organ_reaching_over_the_zone_is_not_a_nodule():
+    """Issue 15 (abdomen development seeds 61/62): what protruded from an organ body, 31-119 mm
+    across and 5-9 mm thick, was called a nodule (a complete ablation read as residual tumour, a
+    suspected LTP as LTP). A nodule is round; a lip of the organ is flat."""
+    seg, az, rim, foci = run(organ=True, organ_lip=True)
+    assert not [f for f in foci if f.suspicious], foci
+    assert any("fringe" in f.reason for f in foci), foci
+    cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_fringe_min_aspect": None})})
+    pre, rel, _body = build(organ=True, organ_lip=True)
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+
+
+@pytest.mark.parametrize("angle", [0.0, 230.0])
+def test_a_nodule_beside_an_organ_with_a_fringe_is_still_tumour(angle):
+    """On the free margin (0 deg) or between the zone and the organ, away from the lip (230 deg)."""
+    seg, az, rim, foci = run(organ=True, organ_lip=True, nodule_mm=9.0, nodule_angle_deg=angle)
+    suspicious = [f for f in foci if f.suspicious]
+    assert len(suspicious) == 1, foci
