@@ -7,6 +7,7 @@ with the same inputs and config are reused, so the nightly run only does what is
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -52,8 +53,9 @@ def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, d
 
 @task(name="assess-patient", cache_policy=NO_CACHE)
 def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                 out_dir: Path, device: str) -> PatientResult:
-    return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=study_imaging_task)
+                 out_dir: Path, device: str, redactor=None) -> PatientResult:
+    return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=study_imaging_task,
+                          redactor=redactor)
 
 
 @task(name="review-worklist", cache_policy=NO_CACHE)
@@ -88,13 +90,15 @@ def assess_export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved_device = resolve_device(device)
-    index = index_task(Path(export_dir), out / CATALOGUE_NAME, cfg)
+    catalogue, key_file = _private_places(out, cfg)
+    index = index_task(Path(export_dir), catalogue, cfg)
     sessions = read_procedures(Path(procedures)) if procedures else None
+    redactor = None
     if cfg.ingest.pseudonymise_patient_ids:
         # Before anything is written: every output below only ever sees pseudonyms.
         from pipeline.pseudonym import pseudonymise_run
 
-        index, sessions = pseudonymise_run(index, sessions, out / CATALOGUE_NAME)
+        index, sessions, redactor = pseudonymise_run(index, sessions, catalogue, key_file, Path(export_dir))
 
     by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
     for study in index.studies:
@@ -105,7 +109,7 @@ def assess_export(
     n_reused = 0
     progress = _progress(show_progress, sum(len(v) for v in by_patient.values()))
     futures = {
-        patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device): pid
+        patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device, redactor): pid
         for pid, studies in sorted(by_patient.items())
     }
     with progress:
@@ -128,10 +132,12 @@ def assess_export(
         records = review_task(out, records, cfg)
     except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
         errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
+    if redactor is not None:  # the flow's own reasons (exceptions) may quote paths too
+        errors = [redactor.error(e) for e in errors]
     write_cohort_csv(out, records)
     write_errors_csv(out, errors)
     summary = {
-        "export_dir": str(export_dir), "out_dir": str(out), "device": resolved_device,
+        "export_dir": str(export_dir), "out_dir": str(out), "catalogue": str(catalogue), "device": resolved_device,
         "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
         "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
         "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
@@ -139,6 +145,42 @@ def assess_export(
     }
     write_json(out / "run_summary.json", summary)
     return summary
+
+
+def _private_places(out: Path, cfg: PipelineConfig) -> tuple[Path, Path | None]:
+    """(catalogue path, pseudonym key file) of a run.
+
+    Without pseudonymisation the catalogue lives in the output folder (no key). With it, the
+    catalogue (raw IDs and paths) and the mapping go to ``ingest.private_dir`` (default
+    ``<out>.private``), the key to ``ingest.pseudonym_key_file``, neither inside the outputs;
+    what an earlier run left in the output folder (catalogue, mapping, key) is moved out or
+    removed.
+    """
+    if not cfg.ingest.pseudonymise_patient_ids:
+        return out / CATALOGUE_NAME, None
+    from pipeline.pseudonym import check_key_place, default_key_file, key_path, mapping_csv_path
+
+    private = Path(cfg.ingest.private_dir) if cfg.ingest.private_dir else out.parent / f"{out.name}.private"
+    if private.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"ingest.private_dir {private} lies inside the output folder {out}")
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    catalogue = private / CATALOGUE_NAME
+    key_file = Path(cfg.ingest.pseudonym_key_file) if cfg.ingest.pseudonym_key_file else default_key_file()
+    check_key_place(key_file, out, catalogue)
+    legacy = out / CATALOGUE_NAME
+    if key_path(legacy).exists():
+        if not key_file.exists():  # keep the patients' pseudonyms: the same key, moved
+            key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.move(key_path(legacy), key_file)
+        elif key_path(legacy).read_text().strip() == key_file.read_text().strip():
+            key_path(legacy).unlink()
+        else:
+            raise ValueError(f"{key_path(legacy)} (an earlier run's key) differs from {key_file}: move it out of "
+                             "the output folder yourself, keeping the one whose pseudonyms you use")
+    for stale in (legacy, legacy.with_name(legacy.name + "-wal"), legacy.with_name(legacy.name + "-shm"),
+                  mapping_csv_path(legacy)):
+        stale.unlink(missing_ok=True)  # rebuilt in the private folder from the export and the key
+    return catalogue, key_file
 
 
 def _progress(enabled: bool, total: int):

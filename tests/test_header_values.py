@@ -23,9 +23,12 @@ from pipeline.types import SeriesRecord
 from tests.dicom_factory import SeriesSpec, write_series
 
 
-def small_study(root: Path, patient: str = "P-HDR", study_uid: str | None = None) -> dict[str, list[Path]]:
-    """One small MR study (pre, post, T2; 6 slices of 8x8) -> {series folder: files}."""
-    common = dict(patient_id=patient, study_uid=study_uid or generate_uid(), volume=np.full((6, 8, 8), 200.0))
+def small_study(root: Path, patient: str = "P-HDR", study_uid: str | None = None,
+                extra: dict | None = None) -> dict[str, list[Path]]:
+    """One small MR study (pre, post, T2; 6 slices of 8x8) -> {series folder: files}.
+    ``extra``: more attributes for every file (e.g. PatientName)."""
+    common = dict(patient_id=patient, study_uid=study_uid or generate_uid(), volume=np.full((6, 8, 8), 200.0),
+                  extra=dict(extra or {}))
     return {
         "pre": write_series(SeriesSpec(series_description="t1_vibe_fs_tra_pre", series_number=2, **common), root / "pre"),
         "post": write_series(SeriesSpec(series_description="t1_vibe_fs_tra_post", series_number=3,

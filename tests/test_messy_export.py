@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.phantom import generate_export
 from pipeline.phantom.transcode import SYNTAXES
-from pipeline.pseudonym import key_path, mapping_csv_path
+from pipeline.pseudonym import mapping_csv_path
 
 KEEP_STUDIES = 3  # of the patient's studies: three vendors, every defect, a shorter flow run
 
@@ -36,7 +36,8 @@ def messy_run(tmp_path_factory):
                 shutil.rmtree((root / "data" / f).parent, ignore_errors=True)
     kept = patient["studies"][:KEEP_STUDIES]
     config = root / "site.yaml"
-    config.write_text("ingest:\n  pseudonymise_patient_ids: true\noutputs:\n  write_key_image: false\n")
+    config.write_text(f"ingest:\n  pseudonymise_patient_ids: true\n  pseudonym_key_file: {root / 'keys' / 'k.key'}\n"
+                      "outputs:\n  write_key_image: false\n")
     out = root / "out"
     run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", config)
     return root, out, truth, patient, kept
@@ -102,10 +103,9 @@ def test_outputs_carry_only_pseudonyms(messy_run) -> None:
     src = pydicom.dcmread(root / "data" / kept[0]["series"][1]["files"][0], stop_before_pixels=True)
     secrets = [patient["patient_id"].encode(), str(src.PatientName).encode(), str(src.PatientBirthDate).encode()]
     assert all(secrets)
-    cat = out / "catalogue.sqlite"
-    private = {key_path(cat), mapping_csv_path(cat)}
-    for path in out.rglob("*"):
-        if path.is_file() and path not in private and not path.name.startswith(cat.name):
+    assert not (out / "catalogue.sqlite").exists() and mapping_csv_path(out.parent / "out.private" / "catalogue.sqlite").exists()
+    for path in out.rglob("*"):  # the catalogue and the mapping are in out.private, the key elsewhere
+        if path.is_file():
             data = path.read_bytes()
             for secret in secrets:
                 assert secret not in data, (path, secret)

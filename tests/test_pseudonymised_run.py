@@ -1,0 +1,82 @@
+"""A pseudonymised run leaks no identity (issue 16): no PatientID, PatientName, birth date or
+identifying folder name in any file of the output folder, nor in the logs; the catalogue and
+the mapping sit outside the outputs, the key apart from both.
+
+The export is the smallest that goes through the real flow (one 8x8x6 study, tests/
+test_header_values.py) with every path by which identity reached the outputs before: folder
+and file names holding the name and birth date, a second PatientID sharing the study (quoted in
+a reason), a junk file and a file with an invalid position (rows of errors.csv with a path).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from pydicom.uid import generate_uid
+
+from tests.dicom_factory import SeriesSpec, write_series
+from tests.test_header_values import set_raw, small_study
+
+PATIENT_ID, OTHER_ID = "ZQXID7731", "ZQXOTHER5512"
+NAME, BIRTH = "Wolfgangzqx^Amadeuszqx", "19450617"
+FOLDER = f"WOLFGANGZQX_AMADEUSZQX_{BIRTH}"
+
+
+def _export(root: Path) -> Path:
+    export = root / "export"
+    study_uid = generate_uid()
+    everyone = {"PatientName": NAME, "PatientBirthDate": BIRTH}
+    files = small_study(export / FOLDER / "MR_1", patient=PATIENT_ID, study_uid=study_uid, extra=everyone)
+    write_series(SeriesSpec(patient_id=OTHER_ID, study_uid=study_uid, volume=np.full((3, 8, 8), 100.0),
+                            series_description="localizer", series_number=1, extra=everyone),
+                 export / FOLDER / "OTHER")
+    bad = files["t2"][2]
+    set_raw(bad, "ImagePositionPatient", "nan\\0\\0")
+    shutil.move(bad, bad.with_name(f"{FOLDER}_IM2.dcm"))  # a file name holding identity too
+    (export / FOLDER / "notes.txt").write_text(f"{NAME} {BIRTH}\n" * 3)
+    return export
+
+
+def test_no_identity_in_outputs_or_logs(tmp_path: Path, caplog, capfd) -> None:
+    from flows.assess import run_assessment
+
+    export = _export(tmp_path)
+    out, key = tmp_path / "out", tmp_path / "keys" / "pseudonym.key"
+    config = tmp_path / "site.yaml"
+    config.write_text(f"ingest:\n  pseudonymise_patient_ids: true\n  pseudonym_key_file: {key}\n")
+    with caplog.at_level(logging.DEBUG):
+        run_assessment(export, out, None, config)
+    logs = caplog.text + "".join(capfd.readouterr())
+
+    secrets = [PATIENT_ID, OTHER_ID, NAME, NAME.split("^")[0], NAME.split("^")[1], BIRTH, FOLDER,
+               NAME.upper().replace("^", "_")]
+    scanned = 0
+    for path in out.rglob("*"):
+        if path.is_file():
+            scanned += 1
+            data = path.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in data, (path.relative_to(out), secret)
+                assert secret.lower().encode() not in data.lower(), (path.relative_to(out), secret)
+    assert scanned >= 4  # cohort.csv, errors.csv, run_summary.json, the study's files
+    for secret in secrets:
+        assert secret not in logs, secret
+
+    with open(out / "cohort.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["patient_id"].startswith("PSN-")
+    with open(out / "errors.csv") as f:
+        errors = list(csv.DictReader(f))
+    reasons = " | ".join(e["reason"] for e in errors)
+    assert "several PatientIDs" in reasons and "ImagePositionPatient" in reasons and "not a DICOM file" in reasons
+    assert all(e["path"].startswith("export:") for e in errors if e["path"] and "not a DICOM" in e["reason"])
+
+    # The catalogue and the mapping (raw IDs) are in the private folder, the key apart from both.
+    private = tmp_path / "out.private"
+    assert (private / "catalogue.sqlite").exists() and (private / "catalogue.pseudonyms.csv").exists()
+    assert key.exists() and key.parent != private and not key.is_relative_to(out)
+    assert PATIENT_ID in (private / "catalogue.pseudonyms.csv").read_text()
