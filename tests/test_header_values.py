@@ -7,7 +7,6 @@ the study still reaches the assessment.
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from pipeline.imageio import load_series
 from pipeline.ingest import index_export
 from pipeline.series_geometry import SeriesGeometryError
 from pipeline.types import SeriesRecord
-from tests.dicom_factory import SeriesSpec, write_series
+from tests.dicom_factory import SeriesSpec, set_raw, write_series
 
 
 def small_study(root: Path, patient: str = "P-HDR", study_uid: str | None = None,
@@ -36,20 +35,6 @@ def small_study(root: Path, patient: str = "P-HDR", study_uid: str | None = None
         "t2": write_series(SeriesSpec(series_description="t2_tse_tra", series_number=5, echo_time=90.0, **common),
                            root / "t2"),
     }
-
-
-def set_raw(path: Path, keyword: str, text: str) -> None:
-    """Replace the value of ``keyword`` in the file's bytes with ``text`` (pydicom refuses to
-    write most invalid values). The factory writes Explicit VR Little Endian, where a text
-    element is tag, VR, 2-byte length, value."""
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    vr = pydicom.datadict.dictionary_VR(tag)
-    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
-    data = path.read_bytes()
-    at = data.index(head, 132)
-    (length,) = struct.unpack("<H", data[at + 6:at + 8])
-    value = text.encode() + (b" " if len(text) % 2 else b"")
-    path.write_bytes(data[:at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length:])
 
 
 BAD_VALUES = [

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from tests.dicom_factory import SeriesSpec, write_series
-from tests.test_header_values import set_raw, small_study
+from tests.dicom_factory import SeriesSpec, set_raw, write_series
+from tests.test_header_values import small_study
 
 PATIENT_ID, OTHER_ID = "ZQXID7731", "ZQXOTHER5512"
 NAME, BIRTH = "Wolfgangzqx^Amadeuszqx", "19450617"
