@@ -686,9 +686,11 @@ def _group_study(export_dir: Path, study_uid: str, srows: list[dict[str, Any]], 
         err(where, f"non-MR study (modality {mods}) skipped", pid, study_uid)
         return
     first = min(srows, key=lambda r: r["path"])
-    date_text = next((first[c] for c in ("study_date", "series_date", "acquisition_date")
-                      if first[c]), None)
-    date = _parse_date(date_text)
+    date = _majority_study_date(export_dir, srows, err, pid, study_uid)
+    if date is None:
+        date_text = next((first[c] for c in ("study_date", "series_date", "acquisition_date")
+                          if first[c]), None)
+        date = _parse_date(date_text)
     if date is None:
         err(where, "study date unknown (no valid StudyDate, SeriesDate or AcquisitionDate"
             + (f": '{date_text}'" if date_text else "") + ")", pid, study_uid)
@@ -725,6 +727,25 @@ def _group_study(export_dir: Path, study_uid: str, srows: list[dict[str, Any]], 
                                      s.series_instance_uid))
     errors.extend(assign_roles(study, headers, cfg, unusable))
     studies.append(study)
+
+
+def _majority_study_date(export_dir: Path, srows: list[dict[str, Any]], err, pid: str,
+                         study_uid: str) -> dt.date | None:
+    """The StudyDate most files of the study carry (ties: the first file's by path), or None
+    when no file has a valid one. Every file whose StudyDate is invalid or another date gets a
+    row of errors.csv: one bad file (e.g. '20231345') no longer undates the whole study."""
+    rows = sorted(srows, key=lambda r: r["path"])
+    dates = [_parse_date(r["study_date"]) for r in rows]
+    counts = Counter(d for d in dates if d is not None)
+    if not counts:
+        return None
+    date, n = counts.most_common(1)[0]
+    for r, d in zip(rows, dates):
+        if r["study_date"] and d != date:
+            what = "is not a valid date" if d is None else "differs"
+            err(str(export_dir / r["path"]), f"StudyDate '{r['study_date'][:40]}' {what}: study dated "
+                f"{date.isoformat()} from {n} of {len(rows)} files", pid, study_uid, r["series_uid"])
+    return date
 
 
 def _missing_from_dicomdir(export_dir: Path, listed: dict[str, list[str]], present: set[str]) -> list[ErrorRecord]:

@@ -120,3 +120,16 @@ def test_a_study_whose_grouping_fails_is_still_listed(tmp_path: Path, monkeypatc
     assert len(by_patient["P-A"].series) == 3 and by_patient["P-B"].series == []
     (row,) = [e for e in res.errors if e.patient_id == "P-B"]
     assert "could not be grouped" in row.reason and "NaN" in row.reason
+
+
+@pytest.mark.parametrize("bad_date", ["20231345", "20240501"])
+def test_one_odd_study_date_neither_undates_nor_redates_the_study(tmp_path: Path, bad_date: str) -> None:
+    export = tmp_path / "export"
+    files = small_study(export)
+    first = min(p for ps in files.values() for p in ps)  # the file the study's date was taken from
+    set_raw(first, "StudyDate", bad_date)
+    res = index_export(export, tmp_path / "cat.sqlite", load_config().ingest)
+    (study,) = res.studies
+    assert study.study_date is not None and study.study_date.isoformat() == "2024-01-02"
+    (row,) = [e for e in res.errors if Path(e.path) == first]
+    assert bad_date in row.reason and "17 of 18 files" in row.reason
