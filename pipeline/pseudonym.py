@@ -24,10 +24,8 @@ text only through folder and file names (see docs/ingest.md "Privacy").
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import hmac
-import io
 import os
 import re
 import secrets
@@ -35,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.catalogue import Catalogue
-from pipeline.outputs import atomic_write_bytes, atomic_write_text
+from pipeline.outputs import atomic_write_bytes, atomic_write_text, csv_text
 from pipeline.types import ErrorRecord, StudyRecord
 
 PREFIX = "PSN-"
@@ -135,11 +133,8 @@ class Pseudonymiser:
         with Catalogue(self.catalogue_path, _export_dir_of(self.catalogue_path)) as cat:
             cat.save_pseudonyms(self.mapping)
             everything = cat.pseudonyms()
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["patient_id", "pseudonym"])
-        writer.writerows(sorted(everything.items()))
-        atomic_write_text(mapping_csv_path(self.catalogue_path), buf.getvalue())
+        rows = [{"patient_id": pid, "pseudonym": psn} for pid, psn in sorted(everything.items())]
+        atomic_write_text(mapping_csv_path(self.catalogue_path), csv_text(["patient_id", "pseudonym"], rows))
         os.chmod(mapping_csv_path(self.catalogue_path), 0o600)
 
 
@@ -157,9 +152,21 @@ def _export_dir_of(catalogue_path: Path) -> str:
     return row[0]
 
 
+def _digest(key: bytes, kind: str, text: str) -> str:
+    return hmac.new(key, f"{kind}\0{text}".encode(), hashlib.sha256).hexdigest()
+
+
+def path_reference(key: bytes, relative_path: str) -> str:
+    """``export:`` + 16 hex digits of HMAC(key, path relative to the export root, POSIX): the
+    stand-in for a path in a pseudonymised run's outputs (stable across runs; the private side
+    maps it back by computing it over the catalogue's paths)."""
+    return "export:" + _digest(key, "path", relative_path.strip("/"))[:16]
+
+
 # Characters that end a path or a name inside a reason ("... IM0001.dcm: ...", "'name'").
 _DELIMITERS = frozenset(" \t\n'\",;:()[]{}<>|/")
 _MIN_NAME = 3  # shorter folder/file names cannot carry a name or a date
+_STANDARD_NAMES = {"DICOMDIR"}  # named by the standard (PS3.10), and a word of the reasons
 
 
 class Redactor:
@@ -176,7 +183,8 @@ class Redactor:
         for rel in paths:  # and every folder above a file
             parts = rel.split("/")
             self._known.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        names = {part for rel in paths for part in rel.split("/") if len(part) >= _MIN_NAME}
+        names = {part for rel in paths for part in rel.split("/")
+                 if len(part) >= _MIN_NAME and part.upper() not in _STANDARD_NAMES}
         self._replacement = {name: "~" + self._digest("name", name)[:8] for name in names}
         self._replacement.update({pid: pseudonymise(pid) for pid in patient_ids if pid})
         # Longest first, so that a name containing another is replaced whole.
@@ -187,11 +195,10 @@ class Redactor:
         return f"Redactor({len(self._targets)} identifiers)"
 
     def _digest(self, kind: str, text: str) -> str:
-        return hmac.new(self._key, f"{kind}\0{text}".encode(), hashlib.sha256).hexdigest()
+        return _digest(self._key, kind, text)
 
     def reference(self, relative_path: str) -> str:
-        """``export:`` + 16 hex digits of HMAC(key, relative path): a stable, keyed stand-in."""
-        return "export:" + self._digest("path", relative_path.strip("/"))[:16]
+        return path_reference(self._key, relative_path)
 
     def path(self, path: str) -> str:
         """A path below the export root as its reference; any other path (outputs) unchanged."""

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.phantom import generate_export
 from pipeline.phantom.transcode import SYNTAXES
-from pipeline.pseudonym import mapping_csv_path
+from pipeline.pseudonym import mapping_csv_path, path_reference
 
 KEEP_STUDIES = 3  # of the patient's studies: three vendors, every defect, a shorter flow run
 
@@ -64,7 +64,7 @@ def test_the_export_is_really_messy(messy_run) -> None:
 
 
 def test_every_study_assessed_and_every_defect_reported(messy_run) -> None:
-    _, out, truth, patient, kept = messy_run
+    root, out, truth, patient, kept = messy_run
     cohort = _rows(out / "cohort.csv")
     by_uid = {r["study_instance_uid"]: r for r in cohort}
     assert sorted(by_uid) == sorted(st["study_instance_uid"] for st in kept)
@@ -75,12 +75,14 @@ def test_every_study_assessed_and_every_defect_reported(messy_run) -> None:
     assert ambiguous["flagged"] == "true" and "series_roles_ambiguous: pre-contrast series" in ambiguous["flag_reasons"]
 
     errors = _rows(out / "errors.csv")
+    key = bytes.fromhex((root / "keys" / "k.key").read_text().strip())
     kept_uids = {st["study_instance_uid"] for st in kept}
     for defect in truth["messy"]["defects"]:
         if defect["study_instance_uid"] not in kept_uids:
             continue
-        if "path" in defect:
-            hits = [e for e in errors if e["path"] == defect["path"] and e["reason"] == defect["reason"]]
+        if "path" in defect:  # a pseudonymised run names a file by its keyed reference
+            ref = path_reference(key, str(Path(defect["path"]).relative_to(root / "data" / "export")))
+            hits = [e for e in errors if e["path"] == ref and e["reason"] == defect["reason"]]
         else:
             hits = [e for e in errors if e["series_instance_uid"] == defect["series_instance_uid"]
                     and e["stage"] == defect["stage"] and defect["reason_contains"] in e["reason"]]
