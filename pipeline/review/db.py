@@ -286,10 +286,12 @@ def record_verdict(engine: Engine, item_id: int, username: str, action: str, cat
     return verdict
 
 
-def audit_sign_in(engine: Engine, username: str, ok: bool) -> None:
-    """Sign-in attempts belong to the audit trail too (failed ones name the user tried)."""
+def audit_sign_in(engine: Engine, username: str, ok: bool, locked: bool = False) -> None:
+    """Sign-in attempts belong to the audit trail too (failed ones name the user tried; an
+    attempt refused unchecked during a lockout is ``sign_in_locked``)."""
+    action = "sign_in_locked" if locked else "sign_in" if ok else "sign_in_refused"
     with Session(engine) as session, session.begin():
-        _audit(session, username, "sign_in" if ok else "sign_in_refused", None, None, None)
+        _audit(session, username, action, None, None, None)
 
 
 def export_csv_text(engine: Engine) -> str:
