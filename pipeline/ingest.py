@@ -129,11 +129,13 @@ class IndexResult:
 
 
 # --------------------------------------------------------------------------- walking
-def _walk(root: Path) -> list[tuple[str, int, int]]:
+def _walk(root: Path, hidden: list[str] | None = None) -> list[tuple[str, int, int]]:
     """``[(relative posix path, size, mtime_ns)]`` of every non-hidden regular file.
 
     os.scandir gives the file type without a stat call; one stat per file remains.
     Directory symlinks are not followed (exports rarely use them and they can loop).
+    Hidden entries (name starting with '.') are not entered; their relative paths are
+    appended to ``hidden`` when given (each becomes a row of errors.csv).
     """
     out: list[tuple[str, int, int]] = []
     stack = [(str(root), "")]
@@ -145,6 +147,8 @@ def _walk(root: Path) -> list[tuple[str, int, int]]:
             continue
         for entry in entries:
             if entry.name.startswith("."):
+                if hidden is not None:
+                    hidden.append(f"{rel_dir}{entry.name}")
                 continue
             rel = f"{rel_dir}{entry.name}"
             try:
@@ -658,7 +662,29 @@ def _group(
             studies.append(StudyRecord(pid, study_uid, None, ""))
     studies.sort(key=lambda s: (s.patient_id, s.study_date is None,
                                 s.study_date or dt.date.min, s.study_instance_uid))
+    errors.extend(_stray_single_files(studies, export_dir))
     return studies, headers, errors
+
+
+def _stray_single_files(studies: list[StudyRecord], export_dir: Path) -> list[ErrorRecord]:
+    """A warning row for each study of one file that has the patient, date and series
+    description of a series of another study: most likely a file of that study exported with
+    a wrong StudyInstanceUID (it is still listed, and will be indeterminate)."""
+    rows = []
+    for lone in studies:
+        files = [f for s in lone.series for f in s.files]
+        if len(files) != 1:
+            continue
+        description = lone.series[0].series_description
+        twins = [other for other in studies if other is not lone and other.patient_id == lone.patient_id
+                 and other.study_date == lone.study_date
+                 and any(s.series_description == description for s in other.series)]
+        if twins:
+            rows.append(ErrorRecord(
+                str(files[0]), lone.patient_id, lone.study_instance_uid, lone.series[0].series_instance_uid, STAGE,
+                f"warning: a study of one file with the patient, date and series description '{description}' of "
+                f"study {twins[0].study_instance_uid}: a file of that study with a wrong StudyInstanceUID?"))
+    return rows
 
 
 def _group_study(export_dir: Path, study_uid: str, srows: list[dict[str, Any]], cfg: IngestConfig,
@@ -792,7 +818,8 @@ def index_export(
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     catalogue_path = Path(catalogue_path).resolve()
 
-    found = _walk(export_dir)
+    hidden: list[str] = []
+    found = _walk(export_dir, hidden)
     # Never index the catalogue itself if it lives inside the export.
     found = [f for f in found if not str(export_dir / f[0]).startswith(str(catalogue_path))]
     now_ns = time.time_ns()
@@ -822,6 +849,12 @@ def index_export(
         for r in rows if r["status"] == "error" or (r["status"] == "ok" and r["reason"])
     ]
     errors.extend(_missing_from_dicomdir(export_dir, listed, present))
+    # Hidden entries are skipped (OS metadata such as .DS_Store, ._* AppleDouble files, .Trash),
+    # but said: a hidden folder may hold a whole study. The catalogue's own files are not listed.
+    errors.extend(ErrorRecord(str(export_dir / rel), "", "", "", STAGE,
+                              f"hidden {'folder' if (export_dir / rel).is_dir() else 'file'} skipped "
+                              "(name starts with '.')")
+                  for rel in sorted(hidden) if not str(export_dir / rel).startswith(str(catalogue_path)))
     # Studies touched by a file still being written wait for the next run.
     deferred_studies = sorted({
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)

@@ -133,3 +133,28 @@ def test_one_odd_study_date_neither_undates_nor_redates_the_study(tmp_path: Path
     assert study.study_date is not None and study.study_date.isoformat() == "2024-01-02"
     (row,) = [e for e in res.errors if Path(e.path) == first]
     assert bad_date in row.reason and "17 of 18 files" in row.reason
+
+
+def test_hidden_files_and_folders_are_reported(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    small_study(export / "s")
+    (export / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (export / "s" / "._IM00000.dcm").write_bytes(b"\x00\x05\x16\x07")
+    hidden_study = small_study(export / ".Trash" / "old")
+    res = index_export(export, tmp_path / "cat.sqlite", load_config().ingest)
+    rows = {Path(e.path).relative_to(export).as_posix(): e.reason for e in res.errors}
+    assert rows == {".DS_Store": "hidden file skipped (name starts with '.')",
+                    "s/._IM00000.dcm": "hidden file skipped (name starts with '.')",
+                    ".Trash": "hidden folder skipped (name starts with '.')"}
+    assert len(res.studies) == 1 and hidden_study["pre"][0] not in res.studies[0].series[0].files
+
+
+def test_a_one_file_study_like_a_series_of_another_study_is_a_warning(tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    files = small_study(export / "s")
+    stray = files["post"][3]
+    set_raw(stray, "StudyInstanceUID", generate_uid())  # one file exported with another study's UID
+    res = index_export(export, tmp_path / "cat.sqlite", load_config().ingest)
+    assert len(res.studies) == 2  # both listed: every study found appears in cohort.csv
+    (row,) = [e for e in res.errors if e.reason.startswith("warning: a study of one file")]
+    assert Path(row.path) == stray and "t1_vibe_fs_tra_post" in row.reason
