@@ -26,7 +26,8 @@ from pipeline.records import indeterminate_records
 from pipeline.timeline import Procedure, read_procedures
 from pipeline.types import ErrorRecord, StudyRecord
 
-# The incremental catalogue lives beside the outputs it describes.
+# The incremental catalogue lives beside the outputs it describes (a pseudonymised run keeps it
+# in its private folder, see _private_places).
 CATALOGUE_NAME = "catalogue.sqlite"
 
 
@@ -46,16 +47,38 @@ def index_task(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig) -> I
     return index_export(export_dir, catalogue_path, cfg.ingest)
 
 
+def _redacted_failure(exc: Exception, redactor) -> Exception:
+    """The exception to raise from a task: Prefect logs a failed task's exception text, so in a
+    pseudonymised run that text is redacted first (an OSError stays one: it is retried)."""
+    if redactor is None:
+        return exc
+    return (OSError if isinstance(exc, OSError) else RuntimeError)(redactor.text(f"{type(exc).__name__}: {exc}"))
+
+
 @task(name="study-imaging", retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str):
-    return study_imaging(study, cfg, out_dir, device)
+def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str, redactor=None):
+    try:
+        return study_imaging(study, cfg, out_dir, device)
+    except Exception as exc:  # noqa: BLE001 - re-raised, its text redacted in pseudonymised runs
+        failure = _redacted_failure(exc, redactor)
+        if failure is exc:
+            raise
+        raise failure from None
 
 
 @task(name="assess-patient", cache_policy=NO_CACHE)
 def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
                  out_dir: Path, device: str, redactor=None) -> PatientResult:
-    return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=study_imaging_task,
-                          redactor=redactor)
+    def imaging(study, cfg_, out_, device_):
+        return study_imaging_task(study, cfg_, out_, device_, redactor)
+
+    try:
+        return assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=imaging, redactor=redactor)
+    except Exception as exc:  # noqa: BLE001 - re-raised, its text redacted in pseudonymised runs
+        failure = _redacted_failure(exc, redactor)
+        if failure is exc:
+            raise
+        raise failure from None
 
 
 @task(name="review-worklist", cache_policy=NO_CACHE)

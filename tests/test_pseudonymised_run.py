@@ -80,3 +80,24 @@ def test_no_identity_in_outputs_or_logs(tmp_path: Path, caplog, capfd) -> None:
     assert (private / "catalogue.sqlite").exists() and (private / "catalogue.pseudonyms.csv").exists()
     assert key.exists() and key.parent != private and not key.is_relative_to(out)
     assert PATIENT_ID in (private / "catalogue.pseudonyms.csv").read_text()
+
+
+def test_a_failing_task_logs_no_identity(tmp_path: Path, capfd, monkeypatch) -> None:
+    """Prefect logs a failed task's exception (to the console and its API): in a pseudonymised
+    run the exception's text is redacted before it leaves the task."""
+    from flows.assess import run_assessment
+
+    export = _export(tmp_path)
+
+    def failing_imaging(study, cfg, out_dir, device="cpu"):
+        raise ValueError(f"cannot read {study.series[0].files[0]} of {study.patient_id}")
+
+    monkeypatch.setattr("flows.assess.study_imaging", failing_imaging)
+    config = tmp_path / "site.yaml"
+    config.write_text(f"ingest:\n  pseudonymise_patient_ids: true\n  pseudonym_key_file: {tmp_path / 'k' / 'k.key'}\n")
+    run_assessment(export, tmp_path / "out", None, config)
+    logs = "".join(capfd.readouterr())
+    assert "cannot read export:" in logs  # the failure is logged, with the file's reference
+    for secret in (FOLDER, PATIENT_ID, NAME, BIRTH):
+        assert secret not in logs, secret
+    assert "cannot read export:" in (tmp_path / "out" / "errors.csv").read_text()
