@@ -246,7 +246,35 @@ def _is_image_sop(uid: str) -> bool | None:
     return "Image Storage" in name and "Secondary Capture" not in name
 
 
-def _pixel_check(fp, size: int, ds: pydicom.Dataset) -> str:
+def _encapsulated_check(abs_path: str, offset: int, size: int) -> str:
+    """Walk the items of encapsulated (compressed) pixel data from ``offset`` without reading
+    their contents: each item header says where the next one starts, so a file cut short or
+    overwritten breaks the chain. Cheap (8 bytes read per fragment), so every file is checked,
+    including those of series no stage will decode. Returns an error reason or ""."""
+    fragments = 0
+    with open(abs_path, "rb") as f:
+        f.seek(offset)
+        while True:
+            head = f.read(8)
+            if len(head) < 8:  # no sequence delimiter: tolerated after whole items, as decoders do
+                break
+            group, elem, length = struct.unpack("<HHL", head)
+            if (group, elem) == (0xFFFE, 0xE0DD):
+                break
+            if (group, elem) != (0xFFFE, 0xE000):
+                return (f"corrupt DICOM: compressed pixel data holds ({group:04X},{elem:04X}) where a "
+                        f"fragment must be (byte {f.tell() - 8})")
+            if f.tell() + length > size:
+                return (f"truncated DICOM: compressed pixel data fragment of {length} bytes runs past the "
+                        f"end of the file ({size} bytes)")
+            f.seek(length, os.SEEK_CUR)
+            fragments += 1
+    if fragments < 2:  # the first item is the (possibly empty) Basic Offset Table
+        return "corrupt DICOM: compressed pixel data without any fragment"
+    return ""
+
+
+def _pixel_check(fp, size: int, ds: pydicom.Dataset, abs_path: str) -> str:
     """Cheap truncation test: compare the bytes left in the file with Rows*Columns*... .
 
     ``fp`` stands where ``stop_before_pixels`` stopped, i.e. on the Pixel Data element.
@@ -271,7 +299,8 @@ def _pixel_check(fp, size: int, ds: pydicom.Dataset) -> str:
         return "truncated DICOM: file ends inside the pixel data element header"
     (length,) = struct.unpack(endian + "L", raw)
     if length == 0xFFFFFFFF:
-        return ""  # encapsulated (compressed): sizes are per fragment; decoding checks later
+        # Encapsulated (compressed): sizes are per fragment; the decoder checks the contents.
+        return _encapsulated_check(abs_path, fp.tell(), size)
     available = size - fp.tell()
     rows, cols = _value(ds, "Rows"), _value(ds, "Columns")
     if not (rows and cols):
@@ -391,7 +420,7 @@ def _header_row(ds: pydicom.Dataset, fp, size: int, abs_path: str) -> dict[str, 
                 "reason": f"non-image object (SOP Class {sop or 'missing'}) skipped"}
     # Truncation first: a header cut short also lacks the identifiers below.
     if row["transfer_syntax"] != _DEFLATED:
-        problem = _pixel_check(fp, size, ds)
+        problem = _pixel_check(fp, size, ds, abs_path)
         if problem:
             return {**row, "status": "error", "reason": problem}
     for column, keyword in (("study_uid", "StudyInstanceUID"),
