@@ -16,9 +16,7 @@ any verdict.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
