@@ -23,5 +23,6 @@ def test_mutated_headers_never_crash_and_every_study_is_accounted_for(template: 
                                                                       seed: int) -> None:
     outcome = run_once(template, tmp_path / "work", seed)
     assert not outcome.crash, (outcome.mutations, outcome.crash)
+    assert outcome.studies_found >= 4, outcome.mutations  # 3 mutations cannot empty a study of 18 files
     assert outcome.studies_assessed == outcome.studies_found, outcome.mutations
     assert not outcome.unaccounted, (outcome.mutations, outcome.unaccounted)
