@@ -167,6 +167,9 @@ def path_reference(key: bytes, relative_path: str) -> str:
 _DELIMITERS = frozenset(" \t\n'\",;:()[]{}<>|/")
 _MIN_NAME = 3  # shorter folder/file names cannot carry a name or a date
 _STANDARD_NAMES = {"DICOMDIR"}  # named by the standard (PS3.10), and a word of the reasons
+# A folder named by a UID (a common export layout) names no person, and UIDs are kept in the
+# outputs: replacing it would rewrite the study's own identifiers.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 
 
 class Redactor:
@@ -184,7 +187,7 @@ class Redactor:
             parts = rel.split("/")
             self._known.update("/".join(parts[:i]) for i in range(1, len(parts)))
         names = {part for rel in paths for part in rel.split("/")
-                 if len(part) >= _MIN_NAME and part.upper() not in _STANDARD_NAMES}
+                 if len(part) >= _MIN_NAME and part.upper() not in _STANDARD_NAMES and not _UID.match(part)}
         self._replacement = {name: "~" + self._digest("name", name)[:8] for name in names}
         self._replacement.update({pid: pseudonymise(pid) for pid in patient_ids if pid})
         # Longest first, so that a name containing another is replaced whole.
@@ -240,11 +243,13 @@ class Redactor:
         return replace(error, path=self.path(error.path), reason=self.text(error.reason))
 
     def tree(self, value):
-        """Every string of a JSON-like tree redacted (dicts, lists; keys kept)."""
+        """Every string of a JSON-like tree redacted (dicts, lists; keys kept), but identifiers
+        (``*_uid``, ``patient_id``: already pseudonymous) and ``cache_keys``."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {k: self.tree(v) for k, v in value.items()}
+            return {k: v if k.endswith("_uid") or k in ("patient_id", "cache_keys") else self.tree(v)
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [self.tree(v) for v in value]
         return value

@@ -101,3 +101,22 @@ def test_a_failing_task_logs_no_identity(tmp_path: Path, capfd, monkeypatch) -> 
     for secret in (FOLDER, PATIENT_ID, NAME, BIRTH):
         assert secret not in logs, secret
     assert "cannot read export:" in (tmp_path / "out" / "errors.csv").read_text()
+
+
+def test_redaction_keeps_identifiers_and_uid_folders(tmp_path: Path) -> None:
+    """Exports often name folders by UID: those are not names, and a record's UIDs, pseudonym
+    and cache keys stay as they are; free text loses the paths and names."""
+    from pipeline.pseudonym import Redactor
+
+    study_uid = "1.2.826.0.1.3680043.8.498.1234"
+    rels = [f"{FOLDER}/{study_uid}/IM0001.dcm", f"{FOLDER}/{study_uid}/IM0002.dcm"]
+    redactor = Redactor(b"k" * 32, tmp_path, rels, {PATIENT_ID}, lambda pid: "PSN-TEST")
+    record = {"patient_id": "PSN-TEST", "study_instance_uid": study_uid, "cache_keys": {"imaging": "IM0001.dcm"},
+              "imaging": {"reason": f"series 3: IM0001.dcm: {tmp_path}/{rels[0]} of {PATIENT_ID} in {FOLDER}"},
+              "series": [{"series_instance_uid": study_uid + ".1"}]}
+    cleaned = redactor.tree(record)
+    assert {k: cleaned[k] for k in ("patient_id", "study_instance_uid", "cache_keys", "series")} == \
+        {k: record[k] for k in ("patient_id", "study_instance_uid", "cache_keys", "series")}
+    reason = cleaned["imaging"]["reason"]
+    assert FOLDER not in reason and PATIENT_ID not in reason and "IM0001.dcm" not in reason and str(tmp_path) not in reason
+    assert f"export:{redactor.reference(rels[0])[7:]}" in reason and "PSN-TEST" in reason
