@@ -167,6 +167,7 @@ def path_reference(key: bytes, relative_path: str) -> str:
 _DELIMITERS = frozenset(" \t\n'\",;:()[]{}<>|/")
 _MIN_NAME = 3  # shorter folder/file names cannot carry a name or a date
 _STANDARD_NAMES = {"DICOMDIR"}  # named by the standard (PS3.10), and a word of the reasons
+_DATA_KEYS = {"patient_id", "cache_keys", "timepoint", "category", "role", "pipeline_version"}
 # A folder named by a UID (a common export layout) names no person, and UIDs are kept in the
 # outputs: replacing it would rewrite the study's own identifiers.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)+$")
@@ -243,12 +244,13 @@ class Redactor:
         return replace(error, path=self.path(error.path), reason=self.text(error.reason))
 
     def tree(self, value):
-        """Every string of a JSON-like tree redacted (dicts, lists; keys kept), but identifiers
-        (``*_uid``, ``patient_id``: already pseudonymous) and ``cache_keys``."""
+        """Every string of a JSON-like tree redacted (dicts, lists; keys kept), but the values
+        that are data, not text: identifiers (``*_uid``, ``patient_id``: already pseudonymous),
+        dates (``*_date``: an export folder may be named by one), codes and cache keys."""
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, dict):
-            return {k: v if k.endswith("_uid") or k in ("patient_id", "cache_keys") else self.tree(v)
+            return {k: v if k.endswith(("_uid", "_date")) or k in _DATA_KEYS else self.tree(v)
                     for k, v in value.items()}
         if isinstance(value, list):
             return [self.tree(v) for v in value]

@@ -109,14 +109,15 @@ def test_redaction_keeps_identifiers_and_uid_folders(tmp_path: Path) -> None:
     from pipeline.pseudonym import Redactor
 
     study_uid = "1.2.826.0.1.3680043.8.498.1234"
-    rels = [f"{FOLDER}/{study_uid}/IM0001.dcm", f"{FOLDER}/{study_uid}/IM0002.dcm"]
+    rels = [f"{FOLDER}/{study_uid}/IM0001.dcm", f"{FOLDER}/{study_uid}/IM0002.dcm", "2024-01-02/IM0003.dcm"]
     redactor = Redactor(b"k" * 32, tmp_path, rels, {PATIENT_ID}, lambda pid: "PSN-TEST")
     record = {"patient_id": "PSN-TEST", "study_instance_uid": study_uid, "cache_keys": {"imaging": "IM0001.dcm"},
+              "study_date": "2024-01-02", "patient_timeline": [{"study_date": "2024-01-02"}],
               "imaging": {"reason": f"series 3: IM0001.dcm: {tmp_path}/{rels[0]} of {PATIENT_ID} in {FOLDER}"},
               "series": [{"series_instance_uid": study_uid + ".1"}]}
     cleaned = redactor.tree(record)
-    assert {k: cleaned[k] for k in ("patient_id", "study_instance_uid", "cache_keys", "series")} == \
-        {k: record[k] for k in ("patient_id", "study_instance_uid", "cache_keys", "series")}
+    kept = ("patient_id", "study_instance_uid", "cache_keys", "series", "study_date", "patient_timeline")
+    assert {k: cleaned[k] for k in kept} == {k: record[k] for k in kept}
     reason = cleaned["imaging"]["reason"]
     assert FOLDER not in reason and PATIENT_ID not in reason and "IM0001.dcm" not in reason and str(tmp_path) not in reason
     assert f"export:{redactor.reference(rels[0])[7:]}" in reason and "PSN-TEST" in reason
