@@ -7,6 +7,7 @@ with the same inputs and config are reused, so the nightly run only does what is
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,7 +27,8 @@ from pipeline.records import indeterminate_records
 from pipeline.timeline import Procedure, read_procedures
 from pipeline.types import ErrorRecord, StudyRecord
 
-# The incremental catalogue lives beside the outputs it describes.
+# The incremental catalogue lives beside the outputs it describes (a pseudonymised run keeps it
+# in its private folder, see _private_places).
 CATALOGUE_NAME = "catalogue.sqlite"
 
 
@@ -42,26 +44,41 @@ def _retry_on_io(task, task_run, state) -> bool:
 
 
 @task(name="index-export", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-def index_task(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig) -> IndexResult:
+def index_task(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig, out_dir: Path) -> IndexResult:
     # The outputs (catalogue, SEG/SR) are never inputs, even where the folder lies inside the export.
-    return index_export(export_dir, catalogue_path, cfg.ingest, skip_dirs=[catalogue_path.parent])
+    return index_export(export_dir, catalogue_path, cfg.ingest, skip_dirs=[out_dir, catalogue_path.parent])
+
+
+def _redacted_failure(exc: Exception, redactor) -> Exception:
+    """The exception to raise from a task: Prefect logs a failed task's exception text, so in a
+    pseudonymised run that text is redacted first (an OSError stays one: it is retried)."""
+    if redactor is None:
+        return exc
+    return (OSError if isinstance(exc, OSError) else RuntimeError)(redactor.text(f"{type(exc).__name__}: {exc}"))
 
 
 @task(name="study-imaging", retries=1, retry_delay_seconds=1, retry_condition_fn=_retry_on_io, cache_policy=NO_CACHE)
-def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str):
-    return study_imaging(study, cfg, out_dir, device)
+def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str, redactor=None):
+    try:
+        return study_imaging(study, cfg, out_dir, device)
+    except Exception as exc:  # noqa: BLE001 - re-raised, its text redacted in pseudonymised runs
+        failure = _redacted_failure(exc, redactor)
+        if failure is exc:
+            raise
+        raise failure from None
 
 
 @task(name="assess-patient", cache_policy=NO_CACHE)
 def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                 out_dir: Path, device: str, reporter: RunReporter | None = None) -> PatientResult:
+                 out_dir: Path, device: str, reporter: RunReporter | None = None, redactor=None) -> PatientResult:
     imaging_seconds = 0.0
 
     def imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str):
         nonlocal imaging_seconds
         started = time.perf_counter()
         try:
-            state, errors = study_imaging_task(study, cfg, out_dir, device)
+            # In a pseudonymised run the task's exception text is already redacted.
+            state, errors = study_imaging_task(study, cfg, out_dir, device, redactor)
         except Exception as exc:
             if reporter is not None:
                 reporter.study_done(study, time.perf_counter() - started, failed=f"{type(exc).__name__}: {exc}")
@@ -73,7 +90,13 @@ def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None,
         return state, errors
 
     started = time.perf_counter()
-    result = assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=imaging)
+    try:
+        result = assess_patient(studies, procedures, cfg, out_dir, device, imaging_fn=imaging, redactor=redactor)
+    except Exception as exc:  # noqa: BLE001 - re-raised, its text redacted in pseudonymised runs
+        failure = _redacted_failure(exc, redactor)
+        if failure is exc:
+            raise
+        raise failure from None
     if reporter is not None:
         reporter.patient_done(result.patient_id, len(studies), time.perf_counter() - started - imaging_seconds)
     return result
@@ -111,19 +134,21 @@ def assess_export(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved_device = resolve_device(device)
+    catalogue, key_file = _private_places(out, cfg)
     with RunReporter(out, echo=show_progress) as log:
         log.info(f"run started: export {export_dir}, output {out}, device {resolved_device}, workers {workers}")
         t0 = time.perf_counter()
-        index = index_task(Path(export_dir), out / CATALOGUE_NAME, cfg)
+        index = index_task(Path(export_dir), catalogue, cfg, out)
         log.stage("index", time.perf_counter() - t0,
                   f"{index.n_files_seen} files, {index.n_files_read} read, {len(index.studies)} studies, "
                   f"{index.n_deferred} deferred (still being written)")
         sessions = read_procedures(Path(procedures)) if procedures else None
+        redactor = None
         if cfg.ingest.pseudonymise_patient_ids:
             # Before anything is written: every output below only ever sees pseudonyms.
             from pipeline.pseudonym import pseudonymise_run
 
-            index, sessions = pseudonymise_run(index, sessions, out / CATALOGUE_NAME)
+            index, sessions, redactor = pseudonymise_run(index, sessions, catalogue, key_file, Path(export_dir))
 
         by_patient: dict[str, list[StudyRecord]] = defaultdict(list)
         for study in index.studies:
@@ -138,7 +163,7 @@ def assess_export(
             log.warning(f"no MR study found in {export_dir} ({index.n_files_seen} files, "
                         f"{len(index.errors)} skipped: see errors.csv)")
         futures = {
-            patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device, log): pid
+            patient_task.submit(studies, (sessions or {}).get(pid), cfg, out, resolved_device, log, redactor): pid
             for pid, studies in sorted(by_patient.items())
         }
         for future in as_completed(list(futures)):
@@ -159,11 +184,13 @@ def assess_export(
             records = review_task(out, records, cfg)
         except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
             errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
+        if redactor is not None:  # the flow's own reasons (exceptions) may quote paths too
+            errors = [redactor.error(e) for e in errors]
         write_cohort_csv(out, records)
         write_errors_csv(out, errors)
         log.stage("review worklist and cohort tables", time.perf_counter() - t0)
         summary = {
-            "export_dir": str(export_dir), "out_dir": str(out), "device": resolved_device,
+            "export_dir": str(export_dir), "out_dir": str(out), "catalogue": str(catalogue), "device": resolved_device,
             "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
             "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
             "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
@@ -173,6 +200,42 @@ def assess_export(
                  f"{summary['errors']} rows in errors.csv, {summary['seconds']} s")
     write_json(out / "run_summary.json", summary)
     return summary
+
+
+def _private_places(out: Path, cfg: PipelineConfig) -> tuple[Path, Path | None]:
+    """(catalogue path, pseudonym key file) of a run.
+
+    Without pseudonymisation the catalogue lives in the output folder (no key). With it, the
+    catalogue (raw IDs and paths) and the mapping go to ``ingest.private_dir`` (default
+    ``<out>.private``), the key to ``ingest.pseudonym_key_file``, neither inside the outputs;
+    what an earlier run left in the output folder (catalogue, mapping, key) is moved out or
+    removed.
+    """
+    if not cfg.ingest.pseudonymise_patient_ids:
+        return out / CATALOGUE_NAME, None
+    from pipeline.pseudonym import check_key_place, default_key_file, key_path, mapping_csv_path
+
+    private = Path(cfg.ingest.private_dir) if cfg.ingest.private_dir else out.parent / f"{out.name}.private"
+    if private.resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"ingest.private_dir {private} lies inside the output folder {out}")
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    catalogue = private / CATALOGUE_NAME
+    key_file = Path(cfg.ingest.pseudonym_key_file) if cfg.ingest.pseudonym_key_file else default_key_file()
+    check_key_place(key_file, out, catalogue)
+    legacy = out / CATALOGUE_NAME
+    if key_path(legacy).exists():
+        if not key_file.exists():  # keep the patients' pseudonyms: the same key, moved
+            key_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.move(key_path(legacy), key_file)
+        elif key_path(legacy).read_text().strip() == key_file.read_text().strip():
+            key_path(legacy).unlink()
+        else:
+            raise ValueError(f"{key_path(legacy)} (an earlier run's key) differs from {key_file}: move it out of "
+                             "the output folder yourself, keeping the one whose pseudonyms you use")
+    for stale in (legacy, legacy.with_name(legacy.name + "-wal"), legacy.with_name(legacy.name + "-shm"),
+                  mapping_csv_path(legacy)):
+        stale.unlink(missing_ok=True)  # rebuilt in the private folder from the export and the key
+    return catalogue, key_file
 
 
 def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = None, config: Path | None = None,

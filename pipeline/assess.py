@@ -220,10 +220,13 @@ def assess_patient(
     out_dir: Path,
     device: str = "cpu",
     imaging_fn=study_imaging,
+    redactor=None,
 ) -> PatientResult:
     """All stages for one patient; writes the per-study outputs and returns the records.
 
     ``imaging_fn`` lets the Prefect flow run each study's imaging as its own task.
+    ``redactor`` (a :class:`pipeline.pseudonym.Redactor`, pseudonymised runs): cleans the text
+    of every record and error row before it is written or returned.
     """
     out_dir = Path(out_dir)
     result = PatientResult(patient_id=studies[0].patient_id)
@@ -256,6 +259,7 @@ def assess_patient(
                                                        folder, cfg.outputs)[1])
         if entries and cfg.outputs.write_report and not (study_dir(out_dir, entries[0].study).parent / "report.html").exists():
             _write_report(result, entries, {r.study_instance_uid: r for r in unchanged}, out_dir)
+        result.errors = _redacted_errors(result.errors, redactor)
         return result
 
     for entry in entries:
@@ -311,7 +315,7 @@ def assess_patient(
     for entry in entries:
         uid = entry.study.study_instance_uid
         record = records[uid].model_copy(update={"patient_timeline": points})
-        records[uid] = record
+        record = records[uid] = _redacted_record(record, redactor)
         folder = study_dir(out_dir, entry.study)
         if cfg.outputs.write_key_image:
             try:
@@ -319,6 +323,7 @@ def assess_patient(
             except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the study
                 result.errors.append(ErrorRecord("", record.patient_id, uid, "", "key_image",
                                                  f"key image not rendered: {type(exc).__name__}: {exc}"))
+        result.errors = _redacted_errors(result.errors, redactor)
         record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
         write_assessment(folder / "assessment.json", record)
         # seg.dcm / sr.dcm after assessment.json: their failure is a row of errors.csv, never a lost study.
@@ -326,7 +331,7 @@ def assess_patient(
         _, dicom_errors = write_study_dicom(record, entry.study, lambda: getattr(state.images(), "labels", None),
                                             folder, cfg.outputs)
         if dicom_errors:
-            result.errors.extend(dicom_errors)
+            result.errors = _redacted_errors(result.errors + dicom_errors, redactor)
             record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
             write_assessment(folder / "assessment.json", record)  # a reused record re-emits them
     if entries:
@@ -341,7 +346,22 @@ def assess_patient(
         if cfg.outputs.write_report:
             _write_report(result, entries, records, out_dir)
     result.records = [records[e.study.study_instance_uid] for e in entries]
+    result.errors = _redacted_errors(result.errors, redactor)
     return result
+
+
+def _redacted_errors(errors: list[ErrorRecord], redactor) -> list[ErrorRecord]:
+    return errors if redactor is None else [redactor.error(e) for e in errors]
+
+
+def _redacted_record(record: AssessmentRecord, redactor) -> AssessmentRecord:
+    """The record with every free text redacted; the series used keep their descriptions
+    (they name sequences, and the role rules have read them already)."""
+    if redactor is None:
+        return record
+    data = record.model_dump()
+    series = data.pop("series")
+    return AssessmentRecord.model_validate({**redactor.tree(data), "series": series})
 
 
 def _write_report(result: PatientResult, entries: list[TimelineEntry], records: dict[str, AssessmentRecord],

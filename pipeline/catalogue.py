@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 # 2: stack attributes (acquisition number, trigger time, b-value), DICOMDIR references,
-# pseudonyms.
-SCHEMA_VERSION = 2
+# pseudonyms. 3: header values checked when read (a version-2 row may hold a non-finite
+# position marked usable).
+SCHEMA_VERSION = 3
 
 # Header columns, in table order. Values are stored as DICOM-ish text (multi-values joined
 # with a backslash, as in the standard's own encoding) or numbers where they are compared.

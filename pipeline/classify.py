@@ -16,7 +16,7 @@ and the flags a radiologist must check: every label is a proposal (rule 18).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
@@ -35,7 +35,7 @@ FLAGGED_CATEGORIES = {
 # any ":" detail).
 REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
                 "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous",
-                "segmentation_uncertain"}
+                "segmentation_uncertain", "depends_on_indeterminate"}
 
 
 def _needs_review(flag: str) -> bool:
@@ -83,6 +83,9 @@ class _SessionState:
     nadir_volume_ml: float | None = None
     seen_contrast_study: bool = False
     previous_rim: RimMetrics | None = None
+    # Earlier studies of the session that could not be assessed ("<date> <uid>: <why>"): every
+    # later call rests on a state (first contrast study, documented complete, nadir) they left out.
+    indeterminate: list[str] = field(default_factory=list)
 
 
 def _suspicious_local(foci: list[Focus]) -> list[Focus]:
@@ -232,6 +235,7 @@ def classify_patient(
                 category=Category.INDETERMINATE, rule_id="R5-not-evaluable", rule=f"not evaluable: {reason}",
                 confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
                 new_lesion=new_lesion, changes=_changes(result, state))
+            state.indeterminate.append(f"{entry.study.study_date} {uid}: {reason}")
             continue
         if not result.az_found or result.ablation_zone is None:
             reason = "no ablation zone found where one must be"
@@ -239,6 +243,7 @@ def classify_patient(
                 category=Category.INDETERMINATE, rule_id="R5-no-ablation-zone", rule=f"not evaluable: {reason}",
                 confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
                 new_lesion=new_lesion, changes=_changes(result, state))
+            state.indeterminate.append(f"{entry.study.study_date} {uid}: {reason}")
             continue
 
         az = result.ablation_zone
@@ -300,6 +305,9 @@ def classify_patient(
                     flags.append("residual_no_longer_seen")
 
         flags.extend(_rim_flags(result.rim, state.previous_rim, entry, cfg))
+        if state.indeterminate:
+            flags.append("depends_on_indeterminate: called without the session's earlier indeterminate "
+                         f"stud{'ies' if len(state.indeterminate) > 1 else 'y'} " + "; ".join(state.indeterminate))
         limit = cfg.segmentation.network_review_uncertainty
         if (limit is not None and result.segmentation_method == "network"
                 and result.segmentation_uncertainty is not None and result.segmentation_uncertainty > limit):

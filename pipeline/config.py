@@ -29,8 +29,13 @@ class IngestConfig(_Section):
     # Series role rules YAML (keywords, vendor additions, confidences): a path, or a file name
     # in configs/ (pipeline/series_roles.py, docs/ingest.md).
     series_roles_file: str
-    # Outputs carry HMAC-SHA256 pseudonyms of PatientID (key beside the catalogue).
+    # Outputs carry HMAC-SHA256 pseudonyms of PatientID (pipeline/pseudonym.py).
     pseudonymise_patient_ids: bool
+    # The secret key of the pseudonyms; None: $XDG_CONFIG_HOME/ablation-response/pseudonym.key.
+    pseudonym_key_file: str | None = None
+    # Catalogue and pseudonym mapping of a pseudonymised run (they hold raw IDs, so never in
+    # the output folder); None: "<output folder>.private" beside it.
+    private_dir: str | None = None
 
 
 class RegistrationStageConfig(_Section):

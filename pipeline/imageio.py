@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from pipeline.series_geometry import SeriesGeometryError, SeriesPixelDataError, check_volume
+from pipeline.series_geometry import SeriesGeometryError, SeriesPixelDataError, check_volume, parse_geometry_tag
 from pipeline.types import SeriesRecord
 
 __all__ = ["SeriesGeometryError", "SeriesPixelDataError", "load_series"]
@@ -36,15 +36,25 @@ def _label(series: SeriesRecord) -> str:
     return f"series {series.series_number} '{series.series_description}'"
 
 
-def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path, label: str) -> np.ndarray:
-    value = ds.get(keyword)
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=float)
-    except (TypeError, ValueError):
-        arr = np.empty(0)
-    if arr.size != n:
-        raise SeriesGeometryError(f"{label}: {path.name}: {keyword} missing or malformed ({value!r})")
+def _floats(ds: pydicom.Dataset, keyword: str, path: Path, label: str) -> np.ndarray:
+    arr, problem = parse_geometry_tag(keyword, ds.get(keyword))
+    if arr is None:
+        raise SeriesGeometryError(f"{label}: {path.name}: {problem or f'{keyword} missing'}")
     return arr
+
+
+def _number(value, keyword: str, default: float, where: str) -> float:
+    """A numeric attribute (RescaleSlope, NumberOfFrames, ...): finite, else a geometry error
+    naming the file and the tag (a nan slope would turn the whole volume into nan)."""
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        number = float("nan")
+    if not np.isfinite(number) or abs(number) > 1e12:
+        raise SeriesGeometryError(f"{where}: {keyword} {str(value)[:40]!r} is not a finite number")
+    return number
 
 
 @dataclass
@@ -92,17 +102,19 @@ def _stack_value(value) -> str:
 
 def _frames_of(path: Path, ds: pydicom.Dataset, label: str) -> list[_Slice]:
     """The 2D images of one file, with their geometry (functional groups for multi-frame)."""
-    frames = int(ds.get("NumberOfFrames") or 1)
-    shape = (int(ds.Rows), int(ds.Columns))
+    where = f"{label}: {path.name}"
+    frames = int(_number(ds.get("NumberOfFrames"), "NumberOfFrames", 1, where))
+    shape = (int(_number(ds.get("Rows"), "Rows", 0, where)), int(_number(ds.get("Columns"), "Columns", 0, where)))
     shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame_seq = ds.get("PerFrameFunctionalGroupsSequence")
     if frames == 1 and per_frame_seq is None:
         return [_Slice(
             path, None, ds,
-            _floats(ds, "ImagePositionPatient", 3, path, label),
-            _floats(ds, "ImageOrientationPatient", 6, path, label),
-            _floats(ds, "PixelSpacing", 2, path, label), shape,
-            float(ds.get("RescaleSlope") or 1.0), float(ds.get("RescaleIntercept") or 0.0),
+            _floats(ds, "ImagePositionPatient", path, label),
+            _floats(ds, "ImageOrientationPatient", path, label),
+            _floats(ds, "PixelSpacing", path, label), shape,
+            _number(ds.get("RescaleSlope"), "RescaleSlope", 1.0, where),
+            _number(ds.get("RescaleIntercept"), "RescaleIntercept", 0.0, where),
             {kw: _stack_value(ds.get(kw)) for kw in _SINGLE_FRAME_STACK_KEYS},
         )]
     if per_frame_seq is None or len(per_frame_seq) != frames:
@@ -112,16 +124,11 @@ def _frames_of(path: Path, ds: pydicom.Dataset, label: str) -> list[_Slice]:
             "frame positions unknown")
     out = []
     for k, pf in enumerate(per_frame_seq):
-        def vec(sequence: str, keyword: str, n: int) -> np.ndarray:
-            value = _group_value(pf, shared, sequence, keyword)
-            try:
-                arr = np.asarray([float(v) for v in value], dtype=float)
-            except (TypeError, ValueError):
-                arr = np.empty(0)
-            if arr.size != n:
+        def vec(sequence: str, keyword: str) -> np.ndarray:
+            arr, problem = parse_geometry_tag(keyword, _group_value(pf, shared, sequence, keyword))
+            if arr is None:
                 raise SeriesGeometryError(
-                    f"{label}: {path.name} frame {k + 1}: {keyword} missing or malformed in the "
-                    f"functional groups ({value!r})")
+                    f"{label}: {path.name} frame {k + 1}: {problem or f'{keyword} missing'} in the functional groups")
             return arr
 
         slope = _group_value(pf, shared, "PixelValueTransformationSequence", "RescaleSlope")
@@ -134,11 +141,12 @@ def _frames_of(path: Path, ds: pydicom.Dataset, label: str) -> list[_Slice]:
             "DiffusionBValue": _stack_value(_group_value(pf, shared, "MRDiffusionSequence", "DiffusionBValue")),
         }
         out.append(_Slice(
-            path, k, ds, vec("PlanePositionSequence", "ImagePositionPatient", 3),
-            vec("PlaneOrientationSequence", "ImageOrientationPatient", 6),
-            vec("PixelMeasuresSequence", "PixelSpacing", 2), shape,
-            float(slope if slope not in (None, "") else ds.get("RescaleSlope") or 1.0),
-            float(intercept if intercept not in (None, "") else ds.get("RescaleIntercept") or 0.0),
+            path, k, ds, vec("PlanePositionSequence", "ImagePositionPatient"),
+            vec("PlaneOrientationSequence", "ImageOrientationPatient"),
+            vec("PixelMeasuresSequence", "PixelSpacing"), shape,
+            _number(slope if slope not in (None, "") else ds.get("RescaleSlope"), "RescaleSlope", 1.0, where),
+            _number(intercept if intercept not in (None, "") else ds.get("RescaleIntercept"), "RescaleIntercept",
+                    0.0, where),
             keys,
         ))
     return out

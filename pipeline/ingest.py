@@ -34,7 +34,7 @@ from pydicom.uid import UID
 
 from pipeline.catalogue import Catalogue
 from pipeline.config import IngestConfig
-from pipeline.series_geometry import SeriesGeometryError, check_volume, describe_stacks
+from pipeline.series_geometry import SeriesGeometryError, check_volume, describe_stacks, parse_geometry_tag
 from pipeline.series_roles import SeriesHeaders, assign_roles
 from pipeline.types import ErrorRecord, SeriesRecord, StudyRecord
 
@@ -130,11 +130,14 @@ class IndexResult:
 
 
 # --------------------------------------------------------------------------- walking
-def _iter_files(root: Path, skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[str, os.DirEntry]]:
+def _iter_files(root: Path, skip_dirs: Iterable[Path] = (),
+                hidden: list[str] | None = None) -> Iterator[tuple[str, os.DirEntry]]:
     """``(relative posix path, entry)`` of every non-hidden regular file under ``root``.
 
     Directories in ``skip_dirs`` (e.g. the output folder, should it lie inside the export) are
     not entered. Directory symlinks are not followed (exports rarely use them and they can loop).
+    Hidden entries (name starting with '.') are not entered; their relative paths are
+    appended to ``hidden`` when given (each becomes a row of errors.csv).
     """
     skip = {os.path.realpath(d) for d in skip_dirs}
     stack = [(str(root), "")]
@@ -146,6 +149,8 @@ def _iter_files(root: Path, skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[st
             continue
         for entry in entries:
             if entry.name.startswith("."):
+                if hidden is not None:
+                    hidden.append(f"{rel_dir}{entry.name}")
                 continue
             rel = f"{rel_dir}{entry.name}"
             try:
@@ -158,13 +163,13 @@ def _iter_files(root: Path, skip_dirs: Iterable[Path] = ()) -> Iterator[tuple[st
                 continue
 
 
-def _walk(root: Path, skip_dirs: Iterable[Path] = ()) -> list[tuple[str, int, int]]:
+def _walk(root: Path, skip_dirs: Iterable[Path] = (), hidden: list[str] | None = None) -> list[tuple[str, int, int]]:
     """``[(relative posix path, size, mtime_ns)]`` of every file of :func:`_iter_files`.
 
     os.scandir gives the file type without a stat call; one stat per file remains.
     """
     out: list[tuple[str, int, int]] = []
-    for rel, entry in _iter_files(root, skip_dirs):
+    for rel, entry in _iter_files(root, skip_dirs, hidden):
         try:
             st = entry.stat()
         except OSError:
@@ -242,17 +247,29 @@ def _value(ds: pydicom.Dataset, keyword: str) -> Any:
     return v
 
 
-def _to_column(column: str, value: Any) -> Any:
+# Integer tags are IS (or US): at most 2^31 - 1 in magnitude (PS3.5 6.2), and SQLite stores
+# no integer beyond 2^63. Float tags (times in ms, b-values) beyond 1e12 are corrupt.
+_INT_LIMIT = 2**31
+_FLOAT_LIMIT = 1e12
+_KEYWORD_OF = {column: keyword for keyword, column in _TAGS.items()}
+
+
+def _to_column(column: str, value: Any) -> tuple[Any, str]:
+    """(catalogue value, problem): a numeric tag that is not a finite number in range is
+    None with the reason why (the file stays usable: these tags only help to sort and name)."""
     if value is None:
-        return None
-    try:
-        if column in _INT_COLUMNS:
-            return int(float(str(value).split("\\")[0]))
-        if column in _FLOAT_COLUMNS:
-            return float(str(value).split("\\")[0])
-    except ValueError:
-        return None
-    return str(value).strip()
+        return None, ""
+    if column in _INT_COLUMNS or column in _FLOAT_COLUMNS:
+        text = str(value).split("\\")[0].strip()
+        try:
+            number = float(text)
+        except ValueError:
+            return None, f"{_KEYWORD_OF[column]} {text[:40]!r} is not a number: ignored"
+        limit = _INT_LIMIT if column in _INT_COLUMNS else _FLOAT_LIMIT
+        if not (abs(number) < limit):  # also false for nan
+            return None, f"{_KEYWORD_OF[column]} {text[:40]!r} is not a finite number below {limit:g}: ignored"
+        return (int(number) if column in _INT_COLUMNS else number), ""
+    return str(value).strip(), ""
 
 
 def _sop_class_name(uid: str) -> str:
@@ -268,7 +285,35 @@ def _is_image_sop(uid: str) -> bool | None:
     return "Image Storage" in name and "Secondary Capture" not in name
 
 
-def _pixel_check(fp, size: int, ds: pydicom.Dataset) -> str:
+def _encapsulated_check(abs_path: str, offset: int, size: int) -> str:
+    """Walk the items of encapsulated (compressed) pixel data from ``offset`` without reading
+    their contents: each item header says where the next one starts, so a file cut short or
+    overwritten breaks the chain. Cheap (8 bytes read per fragment), so every file is checked,
+    including those of series no stage will decode. Returns an error reason or ""."""
+    fragments = 0
+    with open(abs_path, "rb") as f:
+        f.seek(offset)
+        while True:
+            head = f.read(8)
+            if len(head) < 8:  # no sequence delimiter: tolerated after whole items, as decoders do
+                break
+            group, elem, length = struct.unpack("<HHL", head)
+            if (group, elem) == (0xFFFE, 0xE0DD):
+                break
+            if (group, elem) != (0xFFFE, 0xE000):
+                return (f"corrupt DICOM: compressed pixel data holds ({group:04X},{elem:04X}) where a "
+                        f"fragment must be (byte {f.tell() - 8})")
+            if f.tell() + length > size:
+                return (f"truncated DICOM: compressed pixel data fragment of {length} bytes runs past the "
+                        f"end of the file ({size} bytes)")
+            f.seek(length, os.SEEK_CUR)
+            fragments += 1
+    if fragments < 2:  # the first item is the (possibly empty) Basic Offset Table
+        return "corrupt DICOM: compressed pixel data without any fragment"
+    return ""
+
+
+def _pixel_check(fp, size: int, ds: pydicom.Dataset, abs_path: str) -> str:
     """Cheap truncation test: compare the bytes left in the file with Rows*Columns*... .
 
     ``fp`` stands where ``stop_before_pixels`` stopped, i.e. on the Pixel Data element.
@@ -293,7 +338,8 @@ def _pixel_check(fp, size: int, ds: pydicom.Dataset) -> str:
         return "truncated DICOM: file ends inside the pixel data element header"
     (length,) = struct.unpack(endian + "L", raw)
     if length == 0xFFFFFFFF:
-        return ""  # encapsulated (compressed): sizes are per fragment; decoding checks later
+        # Encapsulated (compressed): sizes are per fragment; the decoder checks the contents.
+        return _encapsulated_check(abs_path, fp.tell(), size)
     available = size - fp.tell()
     rows, cols = _value(ds, "Rows"), _value(ds, "Columns")
     if not (rows and cols):
@@ -374,39 +420,58 @@ def read_header(abs_path: str) -> dict[str, Any]:
                 if "end of file" in str(exc).lower() or "eof" in str(exc).lower():
                     return {"status": "error", "reason": f"truncated DICOM: {why}"}
                 return {"status": "error", "reason": f"corrupt DICOM: {why}"}
-            row: dict[str, Any] = {
-                col: _to_column(col, _value(ds, kw)) for kw, col in _TAGS.items()
-            }
-            meta = getattr(ds, "file_meta", None)
-            sop = row["sop_class_uid"] or str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
-            row["sop_class_uid"] = sop or None
-            row["transfer_syntax"] = str(getattr(meta, "TransferSyntaxUID", "") or "") or None
-            if sop == _DICOMDIR_SOP:
-                return _dicomdir_row(abs_path, row)
-            if (row["n_frames"] or 1) > 1 or "SharedFunctionalGroupsSequence" in ds:
-                _enhanced_fields(ds, row)
-            is_image = _is_image_sop(sop) if sop else None
-            if is_image is False:
-                name = _sop_class_name(sop)
-                what = "secondary capture image" if "Secondary Capture" in name else "non-image object"
-                return {**row, "status": "error", "reason": f"{what} ({name}) skipped"}
-            if is_image is None and not (row["rows"] and row["columns"]):
-                if not sop and not row["study_uid"]:
-                    return {"status": "error", "reason": "not a DICOM file"}
-                return {**row, "status": "error",
-                        "reason": f"non-image object (SOP Class {sop or 'missing'}) skipped"}
-            # Truncation first: a header cut short also lacks the identifiers below.
-            if row["transfer_syntax"] != _DEFLATED:
-                problem = _pixel_check(fp, size, ds)
-                if problem:
-                    return {**row, "status": "error", "reason": problem}
-            for column, keyword in (("study_uid", "StudyInstanceUID"),
-                                    ("series_uid", "SeriesInstanceUID")):
-                if not row[column]:
-                    return {**row, "status": "error", "reason": f"missing {keyword}"}
-            return {**row, "status": "ok", "reason": ""}
+            try:
+                return _header_row(ds, fp, size, abs_path)
+            except Exception as exc:  # noqa: BLE001 - a header value nobody foresaw is a file error
+                return {"status": "error", "reason": f"corrupt DICOM header: {type(exc).__name__}: {exc}"}
     except OSError as exc:
         return {"status": "error", "reason": f"unreadable file: {exc.strerror or exc}"}
+
+
+def _header_row(ds: pydicom.Dataset, fp, size: int, abs_path: str) -> dict[str, Any]:
+    """The catalogue row of a parsed header (see :func:`read_header`). Every value is checked
+    where it is read: a geometry tag that is present but invalid makes the file an error
+    (it cannot be placed in its series); another numeric tag that is invalid is left empty
+    and named in the row's ``reason`` (a warning row of errors.csv)."""
+    row: dict[str, Any] = {}
+    warnings_: list[str] = []
+    for kw, col in _TAGS.items():
+        row[col], problem = _to_column(col, _value(ds, kw))
+        if problem:
+            warnings_.append(problem)
+    meta = getattr(ds, "file_meta", None)
+    sop = row["sop_class_uid"] or str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
+    row["sop_class_uid"] = sop or None
+    row["transfer_syntax"] = str(getattr(meta, "TransferSyntaxUID", "") or "") or None
+    if sop == _DICOMDIR_SOP:
+        return _dicomdir_row(abs_path, row)
+    if (row["n_frames"] or 1) > 1 or "SharedFunctionalGroupsSequence" in ds:
+        _enhanced_fields(ds, row)
+    is_image = _is_image_sop(sop) if sop else None
+    if is_image is False:
+        name = _sop_class_name(sop)
+        what = "secondary capture image" if "Secondary Capture" in name else "non-image object"
+        return {**row, "status": "error", "reason": f"{what} ({name}) skipped"}
+    if is_image is None and not (row["rows"] and row["columns"]):
+        if not sop and not row["study_uid"]:
+            return {"status": "error", "reason": "not a DICOM file"}
+        return {**row, "status": "error",
+                "reason": f"non-image object (SOP Class {sop or 'missing'}) skipped"}
+    # Truncation first: a header cut short also lacks the identifiers below.
+    if row["transfer_syntax"] != _DEFLATED:
+        problem = _pixel_check(fp, size, ds, abs_path)
+        if problem:
+            return {**row, "status": "error", "reason": problem}
+    for column, keyword in (("study_uid", "StudyInstanceUID"),
+                            ("series_uid", "SeriesInstanceUID")):
+        if not row[column]:
+            return {**row, "status": "error", "reason": f"missing {keyword}"}
+    for column, keyword in (("ipp", "ImagePositionPatient"), ("iop", "ImageOrientationPatient"),
+                            ("pixel_spacing", "PixelSpacing")):
+        _, problem = parse_geometry_tag(keyword, row[column])
+        if problem:
+            return {**row, "status": "error", "reason": f"invalid geometry: {problem}; file left out of its series"}
+    return {**row, "status": "ok", "reason": "; ".join(warnings_)}
 
 
 def _first_item(ds: Any, keyword: str) -> Any:
@@ -443,8 +508,7 @@ def _enhanced_fields(ds: pydicom.Dataset, row: dict[str, Any]) -> None:
         if not row[column]:
             row[column] = text(_group_attr(ds, sequence, keyword))
     if row["echo_time"] is None:
-        te = _group_attr(ds, "MREchoSequence", "EffectiveEchoTime")
-        row["echo_time"] = float(te) if te is not None else None
+        row["echo_time"], _ = _to_column("echo_time", _group_attr(ds, "MREchoSequence", "EffectiveEchoTime"))
     if not row["contrast_agent"]:
         item = _first_item(ds, "ContrastBolusAgentSequence")
         if item is not None:
@@ -500,10 +564,12 @@ def _parse_date(text: str | None) -> dt.date | None:
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
+    """The numbers of a multi-valued catalogue text; None when absent, malformed or not finite."""
     try:
-        return tuple(float(v) for v in text.split("\\")) if text else None
+        values = tuple(float(v) for v in text.split("\\")) if text else None
     except ValueError:
         return None
+    return values if values is not None and np.all(np.isfinite(values)) else None
 
 
 def _summarise(uid: str, rows: list[dict[str, Any]]) -> SeriesHeaders:
@@ -653,66 +719,127 @@ def _group(
     studies: list[StudyRecord] = []
     headers: dict[str, SeriesHeaders] = {}
     for study_uid, srows in by_study.items():
-        where = _common_dir(export_dir, [r["path"] for r in srows])
-        pids = Counter(r["patient_id"] or "" for r in srows)
-        pid = pids.most_common(1)[0][0]
-        if len(pids) > 1:
-            err(where, f"StudyInstanceUID shared by several PatientIDs {sorted(pids)}; "
-                f"'{pid}' (most files) used", pid, study_uid)
-        if not pid:
-            pid = f"UNKNOWN-{study_uid[-8:]}"
-            err(where, f"PatientID missing; study treated as its own patient '{pid}'", pid, study_uid)
-        by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in srows:
-            by_series[r["series_uid"]].append(r)
-        modalities = Counter((r["modality"] or "").upper() for r in srows)
-        if "MR" not in modalities:
-            mods = ", ".join(sorted(m or "none" for m in modalities))
-            err(where, f"non-MR study (modality {mods}) skipped", pid, study_uid)
+        try:
+            _group_study(export_dir, study_uid, srows, cfg, studies, headers, errors)
+        except Exception as exc:  # noqa: BLE001 - one study's headers must never stop the batch
+            # Listed without series, the study is assessed as indeterminate and keeps its row.
+            pid = Counter(r["patient_id"] or "" for r in srows).most_common(1)[0][0] or f"UNKNOWN-{study_uid[-8:]}"
+            err(_common_dir(export_dir, [r["path"] for r in srows]),
+                f"study could not be grouped from its headers: {type(exc).__name__}: {exc}", pid, study_uid)
+            studies[:] = [s for s in studies if s.study_instance_uid != study_uid]
+            studies.append(StudyRecord(pid, study_uid, None, ""))
+    studies.sort(key=lambda s: (s.patient_id, s.study_date is None,
+                                s.study_date or dt.date.min, s.study_instance_uid))
+    errors.extend(_stray_single_files(studies, export_dir))
+    return studies, headers, errors
+
+
+def _stray_single_files(studies: list[StudyRecord], export_dir: Path) -> list[ErrorRecord]:
+    """A warning row for each study of one file that has the patient, date and series
+    description of a series of another study: most likely a file of that study exported with
+    a wrong StudyInstanceUID (it is still listed, and will be indeterminate)."""
+    rows = []
+    for lone in studies:
+        files = [f for s in lone.series for f in s.files]
+        if len(files) != 1:
             continue
-        first = min(srows, key=lambda r: r["path"])
+        description = lone.series[0].series_description
+        twins = [other for other in studies if other is not lone and other.patient_id == lone.patient_id
+                 and other.study_date == lone.study_date
+                 and any(s.series_description == description for s in other.series)]
+        if twins:
+            rows.append(ErrorRecord(
+                str(files[0]), lone.patient_id, lone.study_instance_uid, lone.series[0].series_instance_uid, STAGE,
+                f"warning: a study of one file with the patient, date and series description '{description}' of "
+                f"study {twins[0].study_instance_uid}: a file of that study with a wrong StudyInstanceUID?"))
+    return rows
+
+
+def _group_study(export_dir: Path, study_uid: str, srows: list[dict[str, Any]], cfg: IngestConfig,
+                 studies: list[StudyRecord], headers: dict[str, SeriesHeaders], errors: list[ErrorRecord]) -> None:
+    """Group one study's file rows into series (appended to ``studies``, ``headers``, ``errors``)."""
+
+    def err(path: str, reason: str, pid: str = "", study: str = "", series: str = "") -> None:
+        errors.append(ErrorRecord(path, pid or "", study or "", series or "", STAGE, reason))
+
+    where = _common_dir(export_dir, [r["path"] for r in srows])
+    pids = Counter(r["patient_id"] or "" for r in srows)
+    pid = pids.most_common(1)[0][0]
+    if len(pids) > 1:
+        err(where, f"StudyInstanceUID shared by several PatientIDs {sorted(pids)}; "
+            f"'{pid}' (most files) used", pid, study_uid)
+    if not pid:
+        pid = f"UNKNOWN-{study_uid[-8:]}"
+        err(where, f"PatientID missing; study treated as its own patient '{pid}'", pid, study_uid)
+    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in srows:
+        by_series[r["series_uid"]].append(r)
+    modalities = Counter((r["modality"] or "").upper() for r in srows)
+    if "MR" not in modalities:
+        mods = ", ".join(sorted(m or "none" for m in modalities))
+        err(where, f"non-MR study (modality {mods}) skipped", pid, study_uid)
+        return
+    first = min(srows, key=lambda r: r["path"])
+    date = _majority_study_date(export_dir, srows, err, pid, study_uid)
+    if date is None:
         date_text = next((first[c] for c in ("study_date", "series_date", "acquisition_date")
                           if first[c]), None)
         date = _parse_date(date_text)
-        if date is None:
-            err(where, "study date unknown (no valid StudyDate, SeriesDate or AcquisitionDate"
-                + (f": '{date_text}'" if date_text else "") + ")", pid, study_uid)
-        study = StudyRecord(pid, study_uid, date, first["study_description"] or "")
-        unusable: dict[str, str] = {}
-        for original_uid, all_files in by_series.items():
-            all_files.sort(key=lambda r: r["path"])
-            modality = (all_files[0]["modality"] or "").upper()
-            if modality != "MR":
-                err(_common_dir(export_dir, [r["path"] for r in all_files]),
-                    f"non-MR series (modality {modality or 'none'}) in an MR study skipped",
-                    pid, study_uid, original_uid)
-                continue
-            stacks, split_reason = _split_stacks(original_uid, all_files)
-            if split_reason:
-                err(_common_dir(export_dir, [r["path"] for r in all_files]), split_reason, pid, study_uid,
-                    original_uid)
-            for series_uid, suffix, files in stacks:
-                h = headers[series_uid] = _summarise(series_uid, files)
-                h.series_description += suffix
-                if problem := _geometry_problem(series_uid, h.series_number, h.series_description, files):
-                    unusable[series_uid] = problem
-                study.series.append(SeriesRecord(
-                    patient_id=pid,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=series_uid,
-                    series_number=h.series_number,
-                    series_description=h.series_description,
-                    modality=modality,
-                    manufacturer=files[0]["manufacturer"] or "",
-                    files=[export_dir / r["path"] for r in files],
-                ))
-        study.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0,
-                                         s.series_instance_uid))
-        errors.extend(assign_roles(study, headers, cfg, unusable))
-        studies.append(study)
-    studies.sort(key=lambda s: (s.patient_id, s.study_date is None,
-                                s.study_date or dt.date.min, s.study_instance_uid))
-    return studies, headers, errors
+    if date is None:
+        err(where, "study date unknown (no valid StudyDate, SeriesDate or AcquisitionDate"
+            + (f": '{date_text}'" if date_text else "") + ")", pid, study_uid)
+    study = StudyRecord(pid, study_uid, date, first["study_description"] or "")
+    unusable: dict[str, str] = {}
+    for original_uid, all_files in by_series.items():
+        all_files.sort(key=lambda r: r["path"])
+        modality = (all_files[0]["modality"] or "").upper()
+        if modality != "MR":
+            err(_common_dir(export_dir, [r["path"] for r in all_files]),
+                f"non-MR series (modality {modality or 'none'}) in an MR study skipped",
+                pid, study_uid, original_uid)
+            continue
+        stacks, split_reason = _split_stacks(original_uid, all_files)
+        if split_reason:
+            err(_common_dir(export_dir, [r["path"] for r in all_files]), split_reason, pid, study_uid,
+                original_uid)
+        for series_uid, suffix, files in stacks:
+            h = headers[series_uid] = _summarise(series_uid, files)
+            h.series_description += suffix
+            if problem := _geometry_problem(series_uid, h.series_number, h.series_description, files):
+                unusable[series_uid] = problem
+            study.series.append(SeriesRecord(
+                patient_id=pid,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                series_number=h.series_number,
+                series_description=h.series_description,
+                modality=modality,
+                manufacturer=files[0]["manufacturer"] or "",
+                files=[export_dir / r["path"] for r in files],
+            ))
+    study.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0,
+                                     s.series_instance_uid))
+    errors.extend(assign_roles(study, headers, cfg, unusable))
+    studies.append(study)
+
+
+def _majority_study_date(export_dir: Path, srows: list[dict[str, Any]], err, pid: str,
+                         study_uid: str) -> dt.date | None:
+    """The StudyDate most files of the study carry (ties: the first file's by path), or None
+    when no file has a valid one. Every file whose StudyDate is invalid or another date gets a
+    row of errors.csv: one bad file (e.g. '20231345') no longer undates the whole study."""
+    rows = sorted(srows, key=lambda r: r["path"])
+    dates = [_parse_date(r["study_date"]) for r in rows]
+    counts = Counter(d for d in dates if d is not None)
+    if not counts:
+        return None
+    date, n = counts.most_common(1)[0]
+    for r, d in zip(rows, dates):
+        if r["study_date"] and d != date:
+            what = "is not a valid date" if d is None else "differs"
+            err(str(export_dir / r["path"]), f"StudyDate '{r['study_date'][:40]}' {what}: study dated "
+                f"{date.isoformat()} from {n} of {len(rows)} files", pid, study_uid, r["series_uid"])
+    return date
 
 
 def _missing_from_dicomdir(export_dir: Path, listed: dict[str, list[str]], present: set[str]) -> list[ErrorRecord]:
@@ -761,7 +888,8 @@ def index_export(
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     catalogue_path = Path(catalogue_path).resolve()
 
-    found = _walk(export_dir, skip_dirs)
+    hidden: list[str] = []
+    found = _walk(export_dir, skip_dirs, hidden)
     # Never index the catalogue itself if it lives inside the export.
     found = [f for f in found if not str(export_dir / f[0]).startswith(str(catalogue_path))]
     now_ns = time.time_ns()
@@ -788,9 +916,15 @@ def index_export(
     errors = [
         ErrorRecord(str(export_dir / r["path"]), r["patient_id"] or "", r["study_uid"] or "",
                     r["series_uid"] or "", STAGE, r["reason"])
-        for r in rows if r["status"] == "error"
+        for r in rows if r["status"] == "error" or (r["status"] == "ok" and r["reason"])
     ]
     errors.extend(_missing_from_dicomdir(export_dir, listed, present))
+    # Hidden entries are skipped (OS metadata such as .DS_Store, ._* AppleDouble files, .Trash),
+    # but said: a hidden folder may hold a whole study. The catalogue's own files are not listed.
+    errors.extend(ErrorRecord(str(export_dir / rel), "", "", "", STAGE,
+                              f"hidden {'folder' if (export_dir / rel).is_dir() else 'file'} skipped "
+                              "(name starts with '.')")
+                  for rel in sorted(hidden) if not str(export_dir / rel).startswith(str(catalogue_path)))
     # Studies touched by a file still being written wait for the next run.
     deferred_studies = sorted({
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)

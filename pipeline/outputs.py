@@ -7,6 +7,7 @@ crash never leaves a half-written output and a rerun can trust what it finds.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -88,11 +89,25 @@ def safe_name(text: str) -> str:
     return cleaned or "unknown"
 
 
+_MAX_FOLDER_NAME = 64
+
+
+def patient_folder_name(patient_id: str) -> str:
+    """The ``<patient>`` folder of a PatientID: the ID itself when it is filesystem-safe (and at
+    most 64 characters), else its safe form + ``-`` + 8 hex digits of SHA-256(ID), so that two
+    IDs cleaned alike (``ABL-002/`` and ``ABL-002``) never share a folder."""
+    cleaned = safe_name(patient_id)
+    if cleaned == patient_id and len(cleaned) <= _MAX_FOLDER_NAME:
+        return cleaned
+    digest = hashlib.sha256(patient_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{cleaned[:_MAX_FOLDER_NAME - 9]}-{digest}"
+
+
 def study_dir(out_dir: Path, study: StudyRecord) -> Path:
-    """``DIR/patients/<patient>/<study_date>_<study_uid_suffix>/``."""
+    """``DIR/patients/<patient>/<study_date>_<study_uid_suffix>/`` (:func:`patient_folder_name`)."""
     date = study.study_date.isoformat() if study.study_date else "nodate"
-    suffix = study.study_instance_uid.replace(".", "")[-8:]
-    return Path(out_dir) / "patients" / safe_name(study.patient_id) / f"{date}_{suffix}"
+    suffix = safe_name(study.study_instance_uid.replace(".", "")[-8:])
+    return Path(out_dir) / "patients" / patient_folder_name(study.patient_id) / f"{date}_{suffix}"
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -248,25 +263,46 @@ def cohort_row(record: AssessmentRecord) -> dict[str, str]:
     }
 
 
-def _csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+# A cell a spreadsheet would run as a formula (OWASP "CSV injection"): = + - @ first, or a
+# tab / CR / LF first (some spreadsheets skip them), or leading spaces before one of these.
+_FORMULA_START = re.compile(r"^[\s]*[=+\-@]|^[\t\r\n]")
+# A plain number (e.g. a negative change in %) is data, not a formula.
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# C0 control characters but tab, LF and CR (kept, quoted by the csv module), and DEL: a NUL
+# byte breaks many CSV readers; none is ever meaningful in a reason or an identifier.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def csv_cell(value: Any) -> str:
+    """Any value as inert CSV cell text: control characters removed, and a quote (') before a
+    text a spreadsheet would evaluate (from a DICOM header, a reason or a typed comment)."""
+    text = _CONTROL.sub("", "" if value is None else str(value))
+    if _FORMULA_START.match(text) and not _NUMBER.match(text.strip()):
+        return "'" + text
+    return text
+
+
+def csv_text(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """CSV text of ``rows`` (header first); every cell goes through :func:`csv_cell`, the one
+    place where text reaches a CSV cell."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(row.get(k)) for k in columns} for row in rows)
     return buffer.getvalue()
 
 
 def write_cohort_csv(out_dir: Path, records: list[AssessmentRecord]) -> Path:
     rows = [cohort_row(r) for r in sorted(records, key=lambda r: (r.patient_id, r.study_date or "", r.study_instance_uid))]
     path = Path(out_dir) / "cohort.csv"
-    atomic_write_text(path, _csv_text(COHORT_COLUMNS, rows))
+    atomic_write_text(path, csv_text(COHORT_COLUMNS, rows))
     return path
 
 
 def write_errors_csv(out_dir: Path, errors: list[ErrorRecord]) -> Path:
     rows = [vars(e) for e in errors]
     path = Path(out_dir) / "errors.csv"
-    atomic_write_text(path, _csv_text(ERROR_COLUMNS, rows))
+    atomic_write_text(path, csv_text(ERROR_COLUMNS, rows))
     return path
 
 

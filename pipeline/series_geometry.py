@@ -34,6 +34,44 @@ class SeriesPixelDataError(SeriesGeometryError):
     """A slice's pixel data cannot be decoded (truncated file, missing decoder, ...)."""
 
 
+# Plausible bounds of the geometry tags. Why bounds and not only finiteness: a finite but huge
+# position (1e308) overflows every later product (position / tolerance, r x c, ITK's origin).
+# 1e5 mm (100 m) is far beyond any scanner's field; cosines are in [-1, 1] up to rounding.
+_GEOMETRY_TAGS: dict[str, tuple[int, float, float]] = {
+    # keyword: (number of values, smallest allowed, largest allowed)
+    "ImagePositionPatient": (3, -1e5, 1e5),
+    "ImageOrientationPatient": (6, -1.001, 1.001),
+    "PixelSpacing": (2, 1e-6, 1e3),
+}
+
+
+def parse_geometry_tag(keyword: str, value: object) -> tuple[np.ndarray | None, str]:
+    """The values of a geometry tag (ImagePositionPatient, ImageOrientationPatient,
+    PixelSpacing) as floats, checked: right count, numbers, finite, within plausible bounds.
+
+    ``value`` is a backslash-joined string, a sequence or None. Returns (array, "") when
+    valid, (None, "") when absent, (None, reason) when invalid; the reason names the tag and
+    quotes the value (shortened), so that with a file name it says exactly what is wrong.
+    """
+    n, lo, hi = _GEOMETRY_TAGS[keyword]
+    if value is None or value == "":
+        return None, ""
+    parts = value.split("\\") if isinstance(value, str) else list(value)  # type: ignore[arg-type]
+    shown = repr(value if isinstance(value, str) else "\\".join(str(v) for v in parts))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    try:
+        arr = np.asarray([float(v) for v in parts], dtype=float)
+    except (TypeError, ValueError, OverflowError):
+        return None, f"{keyword} {shown} is not {n} numbers"
+    if arr.size != n:
+        return None, f"{keyword} {shown} has {arr.size} values, {n} expected"
+    if not np.all(np.isfinite(arr)):
+        return None, f"{keyword} {shown} is not finite"
+    if np.any(arr < lo) or np.any(arr > hi):
+        return None, f"{keyword} {shown} is out of range [{lo:g}, {hi:g}]"
+    return arr, ""
+
+
 
 class SliceLike(Protocol):
     """What the checks read of one 2D image (a file, or a frame of a multi-frame file)."""

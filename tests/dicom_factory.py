@@ -7,6 +7,7 @@ ingest and imageio are tested on the same kind of bytes they will meet in a PACS
 from __future__ import annotations
 
 import datetime as dt
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,21 @@ def write_sr(path: Path, patient_id: str = "P001", study_uid: str | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def set_raw(path: Path, keyword: str, text: str) -> None:
+    """Replace the value of ``keyword`` in the file's bytes with ``text`` (pydicom refuses to
+    write most invalid values). The factory writes Explicit VR Little Endian, where a text
+    element is tag, VR, 2-byte length, value."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    vr = pydicom.datadict.dictionary_VR(tag)
+    head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr.encode()
+    data = path.read_bytes()
+    at = data.index(head, 132)
+    (length,) = struct.unpack("<H", data[at + 6:at + 8])
+    value = text.encode("utf-8", "surrogateescape")
+    value += b" " if len(value) % 2 else b""
+    path.write_bytes(data[:at + 6] + struct.pack("<H", len(value)) + value + data[at + 8 + length:])
 
 
 def truncate(path: Path, keep_fraction: float) -> Path:

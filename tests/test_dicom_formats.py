@@ -24,6 +24,7 @@ from pipeline.ingest import index_export, read_header
 from pipeline.phantom.enhanced import to_enhanced
 from pipeline.phantom.transcode import LOSSY, SYNTAXES, save, transcode
 from pipeline.types import SeriesRecord
+from tests.dicom_factory import truncate
 
 BUNDLED = {
     "explicit_le": "MR_small.dcm",
@@ -198,3 +199,20 @@ def test_header_longer_than_the_in_memory_prefix(tmp_path: Path) -> None:
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: 80_000])  # inside the private element, beyond the 64 KiB prefix
     assert read_header(str(cut))["reason"].startswith("truncated DICOM")
+
+
+@pytest.mark.parametrize("syntax", sorted(k for k, uid in SYNTAXES.items() if pydicom.uid.UID(uid).is_compressed))
+def test_compressed_pixel_data_cut_short_is_a_file_error_at_ingest(syntax: str, tmp_path: Path) -> None:
+    """Issue 16: a compressed file cut short was only found when its series was decoded, so in a
+    series no stage uses it went unreported. Ingest now walks the fragments (no decoding)."""
+    files = _stack(_read("MR_small.dcm"), tmp_path / syntax, syntax)
+    assert all(read_header(str(f))["status"] == "ok" for f in files)  # intact files pass
+    truncate(files[1], 0.8)
+    row = read_header(str(files[1]))
+    assert row["status"] == "error" and row["reason"].startswith("truncated DICOM: compressed pixel data"), row
+    data = bytearray(files[2].read_bytes())
+    at = data.rindex(b"\xfe\xff\x00\xe0")  # the last fragment's item tag, overwritten
+    data[at:at + 4] = b"\x08\x00\x20\x00"
+    files[2].write_bytes(bytes(data))
+    row = read_header(str(files[2]))
+    assert row["status"] == "error" and row["reason"].startswith("corrupt DICOM: compressed pixel data"), row

@@ -74,7 +74,7 @@ def test_messy_export(tmp_path: Path, cfg: IngestConfig) -> None:
     assert reasons[str(sr)] == "non-image object (Basic Text SR Storage) skipped"
     assert reasons[str(bad_px[0])].startswith("truncated DICOM: pixel data has")
     assert reasons[str(bad_hdr[0])].startswith("truncated DICOM")
-    assert str(export / ".hidden") not in reasons
+    assert reasons[str(export / ".hidden")] == "hidden file skipped (name starts with '.')"  # issue 16: said, not silent
     assert any(e.reason.startswith("non-MR study (modality CT)") for e in res.errors)
     assert reasons[str(export / "empty")] == "empty file (0 bytes)"
     assert not any(e.path.startswith(str(export / "raw")) for e in res.errors if e.stage == "ingest")

@@ -15,7 +15,7 @@ from pipeline.cli import app
 from pipeline.config import load_config
 from pipeline.ingest import index_export
 from pipeline.outputs import study_dir
-from pipeline.pseudonym import Pseudonymiser, key_path, mapping_csv_path, pseudonym, pseudonymise_run
+from pipeline.pseudonym import Pseudonymiser, mapping_csv_path, pseudonym, pseudonymise_run
 from pipeline.timeline import Procedure
 from tests.dicom_factory import SeriesSpec, write_series
 
@@ -78,10 +78,11 @@ def test_pseudonyms_are_keyed_stable_and_stored(tmp_path: Path) -> None:
     cat = tmp_path / "out" / "catalogue.sqlite"
     res = index_export(export, cat, load_config().ingest)
     sessions = {"HOSP-0042": [Procedure("HOSP-0042", dt.date(2024, 1, 1))]}
-    pseudo, pseudo_sessions = pseudonymise_run(res, sessions, cat)
+    key = tmp_path / "keys" / "pseudonym.key"
+    pseudo, pseudo_sessions, _ = pseudonymise_run(res, sessions, cat, key)
 
-    key = key_path(cat)
     assert key.exists() and (key.stat().st_mode & 0o777) == 0o600
+    assert not list(cat.parent.glob("*.key"))  # the key is not beside the mapping
     ids = sorted({s.patient_id for s in pseudo.studies})
     assert all(i.startswith("PSN-") and len(i) == 20 for i in ids) and len(ids) == 2
     assert {s.patient_id for st in pseudo.studies for s in st.series} == set(ids)
@@ -92,14 +93,14 @@ def test_pseudonyms_are_keyed_stable_and_stored(tmp_path: Path) -> None:
     assert study_dir(tmp_path / "out", st42).parts[-2] == p42  # the <patient> folder is the pseudonym
 
     # Stable across runs (same key), different with another key, mapping kept beside the catalogue.
-    again, _ = pseudonymise_run(index_export(export, cat, load_config().ingest), None, cat)
+    again, _, _ = pseudonymise_run(index_export(export, cat, load_config().ingest), None, cat, key)
     assert sorted({s.patient_id for s in again.studies}) == ids
     assert pseudonym(b"another key of at least 32 bytes!!", "HOSP-0042") != p42
     with open(mapping_csv_path(cat)) as f:
         rows = list(csv.DictReader(f))
     assert {r["patient_id"]: r["pseudonym"] for r in rows}["HOSP-0042"] == p42
     assert dict(sqlite3.connect(cat).execute("SELECT patient_id, pseudonym FROM pseudonyms"))["HOSP-0077"] in ids
-    assert Pseudonymiser(cat)("HOSP-0042") == p42
+    assert Pseudonymiser(cat, key)("HOSP-0042") == p42
 
 
 # The real flow with pseudonymisation on: tests/test_messy_export.py::test_outputs_carry_only_pseudonyms.

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.phantom import generate_export
 from pipeline.phantom.transcode import SYNTAXES
-from pipeline.pseudonym import key_path, mapping_csv_path
+from pipeline.pseudonym import mapping_csv_path, path_reference
 
 KEEP_STUDIES = 3  # of the patient's studies: three vendors, every defect, a shorter flow run
 
@@ -36,7 +36,8 @@ def messy_run(tmp_path_factory):
                 shutil.rmtree((root / "data" / f).parent, ignore_errors=True)
     kept = patient["studies"][:KEEP_STUDIES]
     config = root / "site.yaml"
-    config.write_text("ingest:\n  pseudonymise_patient_ids: true\noutputs:\n  write_key_image: false\n")
+    config.write_text(f"ingest:\n  pseudonymise_patient_ids: true\n  pseudonym_key_file: {root / 'keys' / 'k.key'}\n"
+                      "outputs:\n  write_key_image: false\n")
     out = root / "out"
     run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", config)
     return root, out, truth, patient, kept
@@ -63,7 +64,7 @@ def test_the_export_is_really_messy(messy_run) -> None:
 
 
 def test_every_study_assessed_and_every_defect_reported(messy_run) -> None:
-    _, out, truth, patient, kept = messy_run
+    root, out, truth, patient, kept = messy_run
     cohort = _rows(out / "cohort.csv")
     by_uid = {r["study_instance_uid"]: r for r in cohort}
     assert sorted(by_uid) == sorted(st["study_instance_uid"] for st in kept)
@@ -74,12 +75,14 @@ def test_every_study_assessed_and_every_defect_reported(messy_run) -> None:
     assert ambiguous["flagged"] == "true" and "series_roles_ambiguous: pre-contrast series" in ambiguous["flag_reasons"]
 
     errors = _rows(out / "errors.csv")
+    key = bytes.fromhex((root / "keys" / "k.key").read_text().strip())
     kept_uids = {st["study_instance_uid"] for st in kept}
     for defect in truth["messy"]["defects"]:
         if defect["study_instance_uid"] not in kept_uids:
             continue
-        if "path" in defect:
-            hits = [e for e in errors if e["path"] == defect["path"] and e["reason"] == defect["reason"]]
+        if "path" in defect:  # a pseudonymised run names a file by its keyed reference
+            ref = path_reference(key, str(Path(defect["path"]).relative_to(root / "data" / "export")))
+            hits = [e for e in errors if e["path"] == ref and e["reason"] == defect["reason"]]
         else:
             hits = [e for e in errors if e["series_instance_uid"] == defect["series_instance_uid"]
                     and e["stage"] == defect["stage"] and defect["reason_contains"] in e["reason"]]
@@ -102,10 +105,9 @@ def test_outputs_carry_only_pseudonyms(messy_run) -> None:
     src = pydicom.dcmread(root / "data" / kept[0]["series"][1]["files"][0], stop_before_pixels=True)
     secrets = [patient["patient_id"].encode(), str(src.PatientName).encode(), str(src.PatientBirthDate).encode()]
     assert all(secrets)
-    cat = out / "catalogue.sqlite"
-    private = {key_path(cat), mapping_csv_path(cat)}
-    for path in out.rglob("*"):
-        if path.is_file() and path not in private and not path.name.startswith(cat.name):
+    assert not (out / "catalogue.sqlite").exists() and mapping_csv_path(out.parent / "out.private" / "catalogue.sqlite").exists()
+    for path in out.rglob("*"):  # the catalogue and the mapping are in out.private, the key elsewhere
+        if path.is_file():
             data = path.read_bytes()
             for secret in secrets:
                 assert secret not in data, (path, secret)

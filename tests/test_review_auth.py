@@ -44,10 +44,22 @@ def site(tmp_path):
     _write_study(out / study.study_folder)
     users = tmp_path / "users.txt"
     auth.add_user(users, "alice", PASSWORD)
-    app = create_app(out, users, secret="s" * 64)
+    clock = FakeClock()
+    app = create_app(out, users, secret="s" * 64, clock=clock)
+    app.state.test_clock = clock
     sync_worklist(app.state.engine, [study, flagged("9.2", study_folder="../../../../etc")])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="https://testserver") as client:  # the cookie is Secure by default
         yield client, app, users
+
+
+class FakeClock:
+    """Seconds that pass only when a test says so (lockouts, session expiry: no timed test)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _csrf(client, path="/login") -> str:
@@ -192,3 +204,70 @@ def test_path_traversal_refused(site):
         assert r.status_code in (404, 422), path
         assert b"root:" not in r.content and b"import" not in r.content
     assert client.get(f"/case/{good}/slice/current/pre/0.png").status_code == 200
+
+
+# --------------------------------------------------------------------------- issue 16
+def _sign_out(client):
+    return client.post("/logout", data={"csrf_token": _csrf(client, "/")}, follow_redirects=False)
+
+
+def test_sign_out_ends_the_session_on_the_server(site):
+    client, app, _ = site
+    _sign_in(client)
+    assert client.get("/").status_code == 200
+    stolen = dict(client.cookies)
+    assert _sign_out(client).status_code == 303
+    client.cookies.clear()
+    client.cookies.update(stolen)  # the cookie replayed after sign-out
+    assert client.get("/", follow_redirects=False).status_code == 303
+    assert client.get("/export.csv", follow_redirects=False).status_code == 401
+
+
+def test_a_session_ends_after_eight_hours_whatever_the_cookie(site):
+    client, app, _ = site
+    _sign_in(client)
+    app.state.test_clock.now += 8 * 3600 + 1
+    assert client.get("/", follow_redirects=False).status_code == 303
+
+
+def test_sign_in_locked_after_five_failures_per_user_then_released(site):
+    client, app, users = site
+    auth.add_user(users, "bob", PASSWORD)
+    for _ in range(5):
+        assert _sign_in(client, password="wrong password").status_code == 401
+    locked = _sign_in(client)  # the right password, during the lockout
+    assert locked.status_code == 429 and "Too many failed sign-ins" in locked.text
+    app.state.test_clock.now += 301
+    assert _sign_in(client).status_code == 303
+    with Session(app.state.engine) as s:
+        actions = [e.action for e in s.scalars(select(AuditEvent).where(AuditEvent.action.like("sign_in%")))]
+    assert actions == ["sign_in_refused"] * 5 + ["sign_in_locked", "sign_in"]
+
+
+def test_sign_in_locked_per_address_across_user_names(site):
+    client, _, users = site
+    for name in ("u1", "u2", "u3", "u4", "u5"):  # a spray of names from one address
+        assert _sign_in(client, username=name, password="wrong password").status_code == 401
+    assert _sign_in(client).status_code == 429  # alice from that address too
+
+
+def test_session_cookie_is_secure_unless_insecure_http(site, tmp_path):
+    client, _, _ = site
+    cookie = _sign_in(client).headers["set-cookie"]
+    assert "secure" in cookie.lower() and "samesite=strict" in cookie.lower()
+    (tmp_path / "out2").mkdir()
+    plain = create_app(tmp_path / "out2", site[2], secret="s" * 64, https_only=False)
+    with TestClient(plain) as c:
+        assert "secure" not in _sign_in(c).headers["set-cookie"].lower()
+
+
+@pytest.mark.parametrize("item_id", [2 ** 63, 2 ** 64, 10 ** 30, 0, -1])
+def test_huge_or_impossible_ids_are_404(site, item_id):
+    client, _, _ = site
+    _sign_in(client)
+    assert client.get(f"/case/{item_id}").status_code == 404
+    assert client.get(f"/case/{item_id}/slice/current/pre/2.png").status_code == 404
+    token = _csrf(client, "/")
+    r = client.post(f"/case/{item_id}/verdict", data={"action": "confirm", "csrf_token": token},
+                    follow_redirects=False)
+    assert r.status_code == 404

@@ -62,7 +62,7 @@ def server(review_copy, tmp_path):
     _root, out = review_copy
     users = tmp_path / "users.txt"
     auth.add_user(users, "rad1", PASSWORD)
-    app = create_app(out, users)
+    app = create_app(out, users, https_only=False)  # served over plain HTTP (review --insecure-http)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -197,3 +197,26 @@ def test_missed_timepoint_is_noted_not_flagged():
     _, d = run(studies, {"s1": imaging(30), "s3": late})
     assert d[1].notes and "90" in d[1].notes[0] and "180" in d[1].notes[1]
     assert not d[1].flagged
+
+
+def test_a_call_resting_on_an_indeterminate_study_is_flagged_saying_which_and_why():
+    """Issue 16: the baseline could not be read, so the next study is called as the session's first
+    contrast study; that call must go to review naming the baseline and its reason."""
+    studies = [study("s1", 30), study("s2", 90), study("s3", 180)]
+    imgs = {"s1": imaging(None, ok=False, reason="no usable post-contrast phase"), "s2": imaging(28),
+            "s3": imaging(27)}
+    _, d = run(studies, imgs)
+    assert cats(d) == [C.INDETERMINATE, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP]
+    for later in d[1:]:
+        assert later.flagged
+        (flag,) = [f for f in later.flag_reasons if f.startswith("depends_on_indeterminate")]
+        assert "s1" in flag and "no usable post-contrast phase" in flag and str(studies[0].study_date) in flag
+
+
+def test_a_new_session_does_not_inherit_an_indeterminate_study():
+    studies = [study("s1", 30), study("s2", 90), study("s3", 430), study("s4", 520)]
+    imgs = {"s1": imaging(30), "s2": imaging(None, ok=False, reason="registration failed"), "s3": imaging(30),
+            "s4": imaging(28)}
+    _, d = run(studies, imgs, sessions=(0, 400))
+    assert cats(d) == [C.COMPLETE_ABLATION, C.INDETERMINATE, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP]
+    assert not d[2].flagged and not d[3].flagged

@@ -5,8 +5,13 @@ its evidence, the verdict forms), ``/case/{id}/slice/{view}/{panel}/{k}.png``, `
 
 Security:
 - every route but ``/login`` and the static CSS/JS needs a signed session cookie (Starlette's
-  SessionMiddleware, itsdangerous-signed, SameSite=Strict, 8 h); a user removed from the user
-  file loses access at the next request;
+  SessionMiddleware, itsdangerous-signed, SameSite=Strict, 8 h) naming a session the server
+  holds: signing out (or a restart) ends it server-side, so a replayed cookie is refused; a user
+  removed from the user file loses access at the next request;
+- the cookie is ``Secure`` (sent over HTTPS only) unless the app is created with
+  ``https_only=False`` (``review --insecure-http``: plain HTTP on a trusted host);
+- sign-in is locked for 5 minutes after 5 failures within 5 minutes, per user name and per
+  client address (:class:`SignInThrottle`), answered 429 and audited;
 - every POST carries the session's CSRF token in its form (compared in constant time);
 - studies are addressed by their worklist id; the folders come from the database (written by
   the pipeline) and are resolved under OUT; view/panel names are checked against fixed lists;
@@ -17,6 +22,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import secrets
+import threading
+import time
+from collections import deque
 from pathlib import Path
 from typing import Annotated
 
@@ -54,6 +63,40 @@ class CsrfRefused(Exception):
     pass
 
 
+class SignInThrottle:
+    """Failed sign-ins per key (a user name, a client address) within a sliding window; a key
+    with ``max_failures`` in the window is locked until the oldest of them leaves it.
+    In memory: a restart forgets it (and signs everybody out, see :func:`create_app`)."""
+
+    def __init__(self, max_failures: int = 5, window_s: float = 300.0, clock=time.monotonic) -> None:
+        self.max_failures, self.window_s, self.clock = max_failures, window_s, clock
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.get(key, deque())
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        return times
+
+    def locked_for(self, keys: list[str]) -> float:
+        """Seconds until every key may try again (0: none is locked)."""
+        now = self.clock()
+        with self._lock:
+            waits = [times[0] + self.window_s - now for times in (self._recent(k, now) for k in keys)
+                     if len(times) >= self.max_failures]
+        return max(waits, default=0.0)
+
+    def failed(self, keys: list[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            if len(self._failures) > 100_000:  # a spray of made-up names must not grow memory forever
+                self._failures = {k: t for k, t in self._failures.items() if self._recent(k, now)}
+            for key in keys:
+                self._failures[key] = self._recent(key, now)
+                self._failures[key].append(now)
+
+
 class Users:
     """The user file, re-read when it changes (so removing a user takes effect at once)."""
 
@@ -71,9 +114,14 @@ class Users:
 
 
 def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secret: str | None = None,
-               https_only: bool = False) -> FastAPI:
-    """The app over one run's OUT folder. ``secret`` signs the session (default: a key kept in OUT)."""
+               https_only: bool = True, clock=time.monotonic) -> FastAPI:
+    """The app over one run's OUT folder. ``secret`` signs the session (default: a key kept in OUT);
+    ``https_only``: the session cookie is Secure; ``clock`` (seconds) times sessions and lockouts."""
     out_dir = Path(out_dir).resolve()
+    # Server-side sessions: id -> (user name, expiry on ``clock``). Why not only the signed
+    # cookie: a cookie stays valid until it expires, so signing out must end it here.
+    sessions: dict[str, tuple[str, float]] = {}
+    throttle = SignInThrottle(clock=clock)
     users = Users(users_file)
     engine = open_engine(database_url(out_dir, db_url))
     secret = secret or auth.load_or_create_secret(out_dir / SECRET_NAME)
@@ -107,10 +155,15 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
 
     def user_of(request: Request) -> str:
         name = request.session.get("user")
-        if not name or name not in users.get():
+        held = sessions.get(str(request.session.get("sid", "")))
+        if not name or name not in users.get() or held is None or held[0] != name or held[1] <= clock():
             request.session.clear()
             raise NotSignedIn()
         return name
+
+    def valid_id(item_id: int) -> bool:
+        """A worklist id the database can hold (SQLite/PostgreSQL BIGINT): larger ones are 404."""
+        return 0 < item_id < 2 ** 63
 
     def csrf_token(request: Request) -> str:
         token = request.session.get("csrf")
@@ -142,17 +195,28 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
     def login(request: Request, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
               csrf_token_: Annotated[str, Form(alias="csrf_token")] = ""):
         check_csrf(request, csrf_token_)
+        keys = [f"user:{username[:128]}", f"address:{request.client.host if request.client else '?'}"]
+        wait = throttle.locked_for(keys)
+        if wait > 0:
+            audit_sign_in(engine, username[:128] or "?", False, locked=True)
+            return page(request, "login.html", http_status=429,
+                        error=f"Too many failed sign-ins: try again in {max(1, round(wait / 60))} minute(s).")
         ok = auth.authenticate(users.get(), username, password)
         audit_sign_in(engine, username[:128] or "?", ok)
         if not ok:
+            throttle.failed(keys)
             return page(request, "login.html", http_status=401, error="Wrong user name or password.")
+        sessions.pop(str(request.session.get("sid", "")), None)
         request.session.clear()  # a new session (and CSRF token) at each sign-in
-        request.session.update(user=username, csrf=auth.new_csrf_token())
+        sid = secrets.token_urlsafe(32)
+        sessions[sid] = (username, clock() + SESSION_MAX_AGE_S)
+        request.session.update(user=username, sid=sid, csrf=auth.new_csrf_token())
         return RedirectResponse("/", status_code=303)
 
     @app.post("/logout")
     def logout(request: Request, csrf_token_: Annotated[str, Form(alias="csrf_token")] = ""):
         check_csrf(request, csrf_token_)
+        sessions.pop(str(request.session.get("sid", "")), None)  # a replayed cookie names no session now
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -211,6 +275,8 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
     @app.get("/case/{item_id}", response_class=HTMLResponse)
     def case(request: Request, item_id: int):
         user = user_of(request)
+        if not valid_id(item_id):
+            return PlainTextResponse("no such worklist item", status_code=404)
         with Session(engine) as session:
             item = item_or_404(session, item_id)
             if item is None:
@@ -227,6 +293,8 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
         user_of(request)
         if view not in VIEWS or panel not in PANELS:
             return PlainTextResponse("unknown view or panel", status_code=404)
+        if not valid_id(item_id):
+            return PlainTextResponse("no such worklist item", status_code=404)
         with Session(engine) as session:
             item = item_or_404(session, item_id)
             if item is None:
@@ -252,6 +320,8 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
                 comment: Annotated[str, Form()] = "", csrf_token_: Annotated[str, Form(alias="csrf_token")] = ""):
         user = user_of(request)
         check_csrf(request, csrf_token_)
+        if not valid_id(item_id):
+            return PlainTextResponse("no such worklist item", status_code=404)
         try:
             record_verdict(engine, item_id, user, action, category or None, reason, comment)
         except ReviewError as exc:

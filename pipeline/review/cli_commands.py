@@ -23,7 +23,10 @@ def register(app: typer.Typer, console: Console) -> None:
         db_url: Annotated[Optional[str], typer.Option(help="database URL (default: sqlite OUT/review.sqlite)")] = None,
         host: Annotated[str, typer.Option(help="address to listen on (keep 127.0.0.1 behind a TLS proxy)")] = "127.0.0.1",
         port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
-        https_only: Annotated[bool, typer.Option(help="send the session cookie over HTTPS only")] = False,
+        insecure_http: Annotated[bool, typer.Option(
+            "--insecure-http", help="send the session cookie over plain HTTP too (a trusted host only; "
+            "by default the cookie is Secure: HTTPS, or http://localhost in current browsers)")] = False,
+        https_only: Annotated[bool, typer.Option(help="the default (kept for old scripts)", hidden=True)] = True,
     ) -> None:
         """Serve the radiologist's review web app over a run's outputs."""
         import uvicorn
@@ -33,11 +36,14 @@ def register(app: typer.Typer, console: Console) -> None:
 
         users_file = users or out / "review_users.txt"
         try:
-            web = create_app(out, users_file, db_url=db_url, https_only=https_only)
+            web = create_app(out, users_file, db_url=db_url, https_only=not insecure_http)
         except (UserFileError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/red] {exc}\nadd a user first: ablation-response review-user {users_file} NAME")
             raise typer.Exit(code=2) from None
-        console.print(f"review app on http://{host}:{port}/  (users: {users_file})")
+        # Browsers keep a Secure cookie from http://localhost (a secure context), not from other http hosts.
+        shown = "localhost" if host == "127.0.0.1" else host
+        scheme = "http" if insecure_http or shown == "localhost" else "https (behind your TLS proxy)"
+        console.print(f"review app on {scheme}://{shown}:{port}/  (users: {users_file})")
         uvicorn.run(web, host=host, port=port, log_level="info")
 
     @app.command("review-export")

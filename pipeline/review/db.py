@@ -16,9 +16,7 @@ any verdict.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from pipeline.outputs import atomic_write_text
+from pipeline.outputs import atomic_write_text, csv_text
 from pipeline.types import Category
 
 DEFAULT_DB_NAME = "review.sqlite"
@@ -286,40 +284,35 @@ def record_verdict(engine: Engine, item_id: int, username: str, action: str, cat
     return verdict
 
 
-def audit_sign_in(engine: Engine, username: str, ok: bool) -> None:
-    """Sign-in attempts belong to the audit trail too (failed ones name the user tried)."""
+def audit_sign_in(engine: Engine, username: str, ok: bool, locked: bool = False) -> None:
+    """Sign-in attempts belong to the audit trail too (failed ones name the user tried; an
+    attempt refused unchecked during a lockout is ``sign_in_locked``)."""
+    action = "sign_in_locked" if locked else "sign_in" if ok else "sign_in_refused"
     with Session(engine) as session, session.begin():
-        _audit(session, username, "sign_in" if ok else "sign_in_refused", None, None, None)
-
-
-def _cell(text: str) -> str:
-    """Free text typed by a user, made inert for spreadsheets (OWASP "CSV injection"): a cell
-    starting with = + - @ (or a tab/CR) would be run as a formula when the export is opened."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+        _audit(session, username, action, None, None, None)
 
 
 def export_csv_text(engine: Engine) -> str:
-    """Every worklist item with its current verdict (the adjudicated results) as CSV text."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
-    writer.writeheader()
+    """Every worklist item with its current verdict (the adjudicated results) as CSV text
+    (every cell made inert for spreadsheets by :func:`pipeline.outputs.csv_text`)."""
+    rows = []
     with Session(engine) as session:
         items = session.scalars(select(WorklistItem).order_by(WorklistItem.patient_id, WorklistItem.study_date,
                                                               WorklistItem.study_instance_uid)).all()
         for item in items:
             v = item.current_verdict()
             comments = [c.comment for c in item.verdicts if c.comment]
-            writer.writerow({
+            rows.append({
                 "study_instance_uid": item.study_instance_uid, "patient_id": item.patient_id,
                 "study_date": item.study_date or "", "timepoint": item.timepoint,
                 "machine_category": item.machine_category, "confidence": f"{item.confidence:.2f}",
                 "flag_reasons": item.flag_reasons, "status": item.status,
                 "reviewed_category": v.category if v else "", "verdict": v.action if v else "",
-                "reason": _cell(v.reason) if v else "", "comment": _cell(" | ".join(comments)),
+                "reason": v.reason if v else "", "comment": " | ".join(comments),
                 "reviewer": v.username if v else "",
                 "reviewed_at": v.created_at.isoformat(timespec="seconds") if v else "",
             })
-    return buffer.getvalue()
+    return csv_text(EXPORT_COLUMNS, rows)
 
 
 def export_csv(engine: Engine, path: Path) -> Path:

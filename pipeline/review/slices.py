@@ -16,6 +16,7 @@ files' modification times, so a rerun that rewrites a study is never served stal
 from __future__ import annotations
 
 import io
+import json
 import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -102,6 +103,11 @@ def case_key(out_dir: Path, study_folder: str, baseline_folder: str | None, post
 def _series_files(out_dir: Path, series_uid: str) -> list[Path]:
     """The catalogued files of one series (read-only: the catalogue belongs to the batch flow)."""
     catalogue = Path(out_dir) / CATALOGUE_NAME
+    if not catalogue.exists():  # a pseudonymised run keeps it in its private folder
+        try:
+            catalogue = Path(json.loads((Path(out_dir) / "run_summary.json").read_text())["catalogue"])
+        except (OSError, ValueError, KeyError):
+            pass
     if not catalogue.exists():
         raise FileNotFoundError(f"no catalogue at {catalogue}")
     con = sqlite3.connect(f"{catalogue.as_uri()}?mode=ro", uri=True, timeout=30)
