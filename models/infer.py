@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,20 @@ class NetworkPrediction:
 
 
 _CACHE: dict[tuple[str, float, str], LoadedModel] = {}
+
+
+def resolve_weights(path: Path | str) -> Path:
+    """``segmentation.network_weights`` as a file path: absolute as given, else relative to the
+    folder holding the installed ``models`` package.
+
+    That folder is the repository root in a checkout or an editable install, and the
+    site-packages folder of a wheel, where ``models/weights/*.pt`` is package data: the default
+    ``models/weights/segresnet_synthetic.pt`` is found either way.
+    """
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    return Path(str(files("models"))).resolve().parent / path
 
 
 def load_model(path: Path | str, device: str = "cpu") -> LoadedModel:
