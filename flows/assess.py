@@ -175,7 +175,7 @@ def assess_export(
                 n_reused += result.n_reused
             except Exception as exc:  # noqa: BLE001 - one patient's failure never kills the batch
                 reason = f"patient assessment failed: {type(exc).__name__}: {exc}"
-                records.extend(indeterminate_records(by_patient[pid], reason))
+                records.extend(indeterminate_records(by_patient[pid], reason, cfg.rules, (sessions or {}).get(pid)))
                 errors.extend(ErrorRecord("", pid, s.study_instance_uid, "", "assess", reason) for s in by_patient[pid])
                 log.patient_done(pid, len(by_patient[pid]), failed=f"{type(exc).__name__}: {exc}")
 

@@ -11,16 +11,13 @@ augmentation of models/infer.py).
 Case folders (one per study) hold the pipeline's own per-study outputs
 (``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/assess.py IMAGE_FILES) plus
 ``labels.nii.gz`` (0 background, 1 ablation zone, 2 rim, 3 enhancing focus) on the same grid:
-the layout ``--data DIR`` fine-tunes on, and the layout :func:`build_synthetic_cohort` writes
-from the phantom generator. The generator only writes DICOM (its rendering, noise, vendor
-scaling and series layout are interleaved with the writer), so a small export is written once,
-ingested and analysed by the real pipeline; that cost (registration, ~15 s a study on 2 cores)
-is paid once per cohort, not per epoch.
+the layout ``--data DIR`` fine-tunes on, and the layout ``models.cohort.build_synthetic_cohort``
+writes from the phantom generator (kept in its own module: it runs the pipeline, which imports
+this module for inference).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +32,6 @@ N_CLASSES = 4  # background, ablation zone, rim, enhancing focus
 CLASS_NAMES = ("background", "ablation_zone", "rim", "enhancing_focus")
 PRE_FILE, SUB_FILE, LABEL_FILE = "pre_registered.nii.gz", "subtraction.nii.gz", "labels.nii.gz"
 CLASSICAL_FILE = "classical_labels.nii.gz"
-COHORT_MANIFEST = "cohort.json"
 
 
 @dataclass
@@ -153,54 +149,3 @@ def load_cases(root: Path, spacing_xyz: tuple[float, float, float]) -> list[Case
     if not cases:
         raise ValueError(f"no usable case folder (with {PRE_FILE}, {SUB_FILE}, {LABEL_FILE}) under {root}")
     return cases
-
-
-def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str = "default") -> Path:
-    """Phantom export -> ingest -> the pipeline's registration/subtraction -> case folders.
-
-    Writes ``root/cases/<patient>_<study>/`` with the pipeline's ``pre_registered``/``subtraction``,
-    the generator's truth ``labels`` and the classical method's labels (the reference of
-    benchmarks/segmentation_eval.py). Idempotent: an existing ``root/cohort.json`` with the same
-    parameters is reused. Returns ``root/cases``.
-    """
-    from pipeline.config import load_config
-    from pipeline.ingest import index_export
-    from pipeline.outputs import atomic_write_image, atomic_write_text
-    from pipeline.phantom import generate_export
-    from pipeline.study import analyse_study
-
-    root = Path(root)
-    # "reference": caches built while the default method was the network (2026-12-02, before this
-    # key) hold the network's labels under CLASSICAL_FILE; the key makes them rebuild.
-    params = {"n_patients": n_patients, "seed": seed, "profile": profile, "reference": "classical"}
-    manifest = root / COHORT_MANIFEST
-    if manifest.is_file() and json.loads(manifest.read_text()).get("params") == params:
-        return root / "cases"
-    truth = generate_export(root / "data", n_patients, seed, profile=profile, with_junk=False)
-    labels_of = {s["study_instance_uid"]: root / "data" / s["truth_labels"]
-                 for p in truth["patients"] for s in p["studies"]}
-    # The reference labels come from the classical method whatever the default method is (the
-    # network's cohort is built with this function, so it must not depend on the weights).
-    base = load_config()
-    cfg = base.model_copy(update={"segmentation": base.segmentation.model_copy(update={"method": "classical"})})
-    index = index_export(root / "data" / "export", root / "catalogue.sqlite", cfg.ingest)
-    written, skipped = [], []
-    for study in index.studies:
-        name = f"{study.patient_id}_{study.study_instance_uid[-8:]}"
-        analysis = analyse_study(study, cfg)
-        if not analysis.imaging.ok or analysis.images is None:
-            skipped.append({"case": name, "reason": analysis.imaging.reason})
-            continue
-        images = analysis.images
-        truth_labels = sitk.ReadImage(str(labels_of[study.study_instance_uid]))
-        # The truth lies on the post series' grid (pipeline/phantom/export.py); resampling by
-        # nearest neighbour only absorbs header rounding.
-        truth_labels = resample_onto(sitk.Cast(truth_labels, sitk.sitkUInt8), images.post, sitk.sitkNearestNeighbor)
-        folder = root / "cases" / name
-        atomic_write_image(images.pre_registered, folder / PRE_FILE)
-        atomic_write_image(images.subtraction, folder / SUB_FILE)
-        atomic_write_image(truth_labels, folder / LABEL_FILE)
-        atomic_write_image(images.labels, folder / CLASSICAL_FILE)
-        written.append(name)
-    atomic_write_text(manifest, json.dumps({"params": params, "cases": written, "skipped": skipped}, indent=1))
-    return root / "cases"

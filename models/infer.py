@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,20 @@ class NetworkPrediction:
 
 
 _CACHE: dict[tuple[str, float, str], LoadedModel] = {}
+
+
+def resolve_weights(path: Path | str) -> Path:
+    """``segmentation.network_weights`` as a file path: absolute as given, else relative to the
+    folder holding the installed ``models`` package.
+
+    That folder is the repository root in a checkout or an editable install, and the
+    site-packages folder of a wheel, where ``models/weights/*.pt`` is package data: the default
+    ``models/weights/segresnet_synthetic.pt`` is found either way.
+    """
+    path = Path(path)
+    if path.is_absolute():
+        return path
+    return Path(str(files("models"))).resolve().parent / path
 
 
 def load_model(path: Path | str, device: str = "cpu") -> LoadedModel:
@@ -198,12 +213,12 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     """
     from scipy import ndimage as ndi
 
-    from pipeline.segment_classical import _component_nearest
+    from pipeline.segment_classical import component_nearest
 
     spacing = np.asarray(spacing_zyx, float)
     lab, n = ndi.label(pred.labels == LABEL_AZ)
     min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
-    keep = _component_nearest(lab, n, hint_zyx, spacing, min_az_vox) if n else 0
+    keep = component_nearest(lab, n, hint_zyx, spacing, min_az_vox) if n else 0
     if keep == 0:
         return None
     az = ndi.binary_fill_holes(lab == keep) & body_a
@@ -314,15 +329,15 @@ def pipeline_foci(cleaned: CleanedPrediction, enhancing: np.ndarray, spacing_zyx
     """
     from scipy import ndimage as ndi
 
-    from pipeline.segment_classical import _focus_candidates
+    from pipeline.segment_classical import focus_candidates
 
     network_enhancing = cleaned.rim.copy()
     for mask in cleaned.foci:
         network_enhancing |= mask
     enhancing = (enhancing | network_enhancing) & ~cleaned.az
     merged = np.zeros(enhancing.shape, bool)
-    for mask in cleaned.foci + _focus_candidates(enhancing, cleaned.az, np.asarray(spacing_zyx, float),
-                                                 cfg.foci.min_thickness_mm):
+    for mask in cleaned.foci + focus_candidates(enhancing, cleaned.az, np.asarray(spacing_zyx, float),
+                                                cfg.foci.min_thickness_mm):
         merged |= mask
     lab, n = ndi.label(merged)
     return enhancing, [lab == i for i in range(1, n + 1)]

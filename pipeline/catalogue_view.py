@@ -11,7 +11,7 @@ from rich.table import Table
 
 from pipeline.catalogue import Catalogue
 from pipeline.config import IngestConfig
-from pipeline.ingest import IndexResult, _group
+from pipeline.ingest import IndexResult, group_catalogue_rows
 from pipeline.types import ErrorRecord, StudyRecord
 
 
@@ -43,7 +43,8 @@ def group_catalogue(catalogue_path: Path, cfg: IngestConfig) -> tuple[list[Study
         rows = list(cat.rows())
     errors = [ErrorRecord(str(export_dir / r["path"]), r["patient_id"] or "", r["study_uid"] or "",
                           r["series_uid"] or "", "ingest", r["reason"]) for r in rows if r["status"] == "error"]
-    studies, _, group_errors = _group(export_dir, [r for r in rows if r["status"] == "ok"], cfg, set())
+    studies, _, group_errors = group_catalogue_rows(export_dir, [r for r in rows if r["status"] == "ok"], cfg,
+                                                    set())
     return studies, errors + group_errors
 
 

@@ -10,13 +10,29 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+def _config_dir() -> Path:
+    """The folder of the ``configs`` package (its YAML files are package data)."""
+    try:
+        return Path(str(files("configs"))).resolve()
+    except ModuleNotFoundError as exc:  # an environment installed before configs/ was a package
+        raise ModuleNotFoundError(
+            "package 'configs' not found: this environment was installed from an older version of "
+            "ablation-response; reinstall it (bash scripts/setup.sh, or pip install -e .)", name="configs"
+        ) from exc
+
+
+# configs/default.yaml and configs/series_roles.yaml, found from the installed package (a
+# wheel, an editable install or a checkout alike), not from the repository root.
+CONFIG_DIR = _config_dir()
+DEFAULT_CONFIG_PATH = CONFIG_DIR / "default.yaml"
 
 
 class _Section(BaseModel):
@@ -104,8 +120,10 @@ class SegmentationConfig(_Section):
     az_min_pre_ratio: float = Field(gt=1)
     az_min_volume_ml: float = Field(gt=0)
     rim_search_mm: float = Field(gt=0)
-    # models/ (method network): checkpoint of models/train.py, a path or relative to the
-    # repository root; when it cannot be loaded the classical method segments and says why.
+    # models/ (method network): checkpoint of models/train.py, a path or relative to the folder
+    # holding the installed ``models`` package (the repository root in a checkout;
+    # models.infer.resolve_weights); when it cannot be loaded the classical method segments
+    # and says why.
     network_weights: str = "models/weights/segresnet_synthetic.pt"
     # Flip test-time augmentation: mean of the views, their variance is the uncertainty.
     network_tta: bool = True

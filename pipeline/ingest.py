@@ -694,9 +694,13 @@ def _common_dir(export_dir: Path, rels: list[str]) -> str:
         return str(export_dir)
 
 
-def _group(
+def group_catalogue_rows(
     export_dir: Path, rows: list[dict[str, Any]], cfg: IngestConfig, skip_studies: set[str]
 ) -> tuple[list[StudyRecord], dict[str, SeriesHeaders], list[ErrorRecord]]:
+    """Catalogue rows (status ok) -> MR studies with their series and roles, headers per series, errors.
+
+    Reads no file: everything comes from the rows. Studies in ``skip_studies`` are left out.
+    """
     errors: list[ErrorRecord] = []
 
     def err(path: str, reason: str, pid: str = "", study: str = "", series: str = "") -> None:
@@ -930,7 +934,7 @@ def index_export(
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)
         if r.get("study_uid")
     })
-    studies, headers, group_errors = _group(
+    studies, headers, group_errors = group_catalogue_rows(
         export_dir, [r for r in rows if r["status"] == "ok"], cfg, set(deferred_studies)
     )
     errors.extend(group_errors)

@@ -44,6 +44,7 @@ from scipy import ndimage
 
 from pipeline.config import RegistrationConfig, RegistrationStageConfig
 from pipeline.devices import resolve_device
+from pipeline.registration_common import as_float32, coarse_grid_like, pyramid_image, run_filter, sampling_fraction
 from pipeline.types import RegistrationQC
 
 METRIC_NAME = "mattes_mi"
@@ -51,10 +52,6 @@ METRIC_NAME = "mattes_mi"
 _HISTOGRAM_BINS = 32
 # Fixed seed of the metric's random sampling: the same pair always gives the same result.
 _SAMPLING_SEED = 20240601
-# Lower bound on the number of metric samples per level. The configured sampling fraction is
-# tuned for ~256x256x64 volumes; on a small, heavily shrunk grid 5 % of the voxels inside the
-# body is only a few hundred samples, too few for a stable MI gradient (ENG-DEFAULT).
-_MIN_SAMPLES = 12_000
 # The fixed mask for the metric is the body mask dilated by this much (mm): the skin/air edge is
 # the strongest, most reliable structure in the pair and must stay inside the sampled region.
 _METRIC_MASK_DILATION_MM = 6.0
@@ -87,20 +84,9 @@ _BSPLINE_MAX_COEFFICIENT_MM = 4.0
 
 
 # --------------------------------------------------------------------------- helpers
-def _exec(filt, *images: sitk.Image, threads: int | None = None) -> sitk.Image:
-    """Run a SimpleITK filter object with a per-filter thread count (no global state)."""
-    if threads is not None:
-        filt.SetNumberOfThreads(int(threads))
-    return filt.Execute(*images)
-
-
 def _radius_vox(image: sitk.Image, radius_mm: float) -> list[int]:
     """Per-axis kernel radius (voxels) approximating a ball of ``radius_mm``."""
     return [max(1, int(round(radius_mm / s))) for s in image.GetSpacing()]
-
-
-def _as_float(image: sitk.Image) -> sitk.Image:
-    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def _identity() -> sitk.Euler3DTransform:
@@ -133,29 +119,6 @@ def _euler_to_affine(tx: sitk.Transform) -> sitk.AffineTransform:
     aff.SetMatrix(e.GetMatrix())
     aff.SetTranslation(e.GetTranslation())
     return aff
-
-
-def _pyramid_image(image: sitk.Image, shrink: int, sigma_mm: float, threads: int) -> sitk.Image:
-    """Smooth by ``sigma_mm`` (physical units) then bin-shrink to ~``shrink`` x the finest spacing.
-
-    The shrink factor is applied in physical terms, per axis: with 1.5 mm x 1.5 mm x 3 mm voxels
-    and ``shrink=2`` the in-plane axes are binned by 2 and the slice axis by 1, giving ~3 mm
-    isotropic voxels. SimpleITK's built-in pyramid shrinks every axis by the same voxel count,
-    which would leave 12 mm slices at ``shrink=4`` on typical 3 mm acquisitions.
-    """
-    img = _as_float(image)
-    if sigma_mm > 0:
-        g = sitk.SmoothingRecursiveGaussianImageFilter()
-        g.SetSigma(float(sigma_mm))
-        img = _exec(g, img, threads=threads)
-    finest = min(image.GetSpacing())
-    factors = [max(1, int(round(shrink * finest / s))) for s in image.GetSpacing()]
-    factors = [min(f, max(1, n // 4)) for f, n in zip(factors, image.GetSize())]
-    if any(f > 1 for f in factors):
-        b = sitk.BinShrinkImageFilter()
-        b.SetShrinkFactors(factors)
-        img = _exec(b, img, threads=threads)
-    return img
 
 
 # N4 on a coarse copy: voxels ~this size (mm); the bias field is smooth over tens of mm. Two
@@ -199,7 +162,7 @@ def _interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
     f.SetKernelRadius(_radius_vox(body, _NCC_INTERIOR_EROSION_MM))
     f.SetKernelType(sitk.sitkBall)
     f.SetForegroundValue(1)
-    inner = _exec(f, body, threads=threads)
+    inner = run_filter(f, body, threads=threads)
     n_inner = int(sitk.GetArrayFromImage(inner).sum())
     n_body = int(sitk.GetArrayFromImage(body).sum())
     return inner if n_inner >= 0.2 * n_body else body
@@ -234,12 +197,7 @@ def _metric_mask(body: sitk.Image, threads: int) -> sitk.Image:
     f.SetKernelRadius(_radius_vox(body, _METRIC_MASK_DILATION_MM))
     f.SetKernelType(sitk.sitkBall)
     f.SetForegroundValue(1)
-    return _exec(f, body, threads=threads)
-
-
-def _sampling_fraction(fixed_level: sitk.Image, mask_fraction: float, cfg_fraction: float) -> float:
-    n_in_mask = max(1.0, float(np.prod(fixed_level.GetSize())) * max(mask_fraction, 1e-3))
-    return float(min(1.0, max(cfg_fraction, _MIN_SAMPLES / n_in_mask)))
+    return run_filter(f, body, threads=threads)
 
 
 def _new_method(fixed_mask: sitk.Image, fraction: float, threads: int) -> sitk.ImageRegistrationMethod:
@@ -288,11 +246,11 @@ def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float
     Parameters: ``smoothing_mm`` Gaussian sigma (mm) before thresholding, ``closing_mm`` closing
     radius (mm). Geometry (origin, spacing, direction) is that of ``image``.
     """
-    img = _as_float(image)
+    img = as_float32(image)
     if smoothing_mm > 0:
         g = sitk.SmoothingRecursiveGaussianImageFilter()
         g.SetSigma(float(smoothing_mm))
-        img = _exec(g, img, threads=threads)
+        img = run_filter(g, img, threads=threads)
     arr = sitk.GetArrayFromImage(img)
     finite = arr[np.isfinite(arr)]
     out = np.zeros(arr.shape, dtype=np.uint8)
@@ -303,7 +261,7 @@ def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float
     otsu = sitk.OtsuThresholdImageFilter()
     otsu.SetInsideValue(0)
     otsu.SetOutsideValue(1)
-    _exec(otsu, img, threads=threads)
+    run_filter(otsu, img, threads=threads)
     t = float(otsu.GetThreshold())
     fg = finite[finite > t]
     if fg.size:
@@ -324,7 +282,7 @@ def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float
         c.SetKernelRadius(_radius_vox(image, closing_mm))
         c.SetKernelType(sitk.sitkBall)
         c.SetForegroundValue(1)
-        mask = _exec(c, mask, threads=threads)
+        mask = run_filter(c, mask, threads=threads)
     in_slice = np.zeros((3, 3, 3), dtype=bool)
     in_slice[1] = ndimage.generate_binary_structure(2, 1)
     filled = ndimage.binary_fill_holes(sitk.GetArrayFromImage(mask) > 0, structure=in_slice)
@@ -344,7 +302,7 @@ def resample_to(moving: sitk.Image, reference: sitk.Image, transform: sitk.Trans
     """
     keep_type = interpolator in (sitk.sitkNearestNeighbor, sitk.sitkLabelGaussian)
     pixel = moving.GetPixelID() if keep_type else sitk.sitkFloat32
-    src = moving if keep_type else _as_float(moving)
+    src = moving if keep_type else as_float32(moving)
     return sitk.Resample(src, reference, transform, interpolator, float(default), pixel)
 
 
@@ -363,17 +321,6 @@ def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> fl
     field = f.Execute(transform)
     disp = sitk.GetArrayFromImage(field)  # (k, j, i, 3)
     return float(np.linalg.norm(disp[m], axis=1).mean())
-
-
-def coarse_grid_like(image: sitk.Image, spacing_mm: float) -> sitk.Image:
-    """Empty grid over ``image``'s extent, same origin and direction, spacing >= ``spacing_mm``."""
-    spacing = np.maximum(np.array(image.GetSpacing()), spacing_mm)
-    size = np.maximum(2, np.ceil((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) / spacing) + 1)
-    ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
-    ref.SetOrigin(image.GetOrigin())
-    ref.SetSpacing(spacing.tolist())
-    ref.SetDirection(image.GetDirection())
-    return ref
 
 
 def jacobian_determinant_range(transform: sitk.Transform, body: sitk.Image) -> tuple[float, float]:
@@ -435,7 +382,7 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     overlap = float(m.sum() / max(int(mask.sum()), 1))
     if not m.any():
         return 0.0, 0.0, 0.0
-    fix = _as_float(fixed)
+    fix = as_float32(fixed)
 
     def corr(a: np.ndarray, b: np.ndarray) -> float:
         a = a[m].astype(np.float64)
@@ -488,7 +435,7 @@ def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk
     """Rigid then (optionally) affine, each over the pyramid of ``stage``; coarse to fine.
 
     Each pyramid level is its own optimisation (own images, step length restarted) so that the
-    shrink is physical (see :func:`_pyramid_image`), the step length follows the level's voxel
+    shrink is physical (see :func:`pyramid_image`), the step length follows the level's voxel
     size, and every level's iteration count and stop condition can be checked: SimpleITK's
     multi-level run only reports the last level's.
     Raises RuntimeError from ITK on a failed optimisation (caught by the caller).
@@ -496,8 +443,8 @@ def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk
     levels = list(zip(stage.shrink_factors, stage.smoothing_sigmas_mm))
     if not levels:
         levels = [(1, 0.0)]
-    fixed_pyr = [_pyramid_image(fixed, s, sg, threads) for s, sg in levels]
-    moving_pyr = [_pyramid_image(moving, s, sg, threads) for s, sg in levels]
+    fixed_pyr = [pyramid_image(fixed, s, sg, threads) for s, sg in levels]
+    moving_pyr = [pyramid_image(moving, s, sg, threads) for s, sg in levels]
     mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
     finest = min(fixed.GetSpacing())
 
@@ -514,7 +461,7 @@ def _register_simpleitk(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk
         else:  # pragma: no cover - the config schema restricts the values
             raise ValueError(f"unknown transform kind {kind!r}")
         for (shrink, _), f_img, m_img in zip(levels, fixed_pyr, moving_pyr):
-            r = _new_method(metric_mask, _sampling_fraction(f_img, mask_frac, stage.sampling_fraction),
+            r = _new_method(metric_mask, sampling_fraction(f_img, mask_frac, stage.sampling_fraction),
                             threads)
             # Step length (mm): a fraction of the level's voxel size at most, so the fine level
             # refines rather than jumps; the first (coarsest) level may take the full step.
@@ -547,7 +494,7 @@ def _bspline_stage(f_img: sitk.Image, m_img: sitk.Image, fixed: sitk.Image, metr
     extent = (np.array(fixed.GetSize()) - 1) * np.array(fixed.GetSpacing())
     mesh = [max(1, int(round(e / stage.deformable_grid_spacing_mm))) for e in extent]
     bspline = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-    r = _new_method(metric_mask, _sampling_fraction(f_img, mask_frac, stage.sampling_fraction), threads)
+    r = _new_method(metric_mask, sampling_fraction(f_img, mask_frac, stage.sampling_fraction), threads)
     r.SetMovingInitialTransform(affine)
     r.SetInitialTransform(bspline, inPlace=True)
     # Coefficients bounded to +-_BSPLINE_MAX_COEFFICIENT_MM: unbounded, L-BFGS-B moved control
@@ -646,10 +593,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
         shrink0, sigma0 = (stage.shrink_factors or [1])[0], (stage.smoothing_sigmas_mm or [0.0])[0]
         last_shrink = (stage.shrink_factors or [1])[-1]
         last_sigma = (stage.smoothing_sigmas_mm or [0.0])[-1]
-        fixed_eval = _pyramid_image(fixed, last_shrink, last_sigma, threads)
-        moving_eval = _pyramid_image(moving, last_shrink, last_sigma, threads)
+        fixed_eval = pyramid_image(fixed, last_shrink, last_sigma, threads)
+        moving_eval = pyramid_image(moving, last_shrink, last_sigma, threads)
         mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
-        eval_frac = _sampling_fraction(fixed_eval, mask_frac, stage.sampling_fraction)
+        eval_frac = sampling_fraction(fixed_eval, mask_frac, stage.sampling_fraction)
         metric_before = _evaluate_metric(fixed_eval, moving_eval, metric_mask, _identity(),
                                          eval_frac, threads)
         ncc_before = registration_ncc(fixed, moving, _identity(), _interior_mask(fixed_body, threads))[0]
@@ -660,9 +607,9 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
             init.SetCenter(_mask_centroid_lps(fixed_body).tolist())
             starts = [("identity", init)]
         else:
-            f0 = _pyramid_image(fixed, shrink0, sigma0, threads)
-            m0 = _pyramid_image(moving, shrink0, sigma0, threads)
-            frac0 = _sampling_fraction(f0, mask_frac, stage.sampling_fraction)
+            f0 = pyramid_image(fixed, shrink0, sigma0, threads)
+            m0 = pyramid_image(moving, shrink0, sigma0, threads)
+            frac0 = sampling_fraction(f0, mask_frac, stage.sampling_fraction)
             scored = [(_evaluate_metric(f0, m0, metric_mask, e, frac0, threads), nm, e)
                       for nm, e in _initial_candidates_inter(fixed_body, moving_body, fixed, hint_shift_lps)]
             best, best_name, best_init = min(scored, key=lambda c: c[0])

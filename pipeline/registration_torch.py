@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RegistrationStageConfig
-from pipeline.registration import coarse_grid_like
+from pipeline.registration_common import coarse_grid_like, pyramid_image, sampling_fraction
 
 # Histogram bins of the MI: as the SimpleITK backend (registration._HISTOGRAM_BINS).
 _HISTOGRAM_BINS = 32
@@ -364,8 +364,6 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
     (resolved by the caller with ``pipeline.devices.resolve_device``). Raises RuntimeError on a
     failed optimisation (the driver catches it and fails the QC).
     """
-    from pipeline.registration import _pyramid_image, _sampling_fraction  # shared pyramid
-
     dev = torch.device(device)
     if dev.type == "cpu":
         # One intra-op thread: the tensors are small (~10^4 points), and on a shared 2-core
@@ -376,9 +374,9 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
     mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
     pyramid = []
     for shrink, sigma in levels:
-        f_img = _pyramid_image(fixed, shrink, sigma, threads)
-        m_img = _pyramid_image(moving, shrink, sigma, threads)
-        pyramid.append(_level(f_img, m_img, metric_mask, _sampling_fraction(f_img, mask_frac, stage.sampling_fraction),
+        f_img = pyramid_image(fixed, shrink, sigma, threads)
+        m_img = pyramid_image(moving, shrink, sigma, threads)
+        pyramid.append(_level(f_img, m_img, metric_mask, sampling_fraction(f_img, mask_frac, stage.sampling_fraction),
                               shrink, dev))
     metrics = [_MattesMI(level.fixed_vals, level.moving) for level in pyramid]
     radius = _body_radius_mm(pyramid[-1])

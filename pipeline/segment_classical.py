@@ -11,7 +11,7 @@ Works on a registered, intensity-normalised pre/post pair on the post-contrast g
   diameter >= the focus thickness threshold. Slice-wise (in-plane) thickness is used on
   purpose: with 3-5 mm slices, through-plane distances are too coarse to tell a 2 mm rim from
   a 5 mm nodule, and a thin rim cut tangentially at the AZ's poles looks like a thick disc on
-  one slice (see ``_focus_candidates``).
+  one slice (see ``focus_candidates``).
 This is the reference and the fallback of the network of models/ (its own issue).
 """
 
@@ -51,8 +51,8 @@ def ball_zyx(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
     return d2 <= radius_mm ** 2 + 1e-6
 
 
-def _component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None, spacing: np.ndarray,
-                       min_voxels: int) -> int:
+def component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None, spacing: np.ndarray,
+                      min_voxels: int) -> int:
     """Label of the component to keep: nearest to the hint when given, else the largest compact one."""
     best, best_score = 0, -np.inf
     sizes = ndi.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
@@ -117,7 +117,7 @@ def segment(
         idx_xyz = pre.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))
         hint = np.array(idx_xyz[::-1])
     min_az_vox = int(cfg.segmentation.az_min_volume_ml / voxel_ml)
-    keep = _component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
+    keep = component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
     if keep == 0:
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "no T1-bright non-enhancing zone found")
@@ -127,7 +127,7 @@ def segment(
     enhancing &= ~az
     shell = ndi.binary_dilation(az, structure=ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
     rim = enhancing & shell
-    foci = _focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
+    foci = focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
     return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
 
 
@@ -188,8 +188,8 @@ def half_max_edge(core: np.ndarray, pre_a: np.ndarray, enhancing: np.ndarray, bo
     return az, soft
 
 
-def _focus_candidates(enhancing: np.ndarray, az: np.ndarray, spacing: np.ndarray,
-                      min_thickness_mm: float) -> list[np.ndarray]:
+def focus_candidates(enhancing: np.ndarray, az: np.ndarray, spacing: np.ndarray,
+                     min_thickness_mm: float) -> list[np.ndarray]:
     """Enhancing regions holding an in-plane disc of diameter >= ``min_thickness_mm``.
 
     A thin rim cut tangentially at the AZ's top or bottom shows as a flat disc on one slice,

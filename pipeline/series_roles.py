@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import DEFAULT_CONFIG_PATH, IngestConfig
+from pipeline.config import CONFIG_DIR, IngestConfig
 from pipeline.types import ErrorRecord, SeriesRecord, SeriesRole, StudyRecord
 
 # ImageType values (any position) that mark series never used for enhancement.
@@ -43,7 +43,7 @@ _IGNORE_IMAGE_TYPES = {
 _LOCALIZER_IMAGE_TYPES = {"LOCALIZER"}
 _DWI_IMAGE_TYPES = {"DIFFUSION", "TRACEW"}
 _ADC_IMAGE_TYPES = {"ADC", "EADC"}
-DEFAULT_ROLE_RULES = DEFAULT_CONFIG_PATH.parent / "series_roles.yaml"
+DEFAULT_ROLE_RULES = CONFIG_DIR / "series_roles.yaml"
 _KEYWORD_KINDS = ("post_contrast", "pre_contrast", "subtraction", "t2", "t1", "localizer", "diffusion",
                   "adc", "ignore")
 _CONFIDENCE_KINDS = ("tag", "whole_word", "prefix", "sequence_only", "conflict")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,7 +24,6 @@ from pipeline.supporting import enhancement_by_phase, t2_ratios
 from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
 
 LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -179,10 +177,9 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
     configured and its weights load and run, else the classical method with the reason in the note."""
     note = ""
     if cfg.segmentation.method == "network":
-        from models.infer import WeightsError, load_model, segment_network
+        from models.infer import WeightsError, load_model, resolve_weights, segment_network
 
-        weights = Path(cfg.segmentation.network_weights)
-        weights = weights if weights.is_absolute() else REPO_ROOT / weights
+        weights = resolve_weights(cfg.segmentation.network_weights)
         # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.
         for run_on in dict.fromkeys([device, "cpu"]):
             try:

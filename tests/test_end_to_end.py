@@ -116,3 +116,29 @@ def _stable(value):
     if isinstance(value, str):  # the torch backend's stop condition ends "device=cpu, 3.10 s"
         return re.sub(r"device=(\w+), [0-9.]+ s", r"device=\1", value)
     return value
+
+
+def test_a_failed_patient_keeps_each_studys_timepoint(run, tmp_path, monkeypatch):
+    """A patient whose assessment raises: every study is still a row, indeterminate and flagged,
+    at the time point the run gives it (its baseline says baseline, not follow_up)."""
+    import flows.assess
+    from flows.assess import run_assessment
+
+    root, out, truth, summary = run
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(flows.assess, "assess_patient", crash)
+    failed = run_assessment(root / "data" / "export", tmp_path / "out", root / "data" / "procedures.csv", workers=1,
+                            device="cpu")
+    assert failed["studies"] == summary["studies"]
+    expected = {r["study_instance_uid"]: r for r in _cohort(out)}
+    rows = _cohort(tmp_path / "out")
+    assert {r["timepoint"] for r in rows} >= {"baseline", "follow_up"}
+    for row in rows:
+        want = expected[row["study_instance_uid"]]
+        assert (row["timepoint"], row["session"], row["days_since_ablation"], row["baseline_study_instance_uid"]) == (
+            want["timepoint"], want["session"], want["days_since_ablation"], want["baseline_study_instance_uid"])
+        assert row["category"] == "indeterminate" and row["flagged"] == "true"
+        assert "patient assessment failed: RuntimeError: injected" in row["flag_reasons"]

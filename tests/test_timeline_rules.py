@@ -220,3 +220,48 @@ def test_a_new_session_does_not_inherit_an_indeterminate_study():
     _, d = run(studies, imgs, sessions=(0, 400))
     assert cats(d) == [C.COMPLETE_ABLATION, C.INDETERMINATE, C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP]
     assert not d[2].flagged and not d[3].flagged
+
+
+def test_a_failed_patients_records_keep_their_timepoints():
+    # flows/assess.py: a patient whose assessment raised gets one indeterminate record per study
+    # (pipeline/records.py); the baseline's says baseline, not follow_up.
+    from pipeline.records import indeterminate_records
+
+    studies = [study("s2", 120), study("s0", -10), study("s1", 30), study("s3", 200, post=False)]
+    procs = [Procedure("P1", DAY0)]
+    records = indeterminate_records(studies, "patient assessment failed: boom", CFG.rules, procs)
+    assert [r.study_instance_uid for r in records] == ["s2", "s0", "s1", "s3"]  # the order given
+    by_uid = {r.study_instance_uid: r for r in records}
+    assert [by_uid[u].timepoint for u in ("s0", "s1", "s2", "s3")] == [
+        "pre_ablation", "baseline", "follow_up", "follow_up"]
+    baseline = by_uid["s1"]
+    assert (baseline.session, baseline.days_since_ablation, baseline.baseline_study_instance_uid,
+            baseline.ablation_date) == (1, 30, "s1", DAY0.isoformat())
+    assert by_uid["s2"].baseline_study_instance_uid == "s1" and by_uid["s2"].days_since_ablation == 120
+    assert by_uid["s0"].session is None and by_uid["s0"].baseline_study_instance_uid is None
+    for r in records:
+        assert r.decision.category == C.INDETERMINATE and r.decision.flagged
+        assert r.decision.flag_reasons == ["indeterminate: patient assessment failed: boom"]
+        assert not r.imaging.ok and r.imaging.reason == "patient assessment failed: boom"
+
+
+def test_a_failed_patient_without_procedures_has_its_first_contrast_study_as_baseline():
+    from pipeline.records import indeterminate_records
+
+    studies = [study("s0", -10, post=False), study("s1", 30), study("s2", 120)]
+    records = indeterminate_records(studies, "boom", CFG.rules)
+    assert [(r.timepoint, r.baseline_study_instance_uid) for r in records] == [
+        ("pre_ablation", None), ("baseline", "s1"), ("follow_up", "s1")]
+
+
+def test_a_failed_patient_whose_timeline_cannot_be_built_keeps_every_study(monkeypatch):
+    import pipeline.records
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken timeline")
+
+    monkeypatch.setattr(pipeline.records, "build_patient_timeline", broken)
+    records = pipeline.records.indeterminate_records([study("s1", 30), study("s2", 120)], "boom", CFG.rules)
+    assert [(r.study_instance_uid, r.timepoint, r.session) for r in records] == [
+        ("s1", "follow_up", None), ("s2", "follow_up", None)]
+    assert all(r.decision.category == C.INDETERMINATE for r in records)
