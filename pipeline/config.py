@@ -61,6 +61,9 @@ class RegistrationStageConfig(_Section):
     sampling_fraction: float = Field(gt=0, le=1)
     iterations: int = Field(gt=0)
     min_ncc_after: float = Field(ge=-1, le=1)
+    # A pair under min_ncc_after passes that check all the same when its gradient-magnitude
+    # correlation reaches this (enhancement changes intensities, not edges); None: NCC only.
+    min_gradient_ncc_after: float | None = Field(default=None, ge=-1, le=1)
     # Sanity bounds (not clinical thresholds): None disables the check for that stage.
     max_motion_mm: float | None = Field(default=None, gt=0)
     max_scale_change: float | None = Field(default=None, gt=0, lt=1)

@@ -690,9 +690,11 @@ def _quality(res: "_BackendResult", init_name: str, fixed: sitk.Image, moving: s
     if overlap < MIN_OVERLAP:
         reasons.append(f"only {overlap:.0%} of the body interior overlaps after registration "
                        f"(< {MIN_OVERLAP:.0%})")
-    if ncc < stage.min_ncc_after:
+    edges_agree = stage.min_gradient_ncc_after is not None and gncc >= stage.min_gradient_ncc_after
+    if ncc < stage.min_ncc_after and not edges_agree:
+        gate = "" if stage.min_gradient_ncc_after is None else f" < {stage.min_gradient_ncc_after}"
         reasons.append(f"ncc of the body interior {ncc:.3f} < {stage.min_ncc_after} "
-                       f"(gradient ncc {gncc:.3f})")
+                       f"(gradient ncc {gncc:.3f}{gate})")
     if max_scale_change is not None and np.abs(scales - 1.0).max() > max_scale_change:
         reasons.append(f"implausible affine scaling {np.round(scales, 3).tolist()} "
                        f"(bound +-{max_scale_change:.0%})")

@@ -251,6 +251,35 @@ def test_intra_study_small_motion(cfg, phantom, baseline):
     assert abs(qc.motion_corrected_mm - motion_magnitude_mm(true, m)) < 0.7
 
 
+def test_intra_study_pair_whose_enhancement_inverts_the_contrast_passes_on_its_edges(cfg, phantom, baseline):
+    """Issue 15 (abdomen development seed 62): organs enhancing strongly pull the intensity NCC of a
+    right pre/post pair under 0.35 and the study became indeterminate; the edges still agree."""
+    true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2), centre=(0.0, 0.0, 0.0))
+
+    def enhance(pts, vals):  # dark organs enhance x3.5, bright ones darken: contrast inverted
+        out = vals.copy()
+        for c, s, v in phantom.organs:
+            out[(((pts - c) / s) ** 2).sum(axis=1) < 1.0] *= 3.5 if v < 1 else 0.6
+        return out
+
+    post = render(phantom, make_grid(FIXED_SIZE, FIXED_SPACING), true, scale=1.3, noise=0.02, seed=3,
+                  enhance=enhance)
+    tx, qc = register_intra_study(baseline, post, cfg)
+    assert qc.ok, qc.reason
+    assert tre_mm(tx, true, body_points(baseline, 20)).mean() <= 0.7
+    assert float(qc.stop_condition.split("ncc_interior=")[1].split(";")[0]) < cfg.intra_study.min_ncc_after
+    off = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"min_gradient_ncc_after": None})})
+    _, qc_off = register_intra_study(baseline, post, off)
+    assert not qc_off.ok and "ncc of the body interior" in qc_off.reason
+
+
+def test_intra_study_pair_of_another_patient_fails_on_its_edges_too(cfg, baseline):
+    other = Phantom(seed=7, semi_axes=(92.0, 75.0))
+    wrong = render(other, make_grid(FIXED_SIZE, FIXED_SPACING), scale=1.3, noise=0.02, seed=4)
+    _, qc = register_intra_study(baseline, wrong, cfg)
+    assert not qc.ok and f"< {cfg.intra_study.min_gradient_ncc_after})" in qc.reason, qc.reason  # edges disagree
+
+
 @pytest.mark.parametrize("seed,semi_axes", [(7, (80.0, 88.0)), (11, (92.0, 75.0))])
 def test_wrong_patient_flagged(cfg, baseline, seed, semi_axes):
     # Another patient: other organs and texture; the second has nearly the same body outline,
