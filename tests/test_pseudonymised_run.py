@@ -11,6 +11,7 @@ a reason), a junk file and a file with an invalid position (rows of errors.csv w
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -95,8 +96,19 @@ def test_a_failing_task_logs_no_identity(tmp_path: Path, capfd, monkeypatch) -> 
     monkeypatch.setattr("flows.assess.study_imaging", failing_imaging)
     config = tmp_path / "site.yaml"
     config.write_text(f"ingest:\n  pseudonymise_patient_ids: true\n  pseudonym_key_file: {tmp_path / 'k' / 'k.key'}\n")
-    run_assessment(export, tmp_path / "out", None, config)
-    logs = "".join(capfd.readouterr())
+    # Prefect's console handler writes to the stream it was configured with when the process ran
+    # its first flow (an earlier test's captured stream): read its records here too, with their
+    # tracebacks, from a handler on the "prefect" logger itself (it does not propagate to root).
+    records = io.StringIO()
+    handler = logging.StreamHandler(records)
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(handler)
+    try:
+        run_assessment(export, tmp_path / "out", None, config)
+    finally:
+        prefect_logger.removeHandler(handler)
+    logs = "".join(capfd.readouterr()) + records.getvalue()
     assert "cannot read export:" in logs  # the failure is logged, with the file's reference
     for secret in (FOLDER, PATIENT_ID, NAME, BIRTH):
         assert secret not in logs, secret
