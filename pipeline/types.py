@@ -13,6 +13,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+# The label registry (values of labels.nii.gz, SEG segment numbers, the network's classes):
+# defined beside the network, which never imports pipeline; the stages take it from here.
+from models.labels import STRUCTURES, Label, label_map  # noqa: F401 - re-exported
+
 
 # --------------------------------------------------------------------------- ingest
 class SeriesRole(str, Enum):
