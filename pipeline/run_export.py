@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextvars import copy_context
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -190,16 +191,17 @@ def run_export(
                     errors.extend(result.errors)
                     n_reused += result.n_reused
                 except Exception as exc:  # noqa: BLE001 - one patient's failure never kills the batch
-                    reason = f"patient assessment failed: {type(exc).__name__}: {exc}"
-                    records.extend(indeterminate_records(by_patient[pid], reason, cfg.rules, (sessions or {}).get(pid)))
-                    errors.extend(ErrorRecord("", pid, s.study_instance_uid, "", "assess", reason) for s in by_patient[pid])
+                    row = ErrorRecord.from_exception(exc, "assess", "patient assessment failed", patient_id=pid)
+                    records.extend(indeterminate_records(by_patient[pid], row.reason, cfg.rules,
+                                                         (sessions or {}).get(pid)))
+                    errors.extend(replace(row, study_instance_uid=s.study_instance_uid) for s in by_patient[pid])
                     log.patient_done(pid, len(by_patient[pid]), failed=f"{type(exc).__name__}: {exc}")
 
         t0 = time.perf_counter()
         try:
             records = review_fn(out, records, cfg)
         except Exception as exc:  # noqa: BLE001 - the review database must never stop the batch
-            errors.append(ErrorRecord("", "", "", "", "review", f"review worklist not updated: {type(exc).__name__}: {exc}"))
+            errors.append(ErrorRecord.from_exception(exc, "review", "review worklist not updated"))
         if redactor is not None:  # the run's own reasons (exceptions) may quote paths too
             errors = [redactor.error(e) for e in errors]
         write_cohort_csv(out, records)

@@ -83,6 +83,16 @@ class ErrorRecord:
     stage: str
     reason: str
 
+    @classmethod
+    def from_exception(cls, exc: BaseException, stage: str, context: str = "", *, path: str = "",
+                       patient_id: str = "", study_instance_uid: str = "",
+                       series_instance_uid: str = "") -> "ErrorRecord":
+        """The one way to build an error row from an exception: the reason is
+        ``<context>: <ExceptionType>: <message>`` (``<ExceptionType>: <message>`` without a context)."""
+        what = f"{type(exc).__name__}: {exc}"
+        return cls(path, patient_id, study_instance_uid, series_instance_uid, stage,
+                   f"{context}: {what}" if context else what)
+
 
 # --------------------------------------------------------------------------- timeline
 class Timepoint(str, Enum):
