@@ -2,10 +2,9 @@
 
 A thin Prefect wrapper over :func:`pipeline.run_export.run_export`: the index, each patient,
 each study's imaging (with a retry on I/O errors) and the review worklist run as Prefect tasks;
-``workers`` patients at a time (run_export's threads submit them: the flow's parameter is the
-one limit, a deployment run given another value included). Studies
-already assessed with the same inputs and config are reused, so the nightly run only does what
-is new.
+``workers`` patients at a time (run_export's threads submit them, so the flow's parameter is
+the one limit, also where a deployment run is given another value). Studies already assessed
+with the same inputs and config are reused, so the nightly run only does what is new.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from pipeline.run_export import assess_patient_reported, call_redacted, index_ru
 from pipeline.run_log import RunReporter
 from pipeline.timeline import Procedure
 from pipeline.types import StudyRecord
+
 
 def _retry_on_io(task, task_run, state) -> bool:
     """Retry only what a retry can fix: I/O errors (a file being copied, a network share)."""

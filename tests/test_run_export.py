@@ -12,6 +12,8 @@ import sys
 import threading
 from pathlib import Path
 
+from pydicom import dcmread
+
 from pipeline.assess import PatientResult
 from pipeline.records import indeterminate_records
 from pipeline.run_export import assess_patient_reported, run_export
@@ -31,8 +33,6 @@ def _export(root: Path, patients: list[str]) -> tuple[Path, dict[str, str]]:
     uids = {}
     for pid in patients:
         files = small_study(export / pid, patient=pid)
-        from pydicom import dcmread
-
         uids[pid] = str(dcmread(files["post"][0], stop_before_pixels=True).StudyInstanceUID)
     (export / "notes.txt").write_text("not a DICOM file\n")
     return export, uids
