@@ -10,7 +10,7 @@ augmentation of models/infer.py).
 
 Case folders (one per study) hold the pipeline's own per-study outputs
 (``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/assess.py IMAGE_FILES) plus
-``labels.nii.gz`` (0 background, 1 ablation zone, 2 rim, 3 enhancing focus) on the same grid:
+``labels.nii.gz`` (values of models/labels.py ``Label``, 0 the background) on the same grid:
 the layout ``--data DIR`` fine-tunes on, and the layout ``models.cohort.build_synthetic_cohort``
 writes from the phantom generator (kept in its own module: it runs the pipeline, which imports
 this module for inference).
@@ -25,11 +25,13 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from models.labels import Label
+
 log = logging.getLogger(__name__)
 
 CHANNELS = ("pre_contrast", "subtraction")
-N_CLASSES = 4  # background, ablation zone, rim, enhancing focus
-CLASS_NAMES = ("background", "ablation_zone", "rim", "enhancing_focus")
+N_CLASSES = len(Label)  # class index = label value (models/labels.py), 0 the background
+CLASS_NAMES = tuple(label.key for label in Label)
 PRE_FILE, SUB_FILE, LABEL_FILE = "pre_registered.nii.gz", "subtraction.nii.gz", "labels.nii.gz"
 CLASSICAL_FILE = "classical_labels.nii.gz"
 

@@ -27,10 +27,10 @@ import SimpleITK as sitk
 import torch
 
 from models.data import N_CLASSES, network_input, resample_onto
+from models.labels import Label, label_map
 from models.network import build_network
 
 log = logging.getLogger(__name__)
-LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
 # Flip views of the TTA by number of views (array axes of a (batch, channel, z, y, x) tensor;
 # () = the input itself). Two views: the flip along all three axes differs from the input on
 # every axis, so the pair is the cheapest that still varies every direction (on the validation
@@ -190,13 +190,8 @@ class CleanedPrediction:
     foci: list[np.ndarray]  # bool masks: focus components of at least the minimum size
 
     def labels(self) -> np.ndarray:
-        """uint8 label map (0 background, 1 AZ, 2 rim, 3 focus)."""
-        out = np.zeros(self.az.shape, np.uint8)
-        out[self.rim] = LABEL_RIM
-        for mask in self.foci:
-            out[mask] = LABEL_FOCUS
-        out[self.az] = LABEL_AZ
-        return out
+        """uint8 label map, values of :class:`models.labels.Label`."""
+        return label_map(self.az, self.rim, self.foci)
 
 
 def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: np.ndarray, cfg,
@@ -216,20 +211,20 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     from pipeline.segment_classical import component_nearest
 
     spacing = np.asarray(spacing_zyx, float)
-    lab, n = ndi.label(pred.labels == LABEL_AZ)
+    lab, n = ndi.label(pred.labels == Label.ABLATION_ZONE)
     min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
     keep = component_nearest(lab, n, hint_zyx, spacing, min_az_vox) if n else 0
     if keep == 0:
         return None
     az = ndi.binary_fill_holes(lab == keep) & body_a
-    soft = pred.probabilities[LABEL_AZ].copy()
+    soft = pred.probabilities[Label.ABLATION_ZONE].copy()
     soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
     near_az = ndi.distance_transform_edt(~az, sampling=spacing) <= cfg.segmentation.rim_search_mm
-    rim = (pred.labels == LABEL_RIM) & ~az & body_a & near_az
+    rim = (pred.labels == Label.RIM) & ~az & body_a & near_az
     if (relative_enhancement is not None and rim.any()
             and float(relative_enhancement[rim].mean()) < cfg.segmentation.network_rim_min_mean_re):
         rim = np.zeros_like(rim)
-    focus = (pred.labels == LABEL_FOCUS) & ~az & body_a
+    focus = (pred.labels == Label.ENHANCING_FOCUS) & ~az & body_a
     flab, nf = ndi.label(focus)
     min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
     sizes = ndi.sum_labels(np.ones_like(flab), flab, index=np.arange(1, nf + 1)) if nf else []

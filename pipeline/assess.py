@@ -235,10 +235,10 @@ def assess_patient(
         try:
             state, errors = imaging_fn(study, cfg, out_dir, device)
         except Exception as exc:  # noqa: BLE001 - a failing study must never kill the batch
-            reason = f"imaging failed: {type(exc).__name__}: {exc}"
-            state, errors = StudyState(study, StudyImaging(ok=False, reason=reason), None, "",
-                                       study_dir(out_dir, study)), [
-                ErrorRecord("", study.patient_id, study.study_instance_uid, "", "imaging", reason)]
+            row = ErrorRecord.from_exception(exc, "imaging", "imaging failed", patient_id=study.patient_id,
+                                             study_instance_uid=study.study_instance_uid)
+            state, errors = StudyState(study, StudyImaging(ok=False, reason=row.reason), None, "",
+                                       study_dir(out_dir, study)), [row]
         states[study.study_instance_uid] = state
         result.errors.extend(errors)
         result.n_reused += int(state.reused)
@@ -280,8 +280,9 @@ def assess_patient(
                                                            base.pre_registered, state.transform),
                                        study_dir(out_dir, entry.study) / "temporal_difference.nii.gz")
                 except Exception as exc:  # noqa: BLE001 - supporting image: never lose the study
-                    result.errors.append(ErrorRecord("", entry.study.patient_id, entry.study.study_instance_uid, "",
-                                                     "temporal_difference", f"{type(exc).__name__}: {exc}"))
+                    result.errors.append(ErrorRecord.from_exception(
+                        exc, "temporal_difference", patient_id=entry.study.patient_id,
+                        study_instance_uid=entry.study.study_instance_uid))
         except Exception as exc:  # noqa: BLE001
             state.to_baseline_error = f"{type(exc).__name__}: {exc}"
         if state.to_baseline_failure:
@@ -321,8 +322,8 @@ def assess_patient(
             try:
                 _key_image(states[uid], states.get(entry.baseline_study_instance_uid or ""), record, folder, cfg)
             except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the study
-                result.errors.append(ErrorRecord("", record.patient_id, uid, "", "key_image",
-                                                 f"key image not rendered: {type(exc).__name__}: {exc}"))
+                result.errors.append(ErrorRecord.from_exception(exc, "key_image", "key image not rendered",
+                                                                patient_id=record.patient_id, study_instance_uid=uid))
         result.errors = _redacted_errors(result.errors, redactor)
         record.errors = [vars(e) for e in result.errors if e.study_instance_uid == uid]
         write_assessment(folder / "assessment.json", record)
@@ -341,8 +342,8 @@ def assess_patient(
             render_timeline_plot(patient_folder / "timeline.png", result.patient_id, points, cfg.outputs.key_image_dpi,
                                  (cfg.rules.growth_min_abs_mm, cfg.rules.growth_min_pct))
         except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
-            result.errors.append(ErrorRecord("", result.patient_id, "", "", "timeline_plot",
-                                             f"timeline plot not rendered: {type(exc).__name__}: {exc}"))
+            result.errors.append(ErrorRecord.from_exception(exc, "timeline_plot", "timeline plot not rendered",
+                                                            patient_id=result.patient_id))
         if cfg.outputs.write_report:
             _write_report(result, entries, records, out_dir)
     result.records = [records[e.study.study_instance_uid] for e in entries]
@@ -372,5 +373,5 @@ def _write_report(result: PatientResult, entries: list[TimelineEntry], records: 
         write_patient_report(path, result.patient_id,
                              [(records[e.study.study_instance_uid], study_dir(out_dir, e.study)) for e in entries])
     except Exception as exc:  # noqa: BLE001 - the report must not lose the patient
-        result.errors.append(ErrorRecord(str(path), result.patient_id, "", "", "report",
-                                         f"report.html not written: {type(exc).__name__}: {exc}"))
+        result.errors.append(ErrorRecord.from_exception(exc, "report", "report.html not written", path=str(path),
+                                                        patient_id=result.patient_id))

@@ -73,6 +73,19 @@ class Decision(BaseModel):
     # Facts worth recording that need no image review (e.g. a missed follow-up time point).
     notes: list[str] = Field(default_factory=list)
 
+    @classmethod
+    def indeterminate(cls, reason: str, *, rule_id: str = "R5-not-evaluable", flags: list[str] | None = None,
+                      new_lesion: bool = False, changes: Changes | None = None) -> "Decision":
+        """The one way to build an ``indeterminate`` decision (rule 5: the study cannot be assessed).
+
+        Always flagged, confidence 0; ``reason`` is said in the rule (``not evaluable: <reason>``)
+        and as the last flag reason (``indeterminate: <reason>``), after the study's other
+        ``flags``. ``rule_id``: ``R5-not-evaluable`` unless a more precise R5 rule applies.
+        """
+        return cls(category=Category.INDETERMINATE, rule_id=rule_id, rule=f"not evaluable: {reason}",
+                   confidence=0.0, flagged=True, flag_reasons=[*(flags or []), f"indeterminate: {reason}"],
+                   new_lesion=new_lesion, changes=changes if changes is not None else Changes())
+
 
 @dataclass
 class _SessionState:
@@ -231,18 +244,14 @@ def classify_patient(
         state = states.setdefault(entry.session or 0, _SessionState())
         if not result.ok or entry.session is None:
             reason = result.reason or "study could not be placed in a session"
-            decisions[uid] = Decision(
-                category=Category.INDETERMINATE, rule_id="R5-not-evaluable", rule=f"not evaluable: {reason}",
-                confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
-                new_lesion=new_lesion, changes=_changes(result, state))
+            decisions[uid] = Decision.indeterminate(reason, flags=flags, new_lesion=new_lesion,
+                                                    changes=_changes(result, state))
             state.indeterminate.append(f"{entry.study.study_date} {uid}: {reason}")
             continue
         if not result.az_found or result.ablation_zone is None:
             reason = "no ablation zone found where one must be"
-            decisions[uid] = Decision(
-                category=Category.INDETERMINATE, rule_id="R5-no-ablation-zone", rule=f"not evaluable: {reason}",
-                confidence=0.0, flagged=True, flag_reasons=[*flags, f"indeterminate: {reason}"],
-                new_lesion=new_lesion, changes=_changes(result, state))
+            decisions[uid] = Decision.indeterminate(reason, rule_id="R5-no-ablation-zone", flags=flags,
+                                                    new_lesion=new_lesion, changes=_changes(result, state))
             state.indeterminate.append(f"{entry.study.study_date} {uid}: {reason}")
             continue
 

@@ -75,8 +75,10 @@ def _write(record: AssessmentRecord, study: StudyRecord, load_labels: Callable[[
         return written, errors
 
     def fail(stage: str, series_uid: str, exc: Exception, what: str) -> None:
-        errors.append(ErrorRecord(str(folder / what), record.patient_id, record.study_instance_uid, series_uid, stage,
-                                  f"{what} not written: {type(exc).__name__}: {exc}"))
+        errors.append(ErrorRecord.from_exception(exc, stage, f"{what} not written", path=str(folder / what),
+                                                 patient_id=record.patient_id,
+                                                 study_instance_uid=record.study_instance_uid,
+                                                 series_instance_uid=series_uid))
 
     series = _evidence_series(study, record)
     series_uid = series.series_instance_uid if series is not None else ""

@@ -1,4 +1,4 @@
-"""seg.dcm: the study's labels (1 ablation zone, 2 rim, 3 enhancing focus) as a DICOM Segmentation.
+"""seg.dcm: the study's labels (pipeline.types.Label) as a DICOM Segmentation, segment number = label value.
 
 highdicom builds the object (BINARY, one segment per label) from the source post-contrast
 series' datasets. The labels live on that series' native grid (DESIGN.md), so no resampling is
@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from pipeline import __version__
 from pipeline.outputs import atomic_write_bytes
+from pipeline.types import Label
 
 MANUFACTURER = "ablation-response"
 SEG_SERIES_NUMBER = 9901
@@ -61,12 +62,12 @@ def _coded(code) -> hd.sr.CodedConcept:
 # - focus: an enhancing focus outside the benign-rim pattern is a finding to review, not a proven
 #   tumour (every call is a proposal), so the neutral "Lesion" (SCT 52988006), not "Neoplasm".
 SEGMENTS: tuple[SegmentSpec, ...] = (
-    SegmentSpec(1, "Ablation zone", _coded(codes.SCT.MorphologicallyAbnormalStructure), _coded(codes.SCT.Necrosis),
-                "ablation_zone", (60.0, -10.0, -40.0)),
-    SegmentSpec(2, "Enhancing rim", _coded(codes.SCT.MorphologicallyAbnormalStructure),
+    SegmentSpec(int(Label.ABLATION_ZONE), "Ablation zone", _coded(codes.SCT.MorphologicallyAbnormalStructure),
+                _coded(codes.SCT.Necrosis), "ablation_zone", (60.0, -10.0, -40.0)),
+    SegmentSpec(int(Label.RIM), "Enhancing rim", _coded(codes.SCT.MorphologicallyAbnormalStructure),
                 _coded(codes.SCT.InflammationMorphologic), "rim", (85.0, 0.0, 80.0)),
-    SegmentSpec(3, "Enhancing focus", _coded(codes.SCT.MorphologicallyAbnormalStructure), _coded(codes.SCT.Lesion),
-                "enhancing_foci", (55.0, 80.0, 65.0)),
+    SegmentSpec(int(Label.ENHANCING_FOCUS), "Enhancing focus", _coded(codes.SCT.MorphologicallyAbnormalStructure),
+                _coded(codes.SCT.Lesion), "enhancing_foci", (55.0, 80.0, 65.0)),
 )
 
 

@@ -28,10 +28,11 @@ from pydicom.uid import generate_uid
 from pipeline import __version__
 from pipeline.dicom_seg import MANUFACTURER, tracking_identifier, tracking_uid
 from pipeline.outputs import AssessmentRecord, atomic_write_bytes
+from pipeline.types import Label
 
 LOCAL_SCHEME = "99ABLRESP"
 SR_SERIES_NUMBER = 9902
-AZ_SEGMENT_NUMBER = 1
+AZ_SEGMENT_NUMBER = int(Label.ABLATION_ZONE)  # the SEG's segment numbers are the label values
 
 
 def _local(value: str, meaning: str) -> hd.sr.CodedConcept:

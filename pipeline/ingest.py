@@ -728,8 +728,9 @@ def group_catalogue_rows(
         except Exception as exc:  # noqa: BLE001 - one study's headers must never stop the batch
             # Listed without series, the study is assessed as indeterminate and keeps its row.
             pid = Counter(r["patient_id"] or "" for r in srows).most_common(1)[0][0] or f"UNKNOWN-{study_uid[-8:]}"
-            err(_common_dir(export_dir, [r["path"] for r in srows]),
-                f"study could not be grouped from its headers: {type(exc).__name__}: {exc}", pid, study_uid)
+            errors.append(ErrorRecord.from_exception(exc, STAGE, "study could not be grouped from its headers",
+                                                     path=_common_dir(export_dir, [r["path"] for r in srows]),
+                                                     patient_id=pid, study_instance_uid=study_uid))
             studies[:] = [s for s in studies if s.study_instance_uid != study_uid]
             studies.append(StudyRecord(pid, study_uid, None, ""))
     studies.sort(key=lambda s: (s.patient_id, s.study_date is None,

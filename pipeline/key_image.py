@@ -13,8 +13,12 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from pipeline.outputs import atomic_write_bytes
+from pipeline.types import STRUCTURES, Label
 
-_LABEL_COLOURS = ListedColormap([(0, 0, 0, 0), (0.2, 0.6, 1.0, 0.35), (1.0, 0.85, 0.1, 0.6), (1.0, 0.1, 0.1, 0.8)])
+# RGBA of each label value (the review page's overlay uses the same colours).
+LABEL_COLOURS = {Label.BACKGROUND: (0, 0, 0, 0), Label.ABLATION_ZONE: (0.2, 0.6, 1.0, 0.35),
+                 Label.RIM: (1.0, 0.85, 0.1, 0.6), Label.ENHANCING_FOCUS: (1.0, 0.1, 0.1, 0.8)}
+_LABEL_COLOURS = ListedColormap([LABEL_COLOURS[label] for label in Label])
 _LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("I", "S")}  # LPS: +x left, +y posterior, +z superior
 
 
@@ -67,7 +71,7 @@ def _panel(ax, image: sitk.Image, k: int, title: str, labels: sitk.Image | None 
         ax.imshow(sl, cmap=cmap, vmin=lo, vmax=hi, aspect=sy / sx, interpolation="nearest")
     if labels is not None:
         lab = sitk.GetArrayFromImage(labels)[k][box]
-        ax.imshow(np.ma.masked_equal(lab, 0), cmap=_LABEL_COLOURS, vmin=0, vmax=3, aspect=sy / sx,
+        ax.imshow(np.ma.masked_equal(lab, 0), cmap=_LABEL_COLOURS, vmin=0, vmax=int(max(Label)), aspect=sy / sx,
                   interpolation="nearest")
     left, right, top, bottom = orientation_letters(image)
     h, w = sl.shape
@@ -109,7 +113,7 @@ def days_text(days_since_ablation: int | None) -> str:
     return f"day {days_since_ablation} after ablation"
 
 
-LEGEND = (("ablation zone", 1), ("rim", 2), ("enhancing focus", 3))
+LEGEND = tuple((label.text, int(label)) for label in STRUCTURES)
 
 
 def key_image_figure(

@@ -6,7 +6,7 @@ from pipeline.classify import Decision
 from pipeline.config import RulesConfig
 from pipeline.outputs import AssessmentRecord
 from pipeline.timeline import Procedure, build_patient_timeline
-from pipeline.types import Category, StudyImaging, StudyRecord, TimelineEntry, Timepoint
+from pipeline.types import StudyImaging, StudyRecord, TimelineEntry, Timepoint
 
 
 def indeterminate_records(studies: list[StudyRecord], reason: str, rules: RulesConfig,
@@ -39,8 +39,6 @@ def indeterminate_records(studies: list[StudyRecord], reason: str, rules: RulesC
             days_since_ablation=entry.days_since_ablation, baseline_study_instance_uid=baseline_uid,
             timeline_flags=entry.flags,
             imaging=StudyImaging(ok=False, reason=reason),
-            decision=Decision(category=Category.INDETERMINATE, rule_id="R5-not-evaluable",
-                              rule=f"not evaluable: {reason}", confidence=0.0, flagged=True,
-                              flag_reasons=[f"indeterminate: {reason}"]),
+            decision=Decision.indeterminate(reason),
         ))
     return records

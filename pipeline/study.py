@@ -21,9 +21,8 @@ from pipeline.rim import rim_metrics, rim_thickness_profile
 from pipeline.segment_classical import segment
 from pipeline.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
 from pipeline.supporting import enhancement_by_phase, t2_ratios
-from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
+from pipeline.types import ErrorRecord, RegistrationQC, SeriesRecord, SeriesRole, StudyImaging, StudyRecord, label_map
 
-LABEL_AZ, LABEL_RIM, LABEL_FOCUS = 1, 2, 3
 
 
 @dataclass
@@ -148,10 +147,7 @@ def analyse_study(
                                         sitk.GetArrayFromImage(body) > 0, cfg)
         timings["supporting_signals"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        labels_a[seg.rim] = LABEL_RIM
-        labels_a[seg.az] = LABEL_AZ
-        for mask in focus_masks:
-            labels_a[mask & ~seg.az] = LABEL_FOCUS
+        labels_a = label_map(seg.az, seg.rim, focus_masks)
     timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t0
 
     labels = _like(labels_a, post)

@@ -13,6 +13,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+# The label registry (values of labels.nii.gz, SEG segment numbers, the network's classes):
+# defined beside the network, which never imports pipeline; the stages take it from here.
+from models.labels import STRUCTURES, Label, label_map  # noqa: F401 - re-exported
+
 
 # --------------------------------------------------------------------------- ingest
 class SeriesRole(str, Enum):
@@ -78,6 +82,16 @@ class ErrorRecord:
     series_instance_uid: str
     stage: str
     reason: str
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, stage: str, context: str = "", *, path: str = "",
+                       patient_id: str = "", study_instance_uid: str = "",
+                       series_instance_uid: str = "") -> "ErrorRecord":
+        """The one way to build an error row from an exception: the reason is
+        ``<context>: <ExceptionType>: <message>`` (``<ExceptionType>: <message>`` without a context)."""
+        what = f"{type(exc).__name__}: {exc}"
+        return cls(path, patient_id, study_instance_uid, series_instance_uid, stage,
+                   f"{context}: {what}" if context else what)
 
 
 # --------------------------------------------------------------------------- timeline

@@ -323,17 +323,18 @@ def test_the_batch_of_windows_is_sized_to_the_free_gpu_memory(monkeypatch):
 def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     """The argmax is cleaned as the classical method is: the largest AZ component, rim only
     within rim_search_mm of it, focus components of rule 6's minimum size."""
-    from models.infer import LABEL_AZ, LABEL_FOCUS, LABEL_RIM, NetworkPrediction, clean_prediction
+    from models.infer import NetworkPrediction, clean_prediction
+    from models.labels import Label
 
     cfg = load_config()
     shape, spacing = (20, 60, 60), np.array([3.0, 1.5, 1.5])
     labels = np.zeros(shape, np.uint8)
-    labels[8:13, 20:35, 20:35] = LABEL_AZ  # the zone (~2.5 mL)
-    labels[8:10, 50:52, 50:52] = LABEL_AZ  # a speck of AZ elsewhere
-    labels[8:13, 18:20, 20:35] = LABEL_RIM  # rim on the zone's margin
-    labels[15:17, 50:55, 5:10] = LABEL_RIM  # "rim" 30 mm away: not this zone's rim
-    labels[8:12, 40:46, 40:46] = LABEL_FOCUS  # a nodule, 6 x 9 x 9 mm
-    labels[2, 5, 5] = LABEL_FOCUS  # one stray voxel
+    labels[8:13, 20:35, 20:35] = Label.ABLATION_ZONE  # the zone (~2.5 mL)
+    labels[8:10, 50:52, 50:52] = Label.ABLATION_ZONE  # a speck of AZ elsewhere
+    labels[8:13, 18:20, 20:35] = Label.RIM  # rim on the zone's margin
+    labels[15:17, 50:55, 5:10] = Label.RIM  # "rim" 30 mm away: not this zone's rim
+    labels[8:12, 40:46, 40:46] = Label.ENHANCING_FOCUS  # a nodule, 6 x 9 x 9 mm
+    labels[2, 5, 5] = Label.ENHANCING_FOCUS  # one stray voxel
     probs = np.stack([(labels == c).astype(np.float32) for c in range(4)])
     pred = NetworkPrediction(labels, probs, np.zeros(shape, np.float32), 0.0, "cpu", 1)
     cleaned = clean_prediction(pred, np.ones(shape, bool), spacing, cfg)
@@ -342,7 +343,7 @@ def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     assert cleaned.rim[8:13, 18:20, 20:35].all() and not cleaned.rim[15:17].any()
     assert len(cleaned.foci) == 1 and cleaned.foci[0][8:12, 40:46, 40:46].all()
     out = cleaned.labels()
-    assert out[2, 5, 5] == 0 and out[10, 25, 25] == LABEL_AZ and out[10, 19, 25] == LABEL_RIM
+    assert out[2, 5, 5] == 0 and out[10, 25, 25] == Label.ABLATION_ZONE and out[10, 19, 25] == Label.RIM
     empty = NetworkPrediction(np.zeros(shape, np.uint8), probs, probs[0], 0.0, "cpu", 1)
     assert clean_prediction(empty, np.ones(shape, bool), spacing, cfg) is None
 
@@ -359,11 +360,12 @@ def test_validation_dice_counts_a_class_predicted_where_the_truth_has_none():
 
 
 def _zone_with_rim(shape=(20, 60, 60)):
-    from models.infer import LABEL_AZ, LABEL_RIM, NetworkPrediction
+    from models.infer import NetworkPrediction
+    from models.labels import Label
 
     labels = np.zeros(shape, np.uint8)
-    labels[8:13, 20:35, 20:35] = LABEL_AZ
-    labels[8:13, 18:20, 20:35] = LABEL_RIM
+    labels[8:13, 20:35, 20:35] = Label.ABLATION_ZONE
+    labels[8:13, 18:20, 20:35] = Label.RIM
     probs = np.stack([(labels == c).astype(np.float32) for c in range(4)])
     return NetworkPrediction(labels, probs, np.zeros(shape, np.float32), 0.0, "cpu", 1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 
-from flows.progress import RUN_LOG_NAME, RunReporter
+from pipeline.run_log import RUN_LOG_NAME, RunReporter
 from pipeline.types import StudyRecord
 
 

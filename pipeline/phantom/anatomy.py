@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from pipeline.types import Label
+
 from .geometry import Grid, Pose, random_rotation
 
 T1_PHASE_SECONDS = (20, 70, 180)
@@ -551,7 +553,7 @@ class Rendered:
 
     fractions: dict[str, np.ndarray]
     texture: np.ndarray  # in [-1, 1], world-fixed
-    labels: np.ndarray  # uint8: 0 bg, 1 AZ, 2 rim, 3 tumour/nodule
+    labels: np.ndarray  # uint8 Label values: the tumour/nodule is the enhancing focus
     muscle_gain: np.ndarray | None = None  # per-voxel muscle compartment gain (~1 +- 8 %)
 
 
@@ -768,9 +770,9 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
                 f_outer = _frac(d_az - t, n_az, axes)
                 # rim fraction conditional on "not AZ", for the precedence product below
                 raw["rim"][box] = np.clip((f_outer - f_az) / np.maximum(1 - f_az, 1e-6), 0, 1)
-                centre_lab[(d_az - t < 0)] = 2
-            centre_lab[d_vessel[box] < 0] = 0
-            centre_lab[d_az < 0] = 1
+                centre_lab[(d_az - t < 0)] = Label.RIM
+            centre_lab[d_vessel[box] < 0] = Label.BACKGROUND
+            centre_lab[d_az < 0] = Label.ABLATION_ZONE
         for name, c, r in (("tumour", lesion.az_centre, lesion.tumour_radius),
                            ("nodule", lesion.nodule_centre, lesion.nodule_radius)):
             if c is None or r <= 0:
@@ -779,7 +781,7 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
             rr = np.sqrt(np.sum(v * v, axis=-1)) + np.float32(1e-6)
             d = rr - np.float32(r)
             raw[name][box] = _frac(d, v / rr[..., None], axes)
-            centre_lab[d < 0] = 3
+            centre_lab[d < 0] = Label.ENHANCING_FOCUS
         labels[box] = centre_lab
 
     # Precedence product: each interior tissue takes its share of what is left.

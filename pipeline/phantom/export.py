@@ -29,6 +29,8 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
+from pipeline.types import Label
+
 from .anatomy import T1_PHASE_SECONDS, Anatomy, intensity, render, t1_tissue_values, t2_tissue_values
 from .dicom_writer import SeriesHeader, study_dataset, write_series
 from .geometry import (Deformation, Grid, Pose, axial_direction, coronal_direction, make_grid, rotation_matrix,
@@ -238,7 +240,7 @@ def _az_truth(labels: np.ndarray, grid: Grid, lesion, pose: Pose) -> tuple[dict,
     except ImportError:
         measure_ablation_zone = None
     if measure_ablation_zone is not None:
-        mask = sitk.GetImageFromArray((labels == 1).astype(np.uint8))
+        mask = sitk.GetImageFromArray((labels == Label.ABLATION_ZONE).astype(np.uint8))
         mask.SetOrigin(tuple(grid.origin))
         mask.SetSpacing(grid.spacing)
         mask.SetDirection(tuple(grid.direction.ravel()))

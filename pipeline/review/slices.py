@@ -30,14 +30,15 @@ from PIL import Image
 from pipeline.imageio import load_series
 from pipeline.key_image import orientation_letters
 from pipeline.registration import resample_to
-from pipeline.types import SeriesRecord
+from pipeline.types import Label, SeriesRecord
 
 VIEWS = ("baseline", "current")
 PANELS = ("pre", "post", "subtraction", "overlay")
 CATALOGUE_NAME = "catalogue.sqlite"
 NIFTI = {"pre": "pre_registered.nii.gz", "subtraction": "subtraction.nii.gz", "labels": "labels.nii.gz"}
-# RGBA of labels 1 ablation zone, 2 rim, 3 enhancing focus (as in key_image.png).
-LABEL_RGBA = {1: (51, 153, 255, 90), 2: (255, 217, 26, 150), 3: (255, 26, 26, 200)}
+# RGBA (0-255) of each structure's label value (the colours of key_image.png).
+LABEL_RGBA = {int(Label.ABLATION_ZONE): (51, 153, 255, 90), int(Label.RIM): (255, 217, 26, 150),
+              int(Label.ENHANCING_FOCUS): (255, 26, 26, 200)}
 CASE_CACHE_SIZE = 4  # ~8 volumes of ~16 MB per case
 PNG_CACHE_SIZE = 4096  # ~10-40 kB each
 
