@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_config
 from pipeline.outputs import csv_cell, patient_folder_name, study_dir, write_cohort_csv, write_errors_csv
 from pipeline.records import indeterminate_records
 from pipeline.types import ErrorRecord, StudyRecord
@@ -38,7 +39,7 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 def test_cohort_and_errors_csv_carry_no_live_formula_from_a_header(tmp_path: Path) -> None:
     study = StudyRecord(FORMULA, "1.2.3", dt.date(2024, 1, 2), "MR")
-    write_cohort_csv(tmp_path, indeterminate_records([study], "no post-contrast series"))
+    write_cohort_csv(tmp_path, indeterminate_records([study], "no post-contrast series", load_config().rules))
     (row,) = _read(tmp_path / "cohort.csv")
     assert row["patient_id"] == "'" + FORMULA
     write_errors_csv(tmp_path, [ErrorRecord("/x/=cmd.dcm", FORMULA, "1.2.3", "", "ingest",

@@ -47,7 +47,7 @@ def client(tmp_path):
     auth.add_user(users, "alice", PASSWORD)
     app = create_app(out, users, secret="s" * 64)
     sync_worklist(app.state.engine, [study])
-    with TestClient(app) as c:
+    with TestClient(app, base_url="https://testserver") as c:  # the session cookie is Secure by default
         token = re.search(r'name="csrf_token" value="([^"]+)"', c.get("/login").text).group(1)
         c.post("/login", data={"username": "alice", "password": PASSWORD, "csrf_token": token})
         with Session(app.state.engine) as s:
