@@ -31,12 +31,15 @@ def main() -> None:
     import pydicom
     import SimpleITK as sitk
 
-    from pipeline.dicom_seg import build_segmentation, labels_from_segmentation, read_source_datasets, write_segmentation
-    from pipeline.dicom_sr import build_measurement_report, write_report_sr
-    from pipeline.imageio import load_series
-    from pipeline.outputs import AssessmentRecord
-    from pipeline.classify import Decision
-    from pipeline.types import Category, SeriesRecord
+    from pipeline.core.records import AssessmentRecord, Category, Decision, SeriesRecord
+    from pipeline.imaging.volumes import load_series
+    from pipeline.outputs.dicom_seg import (
+        build_segmentation,
+        labels_from_segmentation,
+        read_source_datasets,
+        write_segmentation,
+    )
+    from pipeline.outputs.dicom_sr import build_measurement_report, write_report_sr
     from tests.dicom_factory import SeriesSpec, rotation, write_series
     from tests.helpers import imaging
 

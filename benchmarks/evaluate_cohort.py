@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from flows.assess import run_assessment
-    from pipeline.evaluation import evaluate_run
-    from pipeline.phantom import generate_export
+    from phantom import generate_export
+    from phantom.evaluation import evaluate_run
 
     if args.out.exists():
         shutil.rmtree(args.out)

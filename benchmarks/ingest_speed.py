@@ -29,13 +29,13 @@ import pydicom
 from pydicom.pixels import get_decoder
 from pydicom.uid import generate_uid
 
-from pipeline.config import load_config
-from pipeline.imageio import load_series
-from pipeline.ingest import index_export, read_header
-from pipeline.phantom.dicom_writer import SeriesHeader, study_dataset, write_series
-from pipeline.phantom.geometry import axial_direction, make_grid
-from pipeline.phantom.transcode import SYNTAXES, save, transcode
-from pipeline.types import SeriesRecord
+from phantom.dicom_writer import SeriesHeader, study_dataset, write_series
+from phantom.geometry import axial_direction, make_grid
+from phantom.transcode import SYNTAXES, save, transcode
+from pipeline.core.config import load_config
+from pipeline.core.records import SeriesRecord
+from pipeline.imaging.volumes import load_series
+from pipeline.ingest.index import index_export, read_header
 
 SLICES_PER_SERIES = 100
 

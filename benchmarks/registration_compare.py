@@ -46,7 +46,7 @@ def _map(transform, points) -> np.ndarray:
 
 # --------------------------------------------------------------------------- pipeline backends
 def _pipeline_method(cfg, backend: str, deformable: str, device: str, bias_correction: str = "none"):
-    from pipeline.registration import register_to_baseline
+    from pipeline.imaging.registration import register_to_baseline
 
     reg = cfg.registration.model_copy(update={
         "backend": backend, "device": device,
@@ -79,7 +79,7 @@ def _elastix_method(kinds: list[str], grid_spacing_mm: float):
         return out
 
     def run(fixed, moving, points):
-        from pipeline.registration import _metric_mask, body_mask
+        from pipeline.imaging.registration import _metric_mask, body_mask
 
         po = itk.ParameterObject.New()
         for kind in kinds:
@@ -108,7 +108,7 @@ def _ants_pairs(python: str, pairs: list[dict], work: Path, types: list[str]) ->
     """Run every pair through the ANTs worker; {type: [(ok, mapped, seconds), ...]}."""
     import SimpleITK as sitk
 
-    from pipeline.registration import _metric_mask, body_mask
+    from pipeline.imaging.registration import _metric_mask, body_mask
 
     out: dict[str, list] = {t: [] for t in types}
     worker = Path(__file__).with_name("_ants_register.py")
@@ -140,10 +140,10 @@ def _ants_available(python: str | None) -> str:
 
 # --------------------------------------------------------------------------- driver
 def _load_pairs(work: Path, args, cfg) -> list[dict]:
-    from pipeline.imageio import load_series
-    from pipeline.ingest import index_export
-    from pipeline.phantom import generate_export
-    from pipeline.types import SeriesRole
+    from phantom import generate_export
+    from pipeline.core.records import SeriesRole
+    from pipeline.imaging.volumes import load_series
+    from pipeline.ingest.index import index_export
 
     truth = generate_export(work, args.patients, args.seed, profile=args.profile)
     studies = {s.study_instance_uid: s for s in index_export(work / "export", work / "c.sqlite", cfg.ingest).studies}
@@ -188,7 +188,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(THREADS)
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     cfg = load_config(args.config)
     grid = cfg.registration.inter_study.deformable_grid_spacing_mm

@@ -37,12 +37,12 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=None)
     args = parser.parse_args()
 
-    from pipeline.config import load_config
-    from pipeline.imageio import load_series
-    from pipeline.ingest import index_export
-    from pipeline.phantom import generate_export
-    from pipeline.registration import register_intra_study, register_to_baseline
-    from pipeline.types import SeriesRole
+    from phantom import generate_export
+    from pipeline.core.config import load_config
+    from pipeline.core.records import SeriesRole
+    from pipeline.imaging.registration import register_intra_study, register_to_baseline
+    from pipeline.imaging.volumes import load_series
+    from pipeline.ingest.index import index_export
 
     cfg = load_config(args.config)
     work = Path(tempfile.mkdtemp(prefix="tre_"))

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from pipeline.outputs import read_assessment  # noqa: E402
+from pipeline.outputs.contract import read_assessment  # noqa: E402
 from pipeline.review import slices  # noqa: E402
 from pipeline.review.db import WorklistItem, database_url, open_engine  # noqa: E402
 from pipeline.review.sync import records_of_run, review_after_run  # noqa: E402

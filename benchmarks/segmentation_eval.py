@@ -39,10 +39,10 @@ from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
 from models.infer import clean_prediction, load_model, place_az_edge, predict  # noqa: E402
 from models.train import case_dice  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.registration import body_mask  # noqa: E402
-from pipeline.segment_classical import enhancing_tissue  # noqa: E402
-from pipeline.subtraction import relative_enhancement  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
+from pipeline.imaging.registration import body_mask  # noqa: E402
+from pipeline.imaging.subtraction import relative_enhancement  # noqa: E402
+from pipeline.segmentation.classical import enhancing_tissue  # noqa: E402
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, spacing_zyx: np.ndarray) -> dict[str, dict]:
@@ -104,7 +104,7 @@ def main() -> None:
         spacing = np.array(pre.GetSpacing()[::-1])
         body = body_mask(pre)
         body_a = sitk.GetArrayFromImage(body) > 0
-        # The pipeline's RE map: the subtraction is post_norm - pre (pipeline/subtraction.py).
+        # The pipeline's RE map: the subtraction is post_norm - pre (pipeline/imaging/subtraction.py).
         rel = relative_enhancement(pre, sitk.Add(pre, sub), body)
         cleaned = clean_prediction(pred, body_a, spacing, cfg, relative_enhancement=sitk.GetArrayFromImage(rel))
         own_edge = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASSICAL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
 from models.infer import load_model, predict  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
+from pipeline.core.config import load_config  # noqa: E402
 
 
 def corrupted_inputs(pre: sitk.Image, sub: sitk.Image, rng: np.random.Generator) -> dict[str, tuple]:

@@ -1,6 +1,6 @@
 """The batch flow over a PACS export, and its nightly deployment.
 
-A thin Prefect wrapper over :func:`pipeline.run_export.run_export`: the index, each patient,
+A thin Prefect wrapper over :func:`pipeline.run.export.run_export`: the index, each patient,
 each study's imaging (with a retry on I/O errors) and the review worklist run as Prefect tasks;
 ``workers`` patients at a time (run_export's threads submit them, so the flow's parameter is
 the one limit, also where a deployment run is given another value). Studies already assessed
@@ -14,14 +14,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.assess import PatientResult, assess_patient, study_imaging
-from pipeline.config import PipelineConfig
-from pipeline.ingest import IndexResult
-from pipeline.outputs import AssessmentRecord
-from pipeline.run_export import assess_patient_reported, call_redacted, index_run, review_worklist, run_export
-from pipeline.run_log import RunReporter
-from pipeline.timeline import Procedure
-from pipeline.types import StudyRecord
+from pipeline.core.config import PipelineConfig
+from pipeline.core.records import AssessmentRecord, StudyRecord
+from pipeline.ingest.index import IndexResult
+from pipeline.longitudinal.timeline import Procedure
+from pipeline.run.export import assess_patient_reported, call_redacted, index_run, review_worklist, run_export
+from pipeline.run.log import RunReporter
+from pipeline.run.patient import PatientResult, assess_patient, study_imaging
 
 
 def _retry_on_io(task, task_run, state) -> bool:
@@ -80,7 +79,7 @@ def assess_export(
     defer_recent_seconds: float | None = None,
 ) -> dict:
     """Assess every study of ``export_dir`` into ``out_dir`` (the output contract of DESIGN.md):
-    :func:`pipeline.run_export.run_export` with its stages as Prefect tasks, ``workers``
+    :func:`pipeline.run.export.run_export` with its stages as Prefect tasks, ``workers``
     patients at a time. Returns its summary."""
     return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress, defer_recent_seconds,
                       patient_fn=submitted_patient, index_fn=index_task, review_fn=review_task)

@@ -59,7 +59,7 @@ def train_segmentation(
     cohort; the synthetic validation cohort still measures the result unless ``val_patients`` is 0.
     ``train_profiles``: one training cohort of ``train_patients`` per phantom profile (same seed).
     """
-    from pipeline.devices import resolve_device
+    from pipeline.core.devices import resolve_device
 
     resolved = resolve_device(device)
     work = Path(work_dir)
@@ -79,7 +79,7 @@ def train_segmentation(
     result = train_task(train_dirs, val_dirs, settings, Path(out_dir), resolved,
                         Path(init_checkpoint) if init_checkpoint else None, provenance)
     if weights_out:
-        from pipeline.outputs import atomic_write_bytes
+        from pipeline.core.files import atomic_write_bytes
 
         atomic_write_bytes(Path(weights_out), Path(result.checkpoint).read_bytes())
     return {"device": resolved, "iterations": result.iterations, "seconds": round(result.seconds, 1),

@@ -57,7 +57,7 @@ def register(app: typer.Typer, console) -> None:
             if len(roi) != 3 or len(ratios) != N_CLASSES or len(weights) != N_CLASSES:
                 raise ValueError
             profiles = tuple(p.strip() for p in train_profile.split(",") if p.strip())
-            from pipeline.phantom.profiles import get_profile
+            from phantom.profiles import get_profile
 
             for name in (*profiles, val_profile):
                 get_profile(name)

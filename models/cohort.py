@@ -5,7 +5,7 @@ interleaved with the writer), so a small export is written once, ingested and an
 pipeline; that cost (registration, ~15 s a study on 2 cores) is paid once per cohort, not per
 epoch. The case-folder layout is models/data.py's.
 
-Apart from models/data.py because it runs ``pipeline.study.analyse_study``, which imports the
+Apart from models/data.py because it runs ``pipeline.measurement.study.analyse_study``, which imports the
 network's inference (models/infer.py -> models/data.py): the data module must not import the
 pipeline's per-study analysis back.
 """
@@ -30,11 +30,11 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
     benchmarks/segmentation_eval.py). Idempotent: an existing ``root/cohort.json`` with the same
     parameters is reused. Returns ``root/cases``.
     """
-    from pipeline.config import load_config
-    from pipeline.ingest import index_export
-    from pipeline.outputs import atomic_write_image, atomic_write_text
-    from pipeline.phantom import generate_export
-    from pipeline.study import analyse_study
+    from phantom import generate_export
+    from pipeline.core.config import load_config
+    from pipeline.core.files import atomic_write_image, atomic_write_text
+    from pipeline.ingest.index import index_export
+    from pipeline.measurement.study import analyse_study
 
     root = Path(root)
     # "reference": caches built while the default method was the network (2026-12-02, before this
@@ -60,7 +60,7 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
             continue
         images = analysis.images
         truth_labels = sitk.ReadImage(str(labels_of[study.study_instance_uid]))
-        # The truth lies on the post series' grid (pipeline/phantom/export.py); resampling by
+        # The truth lies on the post series' grid (phantom/export.py); resampling by
         # nearest neighbour only absorbs header rounding.
         truth_labels = resample_onto(sitk.Cast(truth_labels, sitk.sitkUInt8), images.post, sitk.sitkNearestNeighbor)
         folder = root / "cases" / name

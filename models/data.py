@@ -1,15 +1,15 @@
 """Training and inference inputs of the segmentation network, built exactly as the pipeline does.
 
-The network sees what ``pipeline.study.analyse_study`` produces at inference: the pre-contrast
+The network sees what ``pipeline.measurement.study.analyse_study`` produces at inference: the pre-contrast
 T1 registered onto the post-contrast grid and the subtraction ``post_norm - pre`` (post scaled
-onto the pre's intensities, pipeline/subtraction.py), both divided by the body median of the
+onto the pre's intensities, pipeline/imaging/subtraction.py), both divided by the body median of the
 pre-contrast (vendors' intensity scales differ, so only ratios travel between studies), then
 resampled onto a fixed working spacing with the post grid's direction (so an oblique or flipped
 acquisition stays in its own voxel order; flips are a training augmentation and the test-time
 augmentation of models/infer.py).
 
 Case folders (one per study) hold the pipeline's own per-study outputs
-(``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/assess.py IMAGE_FILES) plus
+(``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/run/patient.py IMAGE_FILES) plus
 ``labels.nii.gz`` (values of models/labels.py ``Label``, 0 the background) on the same grid:
 the layout ``--data DIR`` fine-tunes on, and the layout ``models.cohort.build_synthetic_cohort``
 writes from the phantom generator (kept in its own module: it runs the pipeline, which imports
@@ -87,7 +87,7 @@ def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz:
     divided by the body median of the pre-contrast: the pipeline's relative enhancement is the
     same ratio voxel-wise, and the scale no longer depends on the vendor's gain.
     """
-    from pipeline.registration import body_mask
+    from pipeline.imaging.registration import body_mask
 
     if pre_on_post.GetSize() != subtraction.GetSize():
         raise ValueError(f"pre-contrast {pre_on_post.GetSize()} and subtraction {subtraction.GetSize()} "

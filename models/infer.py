@@ -199,7 +199,7 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
                      relative_enhancement: np.ndarray | None = None) -> CleanedPrediction | None:
     """The argmax turned into one ablation zone, its rim and the foci; None without an AZ.
 
-    Why each rule (the same as the classical method's, pipeline/segment_classical.py): one
+    Why each rule (the same as the classical method's, pipeline/segmentation/classical.py): one
     treated lesion per study, so the AZ is the component nearest the target hint (else the
     largest) of at least ``az_min_volume_ml``; the rim is the benign margin of that zone, so rim
     voxels farther than ``rim_search_mm`` from it are not rim (they measured as false rim on
@@ -208,7 +208,7 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     """
     from scipy import ndimage as ndi
 
-    from pipeline.segment_classical import component_nearest
+    from pipeline.segmentation.classical import component_nearest
 
     spacing = np.asarray(spacing_zyx, float)
     lab, n = ndi.label(pred.labels == Label.ABLATION_ZONE)
@@ -239,7 +239,7 @@ def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhanc
     The network decides which zone is the ablation zone and where its rim and foci are; the edge
     of the zone is then placed where the pre-contrast signal crosses half-way between the zone's
     core and its surroundings, the partial-volume convention the classical method measures on
-    (``pipeline.segment_classical.half_max_edge``, shared). Why: the network sees the study on a
+    (``pipeline.segmentation.classical.half_max_edge``, shared). Why: the network sees the study on a
     1.6 mm working grid and is trained on labels resampled to it by nearest neighbour, so its edge
     jitters by a fraction of a voxel (held-out AZ Dice 0.967 with its own edge; models/README.md
     gives both figures).
@@ -255,8 +255,12 @@ def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhanc
     """
     from scipy import ndimage as ndi
 
-    from pipeline.segment_classical import (half_max_edge, smooth_relative_enhancement, t1_bright_components,
-                                            tissue_reference_level)
+    from pipeline.segmentation.classical import (
+        half_max_edge,
+        smooth_relative_enhancement,
+        t1_bright_components,
+        tissue_reference_level,
+    )
 
     spacing = np.asarray(spacing_zyx, float)
     core = cleaned.az
@@ -278,7 +282,7 @@ def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhanc
 def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_enhancement: sitk.Image,
                     body: sitk.Image, cfg, model: LoadedModel,
                     target_hint_lps: tuple[float, float, float] | None = None):
-    """``SegmentationResult`` (pipeline/segment_classical.py) from the network, plus the prediction.
+    """``SegmentationResult`` (pipeline/segmentation/classical.py) from the network, plus the prediction.
 
     The AZ and rim are ``clean_prediction``'s, its foci merged with rule 6's thick enhancing
     regions (``pipeline_foci``), the AZ's edge placed by ``place_az_edge``
@@ -289,7 +293,7 @@ def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_e
     method) plus the network's rim and foci, because the foci stage measures new lesions and
     vessels on it, not only what the network labels.
     """
-    from pipeline.segment_classical import SegmentationResult, enhancing_tissue, spacing_zyx
+    from pipeline.segmentation.classical import SegmentationResult, enhancing_tissue, spacing_zyx
 
     pred = predict(model, pre_on_post, subtraction, body, tta=cfg.segmentation.network_tta,
                    tta_views=cfg.segmentation.network_tta_views)
@@ -324,7 +328,7 @@ def pipeline_foci(cleaned: CleanedPrediction, enhancing: np.ndarray, spacing_zyx
     """
     from scipy import ndimage as ndi
 
-    from pipeline.segment_classical import focus_candidates
+    from pipeline.segmentation.classical import focus_candidates
 
     network_enhancing = cleaned.rim.copy()
     for mask in cleaned.foci:

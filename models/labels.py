@@ -5,7 +5,7 @@ network's class indices (0 is the background class) and the phantom's truth labe
 takes them from here; nothing else spells 1, 2 or 3 for a structure.
 
 It lives in ``models`` (and imports nothing) because the network package never imports
-``pipeline`` (DESIGN.md "Layout"); ``pipeline.types`` re-exports it for the stages.
+``pipeline`` (DESIGN.md "Layout"); ``pipeline.core.records`` re-exports it for the stages.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def _transforms(settings: TrainSettings):
 
 
 def _save(checkpoint: dict, path: Path) -> None:
-    from pipeline.outputs import atomic_write_bytes
+    from pipeline.core.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)

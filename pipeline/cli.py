@@ -54,7 +54,7 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 
 def _check_inputs(procedures: Path | None, config: Path | None) -> None:
     """Fail fast, with the reason, on a bad procedures file or config (before any work)."""
-    from pipeline.run_inputs import RunInputError, check_config, check_procedures
+    from pipeline.run.inputs import RunInputError, check_config, check_procedures
 
     try:
         check_config(config)
@@ -66,7 +66,7 @@ def _check_inputs(procedures: Path | None, config: Path | None) -> None:
 def _check_run(export_dir: Path, out: Path, procedures: Path | None, config: Path | None, device: str,
                *, require_dicom: bool) -> None:
     """Every input of a run checked before Prefect starts and before ``out`` is created."""
-    from pipeline.run_inputs import RunInputError, check_export_has_dicom, check_run_inputs
+    from pipeline.run.inputs import RunInputError, check_export_has_dicom, check_run_inputs
 
     try:
         check_run_inputs(export_dir, out, procedures, config, device)
@@ -109,7 +109,7 @@ def phantom(
     messy: Annotated[bool, typer.Option(help="mix vendors, transfer syntaxes, multi-frame files and defects")] = False,
 ) -> None:
     """Generate a synthetic PACS export with ground truth."""
-    from pipeline.phantom import generate_export
+    from phantom import generate_export
 
     truth = generate_export(out, patients, seed, profile=profile, messy=messy)
     n = sum(len(p["studies"]) for p in truth["patients"])
@@ -145,7 +145,7 @@ def demo(
 ) -> None:
     """Generate the bundled synthetic export and assess it (the README's first command)."""
     from flows.assess import run_assessment
-    from pipeline.phantom import generate_export
+    from phantom import generate_export
 
     data = out / "data"
     if not (data / "truth.json").exists():
@@ -188,9 +188,9 @@ def index(
 ) -> None:
     """Index an export into the catalogue (only new or changed files are read) and summarise it."""
     _check_inputs(None, config)
-    from pipeline.catalogue_view import errors_table, index_summary_table
-    from pipeline.config import load_config
-    from pipeline.ingest import index_export
+    from pipeline.core.config import load_config
+    from pipeline.ingest.catalogue_view import errors_table, index_summary_table
+    from pipeline.ingest.index import index_export
 
     res = index_export(export_dir, catalogue, load_config(config).ingest, workers=workers)
     table_console.print(index_summary_table(res, export_dir, catalogue))
@@ -205,8 +205,8 @@ def catalog(
 ) -> None:
     """Print the catalogue: patients, studies, series and their roles (no file is read)."""
     _check_inputs(None, config)
-    from pipeline.catalogue_view import CatalogueNotFound, catalogue_table, group_catalogue
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
+    from pipeline.ingest.catalogue_view import CatalogueNotFound, catalogue_table, group_catalogue
 
     try:
         studies, _ = group_catalogue(catalogue, load_config(config).ingest)

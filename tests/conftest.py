@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def assessed_run(tmp_path_factory):
     from flows.assess import run_assessment
-    from pipeline.phantom import generate_export
+    from phantom import generate_export
 
     root = tmp_path_factory.mktemp("assessed")
     truth = generate_export(root / "data", n_patients=2, seed=11)

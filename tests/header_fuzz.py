@@ -87,9 +87,9 @@ class Outcome:
 
 def run_once(template: Path, work: Path, seed: int) -> Outcome:
     """Copy ``template`` (an export) to ``work``, mutate it with ``seed``, index and assess it."""
-    from pipeline.assess import assess_patient
-    from pipeline.config import load_config
-    from pipeline.ingest import index_export
+    from pipeline.core.config import load_config
+    from pipeline.ingest.index import index_export
+    from pipeline.run.patient import assess_patient
 
     shutil.rmtree(work, ignore_errors=True)
     export = work / "export"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from pipeline.types import AxisMeasurement, Focus, RimMetrics, SeriesRecord, SeriesRole, StudyImaging, StudyRecord
+from pipeline.core.records import (
+    AxisMeasurement,
+    Focus,
+    RimMetrics,
+    SeriesRecord,
+    SeriesRole,
+    StudyImaging,
+    StudyRecord,
+)
 
 DAY0 = dt.date(2024, 3, 1)
 

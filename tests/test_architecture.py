@@ -22,7 +22,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "models", "flows")
+PACKAGES = ("pipeline", "models", "flows", "phantom")
 
 
 def _project_modules() -> dict[str, Path]:
@@ -193,10 +193,10 @@ def _cycle_path(graph: dict[str, set[str]], component: set[str]) -> list[str]:
 
 def test_the_scan_sees_the_packages_and_their_imports():
     # Guards the test itself: a scan that found nothing would pass vacuously.
-    assert {"pipeline.study", "pipeline.registration", "models.infer", "flows.assess"} <= set(MODULES)
-    assert "pipeline.phantom.export" in MODULES and "pipeline.review.app" in MODULES
-    assert "pipeline.config" in GRAPH["pipeline.study"]
-    assert "pipeline.study" in GRAPH["flows.assess"] or any(m.startswith("pipeline") for m in GRAPH["flows.assess"])
+    assert {"pipeline.measurement.study", "pipeline.imaging.registration", "models.infer", "flows.assess"} <= set(MODULES)
+    assert "phantom.export" in MODULES and "pipeline.review.app" in MODULES
+    assert "pipeline.core.config" in GRAPH["pipeline.measurement.study"]
+    assert "pipeline.measurement.study" in GRAPH["flows.assess"] or any(m.startswith("pipeline") for m in GRAPH["flows.assess"])
 
 
 def test_the_checks_catch_a_circle_and_a_private_import():
@@ -205,17 +205,17 @@ def test_the_checks_catch_a_circle_and_a_private_import():
     assert _is_private("_helper") and not _is_private("__version__") and not _is_private("helper")
     source = (
         "import numpy as np\n"
-        "from . import segment_classical as sc\n"
-        "import pipeline.registration\n"
+        "from ..segmentation import classical as sc\n"
+        "import pipeline.imaging.registration\n"
         "def f():\n"
-        "    from .config import _load, load_config\n"
-        "    from ..models import infer\n"
-        "    return sc._focus(), pipeline.registration._pyramid(), infer._x, np._private, sc.__name__\n"
+        "    from ..core.config import _load, load_config\n"
+        "    from ...models import infer\n"
+        "    return sc._focus(), pipeline.imaging.registration._pyramid(), infer._x, np._private, sc.__name__\n"
     )
-    imports, private = _analyse("pipeline.study", source, "pipeline/study.py")
-    assert imports == {"pipeline.segment_classical", "pipeline.registration", "pipeline.config", "models.infer"}
+    imports, private = _analyse("pipeline.measurement.study", source, "pipeline/measurement/study.py")
+    assert imports == {"pipeline.segmentation.classical", "pipeline.imaging.registration", "pipeline.core.config", "models.infer"}
     assert sorted(p.split(": ", 1)[1] for p in private) == [
-        "from pipeline.config import _load", "infer._x", "pipeline.registration._pyramid", "sc._focus"]
+        "from pipeline.core.config import _load", "infer._x", "pipeline.imaging.registration._pyramid", "sc._focus"]
 
 
 def test_no_import_circle_among_project_modules():
@@ -225,3 +225,45 @@ def test_no_import_circle_among_project_modules():
 
 def test_no_private_name_imported_from_another_module():
     assert not PRIVATE, "private names taken from another module:\n" + "\n".join(PRIVATE)
+
+
+# --------------------------------------------------------------------------- stage order
+# DESIGN.md's one-way flow, as pipeline's sub-packages (issue 17): a module may import its own
+# stage, any earlier stage and the shared core; never a later stage. ``models`` (the network)
+# never imports pipeline, flows or phantom; ``phantom`` (the synthetic-export generator, a test
+# and demo tool) may use pipeline, never the reverse except the CLI's ``demo`` command.
+STAGES = ("core", "ingest", "imaging", "segmentation", "measurement", "longitudinal", "outputs", "review", "run")
+
+
+def _stage(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "pipeline" or len(parts) < 2:
+        return None
+    return parts[1]  # a stage, or "cli": the command line, above every stage
+
+
+def _rank(module: str) -> int:
+    stage = _stage(module)
+    return STAGES.index(stage) if stage in STAGES else len(STAGES)
+
+
+def test_every_pipeline_module_lies_in_a_stage_package():
+    loose = sorted(m for m in MODULES if m.startswith("pipeline.") and _stage(m) not in STAGES
+                   and m not in ("pipeline.cli",))
+    assert not loose, f"modules outside the stage packages of {STAGES}: {loose}"
+
+
+def test_stages_import_only_earlier_stages():
+    wrong = []
+    for module, imported in GRAPH.items():
+        if not module.startswith("pipeline.") or module == "pipeline.cli":
+            continue
+        for target in sorted(imported):
+            if target == "pipeline":
+                continue  # the package itself: __version__, SCHEMA_VERSION
+            if target.startswith("pipeline.") and _rank(target) > _rank(module):
+                wrong.append(f"{module} ({_stage(module)}) imports {target} ({_stage(target)})")
+            if target.split(".")[0] in ("flows", "phantom"):
+                wrong.append(f"{module} imports {target}: only the command line may")
+    assert not wrong, "imports against the flow ingest -> ... -> run:\n" + "\n".join(wrong)
+

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -135,14 +133,14 @@ def test_out_an_existing_file_is_refused(tmp_path):
 
 
 def test_an_unwritable_output_folder_is_named(tmp_path, monkeypatch):
-    import pipeline.run_inputs
+    import pipeline.run.inputs
 
     export = _export_with_one_dicom(tmp_path)
     locked = tmp_path / "locked"
     locked.mkdir()
     # The tests may run as root, for whom chmod locks nothing: the check (os.access) is replaced.
-    real = pipeline.run_inputs._writable
-    monkeypatch.setattr(pipeline.run_inputs, "_writable", lambda folder: folder != locked and real(folder))
+    real = pipeline.run.inputs._writable
+    monkeypatch.setattr(pipeline.run.inputs, "_writable", lambda folder: folder != locked and real(folder))
     line = _refused(["assess", str(export), "--out", str(locked / "out")])
     assert "permission denied" in line and str(locked) in line
     line = _refused(["assess", str(export), "--out", str(locked)])
@@ -187,8 +185,9 @@ def test_version_and_serve_nightly_help():
 def test_prefect_telemetry_is_off_in_the_project_settings():
     import os
 
-    import flows  # noqa: F401 - sets Prefect's environment before Prefect is imported
     from prefect.settings import get_current_settings
+
+    import flows  # noqa: F401 - sets Prefect's environment before Prefect is imported
 
     settings = get_current_settings()
     assert settings.server.analytics_enabled is False

@@ -3,7 +3,7 @@
 pydicom 3 ships a few test files inside its package (the rest it downloads on demand, which
 is impossible here): ``MR_small.dcm`` and its Implicit VR, Big Endian, RLE, JPEG-LS and
 JPEG 2000 variants are bundled. The variants that are not (deflated, JPEG lossless, JPEG
-baseline) are re-encoded from MR_small by ``pipeline.phantom.transcode`` (library encoders).
+baseline) are re-encoded from MR_small by ``phantom.transcode`` (library encoders).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from pipeline.config import load_config
-from pipeline.imageio import SeriesGeometryError, load_series
-from pipeline.ingest import index_export, read_header
-from pipeline.phantom.enhanced import to_enhanced
-from pipeline.phantom.transcode import LOSSY, SYNTAXES, save, transcode
-from pipeline.types import SeriesRecord
+from phantom.enhanced import to_enhanced
+from phantom.transcode import LOSSY, SYNTAXES, save, transcode
+from pipeline.core.config import load_config
+from pipeline.core.records import SeriesRecord
+from pipeline.imaging.volumes import SeriesGeometryError, load_series
+from pipeline.ingest.index import index_export, read_header
 from tests.dicom_factory import truncate
 
 BUNDLED = {

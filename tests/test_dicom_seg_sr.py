@@ -13,17 +13,22 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from pipeline.classify import Changes, Decision
-from pipeline.config import load_config
-from pipeline.dicom_outputs import SEG_NAME, SR_NAME, write_study_dicom
-from pipeline.dicom_seg import (
-    SEGMENTS, SegmentationGeometryError, build_segmentation, labels_from_segmentation, read_source_datasets,
-    slice_index_of_frames, tracking_uid, write_segmentation,
+from pipeline.core.config import load_config
+from pipeline.core.records import AssessmentRecord, Category, Changes, Decision, SeriesRecord, SeriesRole, StudyRecord
+from pipeline.imaging.volumes import load_series
+from pipeline.outputs.contract import read_assessment
+from pipeline.outputs.dicom import SEG_NAME, SR_NAME, write_study_dicom
+from pipeline.outputs.dicom_seg import (
+    SEGMENTS,
+    SegmentationGeometryError,
+    build_segmentation,
+    labels_from_segmentation,
+    read_source_datasets,
+    slice_index_of_frames,
+    tracking_uid,
+    write_segmentation,
 )
-from pipeline.dicom_sr import CATEGORY_CODES, LOCAL_SCHEME, build_measurement_report, write_report_sr
-from pipeline.imageio import load_series
-from pipeline.outputs import AssessmentRecord, read_assessment
-from pipeline.types import Category, SeriesRecord, SeriesRole, StudyRecord
+from pipeline.outputs.dicom_sr import CATEGORY_CODES, LOCAL_SCHEME, build_measurement_report, write_report_sr
 from tests.dicom_factory import SeriesSpec, rotation, write_series
 from tests.helpers import imaging
 
@@ -96,7 +101,7 @@ def test_seg_round_trip_negated_axes(tmp_path: Path) -> None:
 
 def test_seg_round_trip_enhanced_multiframe_source(tmp_path: Path) -> None:
     """One Enhanced MR file whose frames are stored in shuffled slice order (per-frame positions)."""
-    from pipeline.phantom.enhanced import to_enhanced
+    from phantom.enhanced import to_enhanced
 
     spec, files, grid = _series(tmp_path, rotation(-12.0, 8.0, 25.0))
     lab, labels = _labels_on(grid, tmp_path)
@@ -290,7 +295,7 @@ def test_dciodvfy_finds_no_error_in_seg_and_sr(tmp_path: Path) -> None:
     # The category-only SR of an indeterminate study and a SEG of an Enhanced MR source too.
     indeterminate = _record(spec.study_uid, Category.INDETERMINATE, long_mm=None, rule_id="R5-not-evaluable")
     write_report_sr(tmp_path / "sr_indeterminate.dcm", build_measurement_report(indeterminate, source, None))
-    from pipeline.phantom.enhanced import to_enhanced
+    from phantom.enhanced import to_enhanced
 
     enhanced = to_enhanced([pydicom.dcmread(f) for f in files], pydicom.uid.generate_uid())
     enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from pipeline.evaluation import evaluate_run
+from phantom.evaluation import evaluate_run
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from pipeline.config import load_config
-from pipeline.imageio import load_series
-from pipeline.ingest import index_export
-from pipeline.series_geometry import SeriesGeometryError
-from pipeline.types import SeriesRecord
+from pipeline.core.config import load_config
+from pipeline.core.records import SeriesRecord
+from pipeline.imaging.volumes import load_series
+from pipeline.ingest.index import index_export
+from pipeline.ingest.series_geometry import SeriesGeometryError
 from tests.dicom_factory import SeriesSpec, set_raw, write_series
 
 
@@ -101,7 +101,7 @@ def test_a_bad_numeric_tag_is_a_warning_row_and_the_file_is_kept(tmp_path: Path,
 def test_a_study_whose_grouping_fails_is_still_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last line of defence: whatever a header does to the grouping, the study is listed
     (without series: assessed as indeterminate) and the reason is a row of errors.csv."""
-    import pipeline.ingest as ingest
+    import pipeline.ingest.index as ingest
 
     export = tmp_path / "export"
     small_study(export / "a", patient="P-A")

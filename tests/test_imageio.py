@@ -11,8 +11,8 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
 
-from pipeline.imageio import SeriesGeometryError, SeriesPixelDataError, load_series
-from pipeline.types import SeriesRecord
+from pipeline.core.records import SeriesRecord
+from pipeline.imaging.volumes import SeriesGeometryError, SeriesPixelDataError, load_series
 from tests.dicom_factory import SeriesSpec, rotation, truncate, write_series
 
 

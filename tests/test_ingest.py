@@ -11,11 +11,11 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pipeline.config import IngestConfig, load_config
-from pipeline import ingest
-from pipeline.ingest import index_export
-from pipeline.series_roles import SeriesHeaders, assign_roles
-from pipeline.types import SeriesRecord, SeriesRole, StudyRecord
+from pipeline.core.config import IngestConfig, load_config
+from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
+from pipeline.ingest import index as ingest
+from pipeline.ingest.index import index_export
+from pipeline.ingest.series_roles import SeriesHeaders, assign_roles
 from tests.dicom_factory import SeriesSpec, rotation, truncate, write_series, write_sr
 
 

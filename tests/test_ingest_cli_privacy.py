@@ -12,11 +12,11 @@ from pydicom.uid import generate_uid
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import load_config
-from pipeline.ingest import index_export
-from pipeline.outputs import study_dir
-from pipeline.pseudonym import Pseudonymiser, mapping_csv_path, pseudonym, pseudonymise_run
-from pipeline.timeline import Procedure
+from pipeline.core.config import load_config
+from pipeline.ingest.index import index_export
+from pipeline.ingest.pseudonym import Pseudonymiser, mapping_csv_path, pseudonym, pseudonymise_run
+from pipeline.longitudinal.timeline import Procedure
+from pipeline.outputs.contract import study_dir
 from tests.dicom_factory import SeriesSpec, write_series
 
 NAME, BIRTH = "Doe^Jane", "19610203"

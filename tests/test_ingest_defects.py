@@ -11,12 +11,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pipeline.classify import classify_patient
-from pipeline.config import IngestConfig, load_config
-from pipeline.ingest import index_export
-from pipeline.series_roles import RoleRulesError, SeriesHeaders, assign_roles, load_role_rules
-from pipeline.timeline import build_patient_timeline
-from pipeline.types import SeriesRecord, SeriesRole, StudyRecord
+from pipeline.core.config import IngestConfig, load_config
+from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
+from pipeline.ingest.index import index_export
+from pipeline.ingest.series_roles import RoleRulesError, SeriesHeaders, assign_roles, load_role_rules
+from pipeline.longitudinal.classify import classify_patient
+from pipeline.longitudinal.timeline import build_patient_timeline
 from tests.dicom_factory import SeriesSpec, rotation, write_series
 from tests.helpers import imaging
 

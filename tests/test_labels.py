@@ -1,5 +1,5 @@
 """One label registry (issue 17): the DICOM SEG segment numbers, the NIfTI label values and the
-network's class indices all come from ``Label`` (models/labels.py, re-exported by pipeline.types),
+network's class indices all come from ``Label`` (models/labels.py, re-exported by pipeline.core.records),
 and no product module spells a structure's value as a bare 1, 2 or 3 any more."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_one_registry_with_the_contract_values():
-    import pipeline.types
+    import pipeline.core.records
 
-    assert pipeline.types.Label is Label and pipeline.types.label_map is label_map
+    assert pipeline.core.records.Label is Label and pipeline.core.records.label_map is label_map
     # DESIGN.md: labels.nii.gz holds 1 ablation zone, 2 rim, 3 enhancing focus.
     assert [(label.key, int(label)) for label in Label] == [
         ("background", 0), ("ablation_zone", 1), ("rim", 2), ("enhancing_focus", 3)]
@@ -25,8 +25,8 @@ def test_one_registry_with_the_contract_values():
 
 
 def test_seg_segment_numbers_are_the_label_values():
-    from pipeline.dicom_seg import SEGMENTS
-    from pipeline.dicom_sr import AZ_SEGMENT_NUMBER
+    from pipeline.outputs.dicom_seg import SEGMENTS
+    from pipeline.outputs.dicom_sr import AZ_SEGMENT_NUMBER
 
     assert [spec.label_value for spec in SEGMENTS] == [int(label) for label in STRUCTURES]
     for spec, label in zip(SEGMENTS, STRUCTURES):
@@ -38,9 +38,9 @@ def test_nifti_label_values_come_from_the_registry():
     """Both producers of labels.nii.gz (the pipeline's study analysis, the network's cleaned
     prediction) build the map with label_map: the zone wins over a focus, a focus over the rim."""
     import models.infer
-    import pipeline.study
+    import pipeline.measurement.study
 
-    assert pipeline.study.label_map is label_map and models.infer.label_map is label_map
+    assert pipeline.measurement.study.label_map is label_map and models.infer.label_map is label_map
     az, rim, focus = (np.zeros((2, 4, 4), bool) for _ in range(3))
     az[0, :2, :2] = rim[0, :3, :3] = focus[0, 1:, 1:] = True
     out = label_map(az, rim, [focus])
@@ -64,7 +64,7 @@ def test_network_class_indices_are_the_label_values():
     for index, name in enumerate(CLASS_NAMES):
         assert Label(index).key == name
     # The shipped weights were trained on those classes, in that order.
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     weights = resolve_weights(load_config().segmentation.network_weights)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=False)

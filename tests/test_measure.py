@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.measure import (
+from pipeline.measurement.axes import (
     Grid,
     axial_reformat_grid,
     feret_2d,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pipeline.phantom import generate_export
-from pipeline.phantom.transcode import SYNTAXES
-from pipeline.pseudonym import mapping_csv_path, path_reference
+from phantom import generate_export
+from phantom.transcode import SYNTAXES
+from pipeline.ingest.pseudonym import mapping_csv_path, path_reference
 
 KEEP_STUDIES = 3  # of the patient's studies: three vendors, every defect, a shorter flow run
 

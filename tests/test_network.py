@@ -20,7 +20,7 @@ from models.data import LABEL_FILE, PRE_FILE, SUB_FILE, load_cases, network_inpu
 from models.infer import LoadedModel, WeightsError, load_model, predict, segment_network
 from models.network import default_network_config
 from models.train import TrainSettings, case_dice, train
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 
 # Small enough for 2 CPU cores: 8 filters, 3 mm voxels, 16 x 48 x 48 patches.
 TINY = dict(spacing_xyz=(3.0, 3.0, 3.0), roi_zyx=(16, 48, 48), patches_per_case=1, max_iterations=6,
@@ -159,8 +159,8 @@ def test_working_grid_covers_the_fov_with_the_same_direction():
 
 
 def _pipeline_inputs(assessed_run):
-    from pipeline.registration import body_mask
-    from pipeline.subtraction import relative_enhancement
+    from pipeline.imaging.registration import body_mask
+    from pipeline.imaging.subtraction import relative_enhancement
 
     _root, out, _t, _s = assessed_run
     folder = next(p.parent for p in sorted(out.glob(f"patients/*/*/{PRE_FILE}")))
@@ -184,7 +184,7 @@ def test_the_network_is_the_default():
 
 
 def test_without_weights_the_classical_method_segments_and_says_why(assessed_run, tmp_path):
-    from pipeline.study import _segment
+    from pipeline.measurement.study import _segment
 
     pre, sub, rel, body = _pipeline_inputs(assessed_run)
     missing = tmp_path / "none.pt"
@@ -205,8 +205,8 @@ def test_without_weights_the_classical_method_segments_and_says_why(assessed_run
 
 
 def test_network_segmentation_has_the_classical_structure(assessed_run, tiny_training):
-    from pipeline.segment_classical import segment
-    from pipeline.study import _segment
+    from pipeline.measurement.study import _segment
+    from pipeline.segmentation.classical import segment
 
     _cases, _out, result = tiny_training
     pre, sub, rel, body = _pipeline_inputs(assessed_run)
@@ -260,8 +260,8 @@ def test_patch_sampler_centres_patches_on_the_requested_class():
 
 def test_uncertain_network_segmentation_raises_the_review_flag():
     """segmentation.network_review_uncertainty: a network segmentation above it needs review."""
-    from pipeline.classify import classify_patient
-    from pipeline.timeline import Procedure, build_patient_timeline
+    from pipeline.longitudinal.classify import classify_patient
+    from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
     from tests.helpers import DAY0, imaging, study
 
     base = load_config()
@@ -426,7 +426,7 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
     from scipy import ndimage as ndi
 
     from models.infer import CleanedPrediction, place_az_edge
-    from pipeline.segment_classical import half_max_edge
+    from pipeline.segmentation.classical import half_max_edge
 
     pre, truth, spacing = _bright_sphere()
     shape = truth.shape
@@ -448,8 +448,8 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
 def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate():
     """The network (a stand-in that labels only the bright zone) draws no focus; rule 6's thick
     enhancing region at the zone's margin still reaches the foci stage as a candidate."""
-    from pipeline.registration import body_mask
-    from pipeline.subtraction import relative_enhancement
+    from pipeline.imaging.registration import body_mask
+    from pipeline.imaging.subtraction import relative_enhancement
 
     size, spacing = (64, 64, 20), (1.5, 1.5, 3.0)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in size[::-1]), indexing="ij")

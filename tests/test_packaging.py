@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_ROOTS = ("pipeline", "models", "flows", "configs")
+PACKAGE_ROOTS = ("pipeline", "models", "flows", "configs", "phantom")
 
 
 def _setuptools() -> dict:
@@ -29,7 +29,8 @@ def _package_dir(package: str) -> Path:
 
 
 def test_the_configs_are_read_from_the_configs_package():
-    from pipeline import config, series_roles
+    from pipeline.core import config
+    from pipeline.ingest import series_roles
 
     configs_dir = Path(str(files("configs"))).resolve()
     assert (configs_dir / "__init__.py").is_file()  # a regular package, not a namespace
@@ -43,7 +44,7 @@ def test_the_configs_are_read_from_the_configs_package():
 
 def test_the_default_weights_are_found_inside_the_models_package(tmp_path):
     from models.infer import resolve_weights
-    from pipeline.config import load_config
+    from pipeline.core.config import load_config
 
     weights = resolve_weights(load_config().segmentation.network_weights)
     models_dir = Path(str(files("models"))).resolve()
@@ -87,5 +88,5 @@ def test_every_data_file_of_the_packages_is_package_data():
                and path.resolve() not in covered]
     assert not missing, "data files a wheel would leave out (add them to package-data):\n" + "\n".join(missing)
     for needed in ("configs/default.yaml", "configs/series_roles.yaml", "models/README.md",
-                   "models/weights/segresnet_synthetic.pt", "pipeline/templates/patient_report.html.j2"):
+                   "models/weights/segresnet_synthetic.pt", "pipeline/outputs/templates/patient_report.html.j2"):
         assert (ROOT / needed).resolve() in covered, needed

@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from pipeline.phantom import SCENARIOS, generate_export, get_profile
-from pipeline.phantom.dicom_writer import SeriesHeader, study_dataset, write_series
-from pipeline.phantom.geometry import Deformation, Pose, axial_direction, make_grid, rotation_matrix
-from pipeline.phantom.scenarios import plan_patient
+from phantom import SCENARIOS, generate_export, get_profile
+from phantom.dicom_writer import SeriesHeader, study_dataset, write_series
+from phantom.geometry import Deformation, Pose, axial_direction, make_grid, rotation_matrix
+from phantom.scenarios import plan_patient
 
 SEED = 1
 
@@ -134,7 +134,7 @@ def test_vessel_touches_az_at_baseline():
 def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
     """Issue 15: every ablation zone of the abdomen profile touches a kidney, the spleen or a
     bowel loop (gap 0-2 mm between the surfaces at baseline), whose contrast physiology enhances like tumour; the old profiles draw no such organ."""
-    from pipeline.phantom.anatomy import LesionState, t1_tissue_values
+    from phantom.anatomy import LesionState, t1_tissue_values
 
     prof = get_profile("abdomen")
     u = np.random.default_rng(0).standard_normal((40000, 3))
@@ -167,7 +167,7 @@ def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
 
 def test_growth_rescaling_rule():
     """Truth sizes are adjusted so the category agrees with the growth rule on each grid."""
-    from pipeline.phantom.export import _size_consistent
+    from phantom.export import _size_consistent
 
     plan = plan_patient(SCENARIOS.index("growth"), np.random.default_rng([SEED, 3]), get_profile("default"))
     grown = next(s for s in plan.studies if s.category == "suspected_local_tumour_progression")
@@ -196,7 +196,7 @@ def test_files_and_truth_schema(cohort):
             roles = [s["role"] for s in st["series"]]
             assert roles.count("t1_pre") == 1 and roles.count("t2") == 1 and 1 <= roles.count("t1_post") <= 3
             if st["az"]:
-                assert st["az"]["measured_by"] == "pipeline.measure.measure_ablation_zone"
+                assert st["az"]["measured_by"] == "pipeline.measurement.axes.measure_ablation_zone"
                 assert st["az"]["long_axis_mm"] >= st["az"]["short_axis_mm"] > 10
     with open(out / "procedures.csv") as f:
         rows = list(csv.DictReader(f))

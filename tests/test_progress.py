@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import io
 
-from pipeline.run_log import RUN_LOG_NAME, RunReporter
-from pipeline.types import StudyRecord
+from pipeline.core.records import StudyRecord
+from pipeline.run.log import RUN_LOG_NAME, RunReporter
 
 
 def _study(uid: str, patient: str = "P1") -> StudyRecord:

@@ -118,7 +118,7 @@ def test_a_failing_task_logs_no_identity(tmp_path: Path, capfd, monkeypatch) -> 
 def test_redaction_keeps_identifiers_and_uid_folders(tmp_path: Path) -> None:
     """Exports often name folders by UID: those are not names, and a record's UIDs, pseudonym
     and cache keys stay as they are; free text loses the paths and names."""
-    from pipeline.pseudonym import Redactor
+    from pipeline.ingest.pseudonym import Redactor
 
     study_uid = "1.2.826.0.1.3680043.8.498.1234"
     rels = [f"{FOLDER}/{study_uid}/IM0001.dcm", f"{FOLDER}/{study_uid}/IM0002.dcm", "2024-01-02/IM0003.dcm"]

@@ -7,11 +7,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from pipeline.classify import Changes, Decision, classify_patient
-from pipeline.config import load_config
-from pipeline.records import indeterminate_records
-from pipeline.timeline import build_patient_timeline
-from pipeline.types import Category, ErrorRecord
+from pipeline.core.config import load_config
+from pipeline.core.records import Category, Changes, Decision, ErrorRecord
+from pipeline.longitudinal.classify import classify_patient
+from pipeline.longitudinal.indeterminate import indeterminate_records
+from pipeline.longitudinal.timeline import build_patient_timeline
 from tests.helpers import imaging, study
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Registration on synthetic volumes with a known transform (pipeline/registration.py).
+"""Registration on synthetic volumes with a known transform (pipeline/imaging/registration.py).
 
 The phantom is analytical in physical space (LPS, mm), so a "moving" study is sampled exactly
 under the true transform on any grid (oblique, other spacing) without an interpolation step
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.config import load_config
-from pipeline.registration import (
+from pipeline.core.config import load_config
+from pipeline.imaging.registration import (
     body_mask,
     motion_magnitude_mm,
     register_intra_study,
@@ -362,7 +362,7 @@ def test_hint_is_tried_when_the_best_ranked_starts_fail(cfg, baseline, followup,
     """The caller's hint gets its own coarse search and a run when the best-ranked starts (none
     from the hint) all fail QC: here every other start is forced to fail, and the hint is 20 mm
     off the truth (so that it ranks low and only its own search finds the way back)."""
-    import pipeline.registration as registration
+    import pipeline.imaging.registration as registration
 
     real_quality = registration._quality
 

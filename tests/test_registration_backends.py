@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 from pydantic import ValidationError
 
-from pipeline.config import RegistrationConfig, load_config
-from pipeline.registration import (
+from pipeline.core.config import RegistrationConfig, load_config
+from pipeline.imaging.registration import (
     compose_with_field,
     deformable_as_field,
     inverse_consistency_residual_mm,
@@ -22,7 +22,7 @@ from pipeline.registration import (
     register_to_baseline,
     split_affine_and_deformable,
 )
-from pipeline.registration_torch import voxel_to_lps
+from pipeline.imaging.registration_torch import voxel_to_lps
 from tests.test_registration import Phantom, _rot, body_points, euler, make_grid, render, tre_mm
 
 SMALL_SIZE, SMALL_SPACING = (64, 64, 24), (3.2, 3.2, 4.5)
@@ -142,7 +142,7 @@ def test_torch_deformable_field(small_baseline, small_followup, inter_results, t
 def test_deformation_bound(small_baseline):
     """deformation_max_mm measures the deformable part alone (not the affine); a field larger
     than registration.<stage>.max_deformation_mm fails QC (checked in _quality)."""
-    from pipeline.registration import body_mask, coarse_grid_like, deformation_max_mm
+    from pipeline.imaging.registration import body_mask, coarse_grid_like, deformation_max_mm
 
     body = body_mask(small_baseline)
     ref = coarse_grid_like(small_baseline, 4.0)
@@ -168,7 +168,7 @@ def test_too_large_deformation_is_not_used(small_baseline, small_followup):
 
 def test_inconsistent_round_trip_fails_qc(phantom, small_baseline, monkeypatch):
     """Rule 5: a phase whose residual misregistration exceeds max_residual_mm is not used."""
-    import pipeline.registration as registration
+    import pipeline.imaging.registration as registration
 
     true = euler((0.5, -0.5, 0.5), (1.0, -1.0, 0.5))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.2, noise=0.02, seed=7)
@@ -257,7 +257,7 @@ def test_simpleitk_bspline_stage(small_baseline, small_followup, inter_results):
     assert 0.7 < qc.jacobian_min <= qc.jacobian_max < 1.4
     assert tre.mean() <= 1.5
     # The inverse (used to bring the baseline onto the follow-up grid) undoes it.
-    from pipeline.registration import invert_registration
+    from pipeline.imaging.registration import invert_registration
 
     inv = invert_registration(tx)
     back = np.array([inv.TransformPoint(tx.TransformPoint(p)) for p in pts])
@@ -265,7 +265,7 @@ def test_simpleitk_bspline_stage(small_baseline, small_followup, inter_results):
 
 
 def test_temporal_difference_on_followup_grid():
-    from pipeline.subtraction import temporal_difference
+    from pipeline.imaging.subtraction import temporal_difference
 
     def volume(grid, scale, blob_gain, move=None):
         pts = np.array([grid.TransformIndexToPhysicalPoint([i, j, k]) for k in range(grid.GetSize()[2])
@@ -301,7 +301,7 @@ def test_temporal_difference_on_followup_grid():
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):
     """A known smooth multiplicative bias is mostly removed: the corrected / true ratio is flat."""
-    from pipeline.registration import bias_corrected, body_mask
+    from pipeline.imaging.registration import bias_corrected, body_mask
 
     body = body_mask(small_baseline)
     arr = sitk.GetArrayFromImage(small_baseline).astype(np.float64)

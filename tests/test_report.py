@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.classify import Decision
-from pipeline.outputs import AssessmentRecord, read_assessment
-from pipeline.report import render_patient_report, write_patient_report
-from pipeline.types import Category
+from pipeline.core.records import AssessmentRecord, Category, Decision
+from pipeline.outputs.contract import read_assessment
+from pipeline.outputs.report import render_patient_report, write_patient_report
 from tests.helpers import focus, imaging
 
 PNG_1PX = base64.b64decode(

@@ -15,8 +15,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.review.db import (
-    PIPELINE_USER, AuditEvent, Base, ReviewError, Verdict, WorklistItem, database_url, export_csv, open_engine,
-    record_verdict, reviewed_categories, sync_worklist,
+    PIPELINE_USER,
+    AuditEvent,
+    Base,
+    ReviewError,
+    Verdict,
+    WorklistItem,
+    database_url,
+    export_csv,
+    open_engine,
+    record_verdict,
+    reviewed_categories,
+    sync_worklist,
 )
 from tests.review_support import PostgresServer, flagged
 

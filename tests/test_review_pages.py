@@ -12,12 +12,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.classify import Decision
-from pipeline.outputs import AssessmentRecord, write_assessment
+from pipeline.core.records import AssessmentRecord, Category, Decision
+from pipeline.outputs.contract import write_assessment
 from pipeline.review import auth
 from pipeline.review.app import create_app
 from pipeline.review.db import WorklistItem, sync_worklist
-from pipeline.types import Category
 from tests.helpers import focus, imaging
 from tests.review_support import flagged
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.rim import (
+from pipeline.measurement.rim import (
     angular_extent_deg,
     az_surface_samples,
     focus_margin_metrics,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from pipeline.assess import PatientResult
-from pipeline.records import indeterminate_records
-from pipeline.run_export import assess_patient_reported, run_export
+from pipeline.longitudinal.indeterminate import indeterminate_records
+from pipeline.run.export import assess_patient_reported, run_export
+from pipeline.run.patient import PatientResult
 from tests.test_header_values import small_study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_workers_is_the_number_of_patients_assessed_at_once(tmp_path: Path) -> N
 
 
 def test_run_export_imports_neither_prefect_nor_the_flows() -> None:
-    code = ("import sys, pipeline.run_export\n"
+    code = ("import sys, pipeline.run.export\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows'))\n"
             "sys.exit(f'imported: {bad}' if bad else 0)\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)

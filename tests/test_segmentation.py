@@ -7,15 +7,16 @@ touching the ablation zone is never tumour, a nodule at the margin is always tum
 from __future__ import annotations
 
 import re
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.config import load_config
-from pipeline.foci import analyse_foci
-from pipeline.measure import measure_ablation_zone
-from pipeline.rim import rim_metrics, rim_thickness_profile
-from pipeline.segment_classical import segment
+from pipeline.core.config import load_config
+from pipeline.measurement.axes import measure_ablation_zone
+from pipeline.measurement.foci import analyse_foci
+from pipeline.measurement.rim import rim_metrics, rim_thickness_profile
+from pipeline.segmentation.classical import segment
 
 CFG = load_config()
 SPACING = (1.5, 1.5, 3.0)  # x, y, z (mm)

@@ -1,4 +1,4 @@
-"""Normalisation, subtraction and relative enhancement (pipeline/subtraction.py)."""
+"""Normalisation, subtraction and relative enhancement (pipeline/imaging/subtraction.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.config import load_config
-from pipeline.registration import body_mask, register_intra_study, resample_to
-from pipeline.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
+from pipeline.core.config import load_config
+from pipeline.imaging.registration import body_mask, register_intra_study, resample_to
+from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
 
 SIZE, SPACING = (128, 128, 36), (1.6, 1.6, 3.0)
 BLOB_CENTRE, BLOB_RADIUS = np.array([20.0, -15.0, 6.0]), 8.0  # LPS mm

@@ -6,10 +6,10 @@ import datetime as dt
 
 import pytest
 
-from pipeline.classify import classify_patient
-from pipeline.config import load_config
-from pipeline.timeline import Procedure, build_patient_timeline, read_procedures
-from pipeline.types import Category, Timepoint
+from pipeline.core.config import load_config
+from pipeline.core.records import Category, Timepoint
+from pipeline.longitudinal.classify import classify_patient
+from pipeline.longitudinal.timeline import Procedure, build_patient_timeline, read_procedures
 from tests.helpers import DAY0, focus, imaging, study
 
 CFG = load_config()
@@ -224,8 +224,8 @@ def test_a_new_session_does_not_inherit_an_indeterminate_study():
 
 def test_a_failed_patients_records_keep_their_timepoints():
     # flows/assess.py: a patient whose assessment raised gets one indeterminate record per study
-    # (pipeline/records.py); the baseline's says baseline, not follow_up.
-    from pipeline.records import indeterminate_records
+    # (pipeline/longitudinal/indeterminate.py); the baseline's says baseline, not follow_up.
+    from pipeline.longitudinal.indeterminate import indeterminate_records
 
     studies = [study("s2", 120), study("s0", -10), study("s1", 30), study("s3", 200, post=False)]
     procs = [Procedure("P1", DAY0)]
@@ -246,7 +246,7 @@ def test_a_failed_patients_records_keep_their_timepoints():
 
 
 def test_a_failed_patient_without_procedures_has_its_first_contrast_study_as_baseline():
-    from pipeline.records import indeterminate_records
+    from pipeline.longitudinal.indeterminate import indeterminate_records
 
     studies = [study("s0", -10, post=False), study("s1", 30), study("s2", 120)]
     records = indeterminate_records(studies, "boom", CFG.rules)
@@ -255,13 +255,13 @@ def test_a_failed_patient_without_procedures_has_its_first_contrast_study_as_bas
 
 
 def test_a_failed_patient_whose_timeline_cannot_be_built_keeps_every_study(monkeypatch):
-    import pipeline.records
+    import pipeline.longitudinal.indeterminate
 
     def broken(*args, **kwargs):
         raise ValueError("broken timeline")
 
-    monkeypatch.setattr(pipeline.records, "build_patient_timeline", broken)
-    records = pipeline.records.indeterminate_records([study("s1", 30), study("s2", 120)], "boom", CFG.rules)
+    monkeypatch.setattr(pipeline.longitudinal.indeterminate, "build_patient_timeline", broken)
+    records = pipeline.longitudinal.indeterminate.indeterminate_records([study("s1", 30), study("s2", 120)], "boom", CFG.rules)
     assert [(r.study_instance_uid, r.timepoint, r.session) for r in records] == [
         ("s1", "follow_up", None), ("s2", "follow_up", None)]
     assert all(r.decision.category == C.INDETERMINATE for r in records)

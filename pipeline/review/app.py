@@ -38,11 +38,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.middleware.sessions import SessionMiddleware
 
-from pipeline.outputs import read_assessment
-from pipeline.report import flag_words, value_words, words
+from pipeline.outputs.contract import read_assessment
+from pipeline.outputs.report import flag_words, value_words, words
 from pipeline.review import auth
 from pipeline.review.db import (
-    CATEGORIES, PENDING, ReviewError, WorklistItem, audit_sign_in, database_url, export_csv_text, open_engine,
+    CATEGORIES,
+    PENDING,
+    ReviewError,
+    WorklistItem,
+    audit_sign_in,
+    database_url,
+    export_csv_text,
+    open_engine,
     record_verdict,
 )
 from pipeline.review.slices import PANELS, VIEWS, UnsafePathError, case_key, load_case, resolve_under, slice_png

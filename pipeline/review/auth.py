@@ -16,7 +16,7 @@ import re
 import secrets
 from pathlib import Path
 
-from pipeline.outputs import atomic_write_text
+from pipeline.core.files import atomic_write_text
 
 # RFC 7914 / OWASP's minimum for interactive logins: N=2^14, r=8, p=1 (16 MiB, ~50 ms).
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 14, 8, 1

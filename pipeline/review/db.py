@@ -24,13 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    DateTime, Float, ForeignKey, Integer, String, Text, create_engine, event, select,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from pipeline.outputs import atomic_write_text, csv_text
-from pipeline.types import Category
+from pipeline.core.files import atomic_write_text, csv_text
+from pipeline.core.records import Category
 
 DEFAULT_DB_NAME = "review.sqlite"
 PIPELINE_USER = "pipeline"  # the audit trail's "who" for changes made by the batch flow
@@ -294,7 +302,7 @@ def audit_sign_in(engine: Engine, username: str, ok: bool, locked: bool = False)
 
 def export_csv_text(engine: Engine) -> str:
     """Every worklist item with its current verdict (the adjudicated results) as CSV text
-    (every cell made inert for spreadsheets by :func:`pipeline.outputs.csv_text`)."""
+    (every cell made inert for spreadsheets by :func:`pipeline.core.files.csv_text`)."""
     rows = []
     with Session(engine) as session:
         items = session.scalars(select(WorklistItem).order_by(WorklistItem.patient_id, WorklistItem.study_date,

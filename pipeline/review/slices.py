@@ -4,7 +4,7 @@ The current study's images are on the native grid of its post-contrast series
 (``labels.nii.gz``, ``subtraction.nii.gz``, ``pre_registered.nii.gz``); the post-contrast
 itself is read from its DICOM series (found in the run's catalogue). The baseline's images are
 brought onto that grid with the inverse of ``to_baseline.tfm`` exactly as ``key_image.png``
-does (``pipeline.assess._key_image``): the file maps a baseline point to the follow-up point,
+does (``pipeline.run.patient._key_image``): the file maps a baseline point to the follow-up point,
 and resampling onto the follow-up grid needs the follow-up -> baseline map.
 
 Every path comes from the pipeline's own records (the worklist row, the catalogue) and is
@@ -27,10 +27,10 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
-from pipeline.imageio import load_series
-from pipeline.key_image import orientation_letters
-from pipeline.registration import resample_to
-from pipeline.types import Label, SeriesRecord
+from pipeline.core.records import Label, SeriesRecord
+from pipeline.imaging.registration import resample_to
+from pipeline.imaging.volumes import load_series
+from pipeline.outputs.key_image import orientation_letters
 
 VIEWS = ("baseline", "current")
 PANELS = ("pre", "post", "subtraction", "overlay")

@@ -12,7 +12,8 @@ import datetime as dt
 from pathlib import Path
 from types import SimpleNamespace
 
-from pipeline.outputs import AssessmentRecord, read_assessment, study_dir
+from pipeline.core.records import AssessmentRecord
+from pipeline.outputs.contract import read_assessment, study_dir
 from pipeline.review.db import FlaggedStudy, SyncResult, database_url, open_engine, reviewed_categories, sync_worklist
 
 

@@ -1,0 +1,16 @@
+"""Synthetic cohort generator: realistic post-ablation MRI PACS exports with ground truth.
+
+The demo, the test data and the training data of the project (DESIGN.md "Synthetic cohort").
+Entry point: :func:`generate_export`. Modules: ``geometry`` (grids, poses, deformation),
+``anatomy`` (shapes, partial volume, intensities), ``scenarios`` (timelines and truth
+categories), ``vendors`` (naming), ``dicom_writer`` (files), ``export`` (orchestration),
+``evaluation`` (a run's outputs against the truth it wrote).
+Outside ``pipeline`` (issue 17): a test, demo and training tool, not part of the product path. It
+may import ``pipeline`` and ``models``; ``pipeline`` imports it only in the CLI's ``demo``.
+"""
+
+from .export import generate_export
+from .profiles import PROFILES, Profile, get_profile
+from .scenarios import SCENARIOS
+
+__all__ = ["generate_export", "PROFILES", "Profile", "get_profile", "SCENARIOS"]

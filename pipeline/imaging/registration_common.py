@@ -1,0 +1,70 @@
+"""Helpers shared by the registration driver and its backends (SimpleITK, PyTorch).
+
+``pipeline/imaging/registration.py`` (driver, QC, SimpleITK backend) and ``pipeline/imaging/registration_torch.py``
+(PyTorch backend) both import this module; neither imports the other at module level, and the
+torch backend never imports the driver (the driver loads the backend on first use). Plain
+functions on ``SimpleITK`` images, no state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+# Lower bound on the number of metric samples per level. The configured sampling fraction is
+# tuned for ~256x256x64 volumes; on a small, heavily shrunk grid 5 % of the voxels inside the
+# body is only a few hundred samples, too few for a stable MI gradient (ENG-DEFAULT).
+MIN_SAMPLES = 12_000
+
+
+def run_filter(filt, *images: sitk.Image, threads: int | None = None) -> sitk.Image:
+    """Run a SimpleITK filter object with a per-filter thread count (no global state)."""
+    if threads is not None:
+        filt.SetNumberOfThreads(int(threads))
+    return filt.Execute(*images)
+
+
+def as_float32(image: sitk.Image) -> sitk.Image:
+    """``image`` as float32 (the same object when it already is)."""
+    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+
+
+def pyramid_image(image: sitk.Image, shrink: int, sigma_mm: float, threads: int) -> sitk.Image:
+    """Smooth by ``sigma_mm`` (physical units) then bin-shrink to ~``shrink`` x the finest spacing.
+
+    The shrink factor is applied in physical terms, per axis: with 1.5 mm x 1.5 mm x 3 mm voxels
+    and ``shrink=2`` the in-plane axes are binned by 2 and the slice axis by 1, giving ~3 mm
+    isotropic voxels. SimpleITK's built-in pyramid shrinks every axis by the same voxel count,
+    which would leave 12 mm slices at ``shrink=4`` on typical 3 mm acquisitions.
+    """
+    img = as_float32(image)
+    if sigma_mm > 0:
+        g = sitk.SmoothingRecursiveGaussianImageFilter()
+        g.SetSigma(float(sigma_mm))
+        img = run_filter(g, img, threads=threads)
+    finest = min(image.GetSpacing())
+    factors = [max(1, int(round(shrink * finest / s))) for s in image.GetSpacing()]
+    factors = [min(f, max(1, n // 4)) for f, n in zip(factors, image.GetSize())]
+    if any(f > 1 for f in factors):
+        b = sitk.BinShrinkImageFilter()
+        b.SetShrinkFactors(factors)
+        img = run_filter(b, img, threads=threads)
+    return img
+
+
+def sampling_fraction(fixed_level: sitk.Image, mask_fraction: float, cfg_fraction: float) -> float:
+    """Metric sampling fraction on a pyramid level: the configured one, raised to give at least
+    ``MIN_SAMPLES`` points inside the mask (``mask_fraction``: share of the grid in the mask)."""
+    n_in_mask = max(1.0, float(np.prod(fixed_level.GetSize())) * max(mask_fraction, 1e-3))
+    return float(min(1.0, max(cfg_fraction, MIN_SAMPLES / n_in_mask)))
+
+
+def coarse_grid_like(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Empty grid over ``image``'s extent, same origin and direction, spacing >= ``spacing_mm``."""
+    spacing = np.maximum(np.array(image.GetSpacing()), spacing_mm)
+    size = np.maximum(2, np.ceil((np.array(image.GetSize()) - 1) * np.array(image.GetSpacing()) / spacing) + 1)
+    ref = sitk.Image([int(v) for v in size], sitk.sitkUInt8)
+    ref.SetOrigin(image.GetOrigin())
+    ref.SetSpacing(spacing.tolist())
+    ref.SetDirection(image.GetDirection())
+    return ref

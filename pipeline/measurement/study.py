@@ -1,0 +1,219 @@
+"""Per-study imaging: load, register post->pre, subtract, segment, measure (one study, no history).
+
+``analyse_study`` never raises for bad input: a study it cannot read comes back with
+``ok=False`` and the reason, plus error rows for errors.csv.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.core.config import PipelineConfig
+from pipeline.core.records import (
+    ErrorRecord,
+    RegistrationQC,
+    SeriesRecord,
+    SeriesRole,
+    StudyImaging,
+    StudyRecord,
+    label_map,
+)
+from pipeline.imaging.registration import body_mask, register_intra_study, resample_to
+from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
+from pipeline.imaging.volumes import SeriesGeometryError, load_series
+from pipeline.measurement.axes import measure_ablation_zone
+from pipeline.measurement.foci import analyse_foci
+from pipeline.measurement.rim import rim_metrics, rim_thickness_profile
+from pipeline.measurement.supporting import enhancement_by_phase, t2_ratios
+from pipeline.segmentation.classical import segment
+
+
+@dataclass
+class StudyImages:
+    """Images of one study on the grid of the post-contrast series used."""
+
+    post: sitk.Image
+    pre_registered: sitk.Image
+    subtraction: sitk.Image
+    labels: sitk.Image
+
+
+@dataclass
+class StudyAnalysis:
+    imaging: StudyImaging
+    images: StudyImages | None
+    errors: list[ErrorRecord] = field(default_factory=list)
+
+
+def _error(study: StudyRecord, series: SeriesRecord | None, stage: str, reason: str) -> ErrorRecord:
+    return ErrorRecord(
+        path=str(series.files[0].parent) if series and series.files else "",
+        patient_id=study.patient_id, study_instance_uid=study.study_instance_uid,
+        series_instance_uid=series.series_instance_uid if series else "", stage=stage, reason=reason)
+
+
+def _phase_order(posts: list[SeriesRecord], choice: str | int) -> list[SeriesRecord]:
+    """Post-contrast phases in the order they are tried: the configured one first."""
+    if choice == "latest":
+        return list(reversed(posts))
+    preferred = [p for p in posts if p.phase_index == choice]
+    return preferred + [p for p in reversed(posts) if p not in preferred]
+
+
+def analyse_study(
+    study: StudyRecord,
+    cfg: PipelineConfig,
+    target_hint_lps: tuple[float, float, float] | None = None,
+    device: str = "cpu",
+) -> StudyAnalysis:
+    """Run the per-study stages on one study. See module docstring."""
+    timings: dict[str, float] = {}
+    errors: list[ErrorRecord] = []
+    pres = study.with_role(SeriesRole.T1_PRE)
+    posts = study.with_role(SeriesRole.T1_POST)
+    used = {}
+    if not posts:
+        # Ingest already reported the missing series in errors.csv (stage series_roles).
+        return StudyAnalysis(StudyImaging(ok=False, reason="no post-contrast T1 series in the study"), None, [])
+    if not pres:
+        reason = "no pre-contrast T1 series in the study (subtraction impossible)"
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, None, "select_series", reason)])
+
+    t0 = time.perf_counter()
+    pre_series = pres[0]
+    try:
+        pre = load_series(pre_series)
+    except (SeriesGeometryError, OSError, ValueError) as exc:
+        reason = f"pre-contrast series unreadable: {exc}"
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason), None, [_error(study, pre_series, "load", reason)])
+    used[SeriesRole.T1_PRE.value] = pre_series.series_instance_uid
+    timings["load"] = time.perf_counter() - t0
+
+    # Rule 5: register each phase to the pre-contrast; a phase failing QC is not used.
+    registrations: list[RegistrationQC] = []
+    chosen = None
+    for post_series in _phase_order(posts, cfg.enhancement.phase):
+        t0 = time.perf_counter()
+        try:
+            post = load_series(post_series)
+        except (SeriesGeometryError, OSError, ValueError) as exc:
+            errors.append(_error(study, post_series, "load", f"post-contrast phase unreadable: {exc}"))
+            continue
+        timings["load"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        # The post grid is the output grid (DESIGN.md): the pre-contrast is moved onto it.
+        transform, qc = register_intra_study(post, pre, cfg.registration, name=f"pre_to_post_phase{post_series.phase_index}")
+        timings["register_intra"] = timings.get("register_intra", 0.0) + time.perf_counter() - t0
+        registrations.append(qc)
+        if qc.ok:
+            chosen = (post_series, post, transform)
+            break
+        errors.append(_error(study, post_series, "register_intra", f"phase not used: {qc.reason}"))
+    if chosen is None:
+        reason = ("no usable post-contrast phase: " + "; ".join(f"{q.name}: {q.reason}" for q in registrations)
+                  if registrations else "no post-contrast phase could be read")
+        return StudyAnalysis(StudyImaging(ok=False, reason=reason, registration=registrations, series_used=used,
+                                          timings_s=timings), None, errors)
+    post_series, post, transform = chosen
+    used[SeriesRole.T1_POST.value] = post_series.series_instance_uid
+
+    t0 = time.perf_counter()
+    pre_on_post = resample_to(pre, post, transform)
+    body = body_mask(pre_on_post)
+    post_norm, _factor = normalise_post_to_pre(pre_on_post, post, body)
+    sub = subtraction(pre_on_post, post_norm)
+    rel = relative_enhancement(pre_on_post, post_norm, body)
+    timings["subtract"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    seg, seg_method, seg_note, seg_uncertainty, seg_device = _segment(pre_on_post, sub, rel, body, cfg,
+                                                                      target_hint_lps, device)
+    timings["segment"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    labels_a = np.zeros(seg.az.shape, np.uint8)
+    az_measure = rim = None
+    foci = []
+    if seg.found:
+        az_img = _like(seg.az.astype(np.uint8), post)
+        az_measure = measure_ablation_zone(az_img, _like(seg.az_soft, post))
+        enh_img = _like(seg.enhancing.astype(np.uint8), post)
+        profile = rim_thickness_profile(az_img, enh_img, max_search_mm=cfg.segmentation.rim_search_mm)
+        rim_volume_ml = float(seg.rim.sum() * np.prod(post.GetSpacing()) / 1000.0)
+        rim = rim_metrics(profile, rim_volume_ml, cfg.rim.benign_max_thickness_mm,
+                          cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
+        rim_typical = float(np.median(profile.thickness_mm)) if profile.n else 0.0
+        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg, rim_typical)
+        timings["measure"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        foci = _with_supporting_signals(study, foci, focus_masks, pre, post_series, post, transform, rel, seg,
+                                        sitk.GetArrayFromImage(body) > 0, cfg)
+        timings["supporting_signals"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        labels_a = label_map(seg.az, seg.rim, focus_masks)
+    timings["measure"] = timings.get("measure", 0.0) + time.perf_counter() - t0
+
+    labels = _like(labels_a, post)
+    key_slice = None
+    if seg.found:
+        key_slice = int(az_measure.slice_index) if az_measure else None
+        suspicious = [f for f in foci if f.suspicious]
+        if suspicious:
+            worst = max(suspicious, key=lambda f: f.diameter_mm)
+            key_slice = int(round(post.TransformPhysicalPointToContinuousIndex(tuple(worst.centroid_lps))[2]))
+    imaging = StudyImaging(
+        ok=True, series_used=used, post_phase_used=post_series.phase_index, registration=registrations,
+        az_found=seg.found and az_measure is not None, ablation_zone=az_measure, rim=rim, foci=foci,
+        segmentation_method=seg_method, segmentation_note=seg_note, segmentation_uncertainty=seg_uncertainty,
+        device=seg_device, key_slice_index=key_slice, timings_s=timings,
+        reason="" if seg.found else seg.reason)
+    images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
+    return StudyAnalysis(imaging, images, errors)
+
+
+def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, device: str):
+    """(SegmentationResult, method used, note, uncertainty, device used): the network when
+    configured and its weights load and run, else the classical method with the reason in the note."""
+    note = ""
+    if cfg.segmentation.method == "network":
+        from models.infer import WeightsError, load_model, resolve_weights, segment_network
+
+        weights = resolve_weights(cfg.segmentation.network_weights)
+        # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.
+        for run_on in dict.fromkeys([device, "cpu"]):
+            try:
+                seg, pred = segment_network(pre_on_post, sub, rel, body, cfg, load_model(weights, run_on),
+                                            target_hint_lps)
+                fell_back = f"ran on cpu after {note}" if run_on != device else ""
+                return seg, "network", fell_back, pred.case_uncertainty, pred.device
+            except WeightsError as exc:
+                note = str(exc)
+                break
+            except (RuntimeError, ValueError) as exc:  # noqa: PERF203 - at most two tries
+                note = f"network inference failed on {run_on}: {type(exc).__name__}: {exc}"
+    note = f"{note}; classical method used" if note else ""
+    return segment(pre_on_post, rel, body, cfg, target_hint_lps), "classical", note, None, device
+
+
+def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg):
+    """Add enhancement by phase and T2 ratios to the suspicious foci (same order as ``masks``)."""
+    suspicious = [i for i, f in enumerate(foci) if f.suspicious]
+    if not suspicious:
+        return foci
+    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg)
+    t2, _note = t2_ratios(study, post, seg.az, body, masks)
+    out = list(foci)
+    for index, by_phase, (to_az, to_body) in zip(suspicious, phases, t2):
+        out[index] = foci[index].model_copy(update={
+            "enhancement_by_phase": by_phase, "t2_ratio_to_az": to_az, "t2_ratio_to_body": to_body})
+    return out
+
+
+def _like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
