@@ -7,8 +7,12 @@ fast (timings, seconds, the pipeline version):
 - cohort.csv and errors.csv, row by row (the ``pipeline_version`` column left out);
 - every ``assessment.json`` and ``timeline.json``, key by key (``timings_s``, ``seconds`` and
   ``pipeline_version`` left out);
-- every ``labels.nii.gz`` and ``subtraction.nii.gz``: voxel values, size, spacing, origin and
-  direction.
+- every ``labels.nii.gz`` and ``subtraction.nii.gz``: voxel values (exactly, or within
+  ``--atol``), size, spacing, origin and direction.
+Text that says where a run was or how long a step took is neutralised before comparing: the
+run's own folder (the parent of RESULTS) becomes ``<run>`` and durations such as ``3.26 s``
+become ``<t> s``. The cache keys hash the input files' paths, so they agree only between runs
+made in the same folder: run the second where the first ran (move the first aside).
 Prints one line per difference and a summary; exits 1 when anything differs or a file is
 missing on one side.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,13 +34,17 @@ IGNORED_KEYS = {"timings_s", "seconds", "pipeline_version"}
 IMAGES = ("labels.nii.gz", "subtraction.nii.gz")
 JSONS = ("assessment.json", "timeline.json")
 TABLES = ("cohort.csv", "errors.csv")
+DURATION = re.compile(r"\b\d+(\.\d+)? s\b")
 
 
-def _without_ignored(value: Any) -> Any:
+def _neutral(value: Any, run_root: str) -> Any:
+    """``value`` without the ignored keys, the run's folder and durations (see the module doc)."""
     if isinstance(value, dict):
-        return {k: _without_ignored(v) for k, v in value.items() if k not in IGNORED_KEYS}
+        return {k: _neutral(v, run_root) for k, v in value.items() if k not in IGNORED_KEYS}
     if isinstance(value, list):
-        return [_without_ignored(v) for v in value]
+        return [_neutral(v, run_root) for v in value]
+    if isinstance(value, str):
+        return DURATION.sub("<t> s", value.replace(run_root, "<run>"))
     return value
 
 
@@ -55,12 +64,12 @@ def _differences(a: Any, b: Any, where: str) -> list[str]:
     return [] if a == b else [f"{where}: {a!r} before, {b!r} after"]
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def _rows(path: Path, run_root: str) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
-        return [{k: v for k, v in row.items() if k not in IGNORED_KEYS} for row in csv.DictReader(handle)]
+        return _neutral(list(csv.DictReader(handle)), run_root)
 
 
-def _image_differences(a: Path, b: Path, where: str) -> list[str]:
+def _image_differences(a: Path, b: Path, where: str, atol: float) -> list[str]:
     ia, ib = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
     out = []
     for name in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
@@ -68,14 +77,15 @@ def _image_differences(a: Path, b: Path, where: str) -> list[str]:
             out.append(f"{where}: {name[3:].lower()} {getattr(ia, name)()} before, {getattr(ib, name)()} after")
     if not out:
         va, vb = sitk.GetArrayFromImage(ia), sitk.GetArrayFromImage(ib)
-        changed = int(np.count_nonzero(va != vb))
+        changed = int(np.count_nonzero(np.abs(va.astype(np.float64) - vb) > atol))
         if changed:
             out.append(f"{where}: {changed} voxels differ (max |d| {float(np.abs(va.astype(float) - vb).max()):.4g})")
     return out
 
 
-def compare(before: Path, after: Path) -> tuple[list[str], int]:
+def compare(before: Path, after: Path, atol: float = 0.0) -> tuple[list[str], int]:
     """(differences, number of files compared)."""
+    root_a, root_b = str(before.resolve().parent), str(after.resolve().parent)
     differences: list[str] = []
     compared = 0
     for name in TABLES:
@@ -84,7 +94,7 @@ def compare(before: Path, after: Path) -> tuple[list[str], int]:
             differences.append(f"{name}: only {'after' if b.exists() else 'before'}")
         elif a.exists():
             compared += 1
-            differences.extend(_differences(_rows(a), _rows(b), name))
+            differences.extend(_differences(_rows(a, root_a), _rows(b, root_b), name))
     names = {p.relative_to(before) for pattern in (*JSONS, *IMAGES) for p in before.rglob(pattern)}
     names |= {p.relative_to(after) for pattern in (*JSONS, *IMAGES) for p in after.rglob(pattern)}
     for rel in sorted(names):
@@ -94,10 +104,10 @@ def compare(before: Path, after: Path) -> tuple[list[str], int]:
             continue
         compared += 1
         if rel.name in IMAGES:
-            differences.extend(_image_differences(a, b, str(rel)))
+            differences.extend(_image_differences(a, b, str(rel), atol))
         else:
-            differences.extend(_differences(_without_ignored(json.loads(a.read_text())),
-                                            _without_ignored(json.loads(b.read_text())), str(rel)))
+            differences.extend(_differences(_neutral(json.loads(a.read_text()), root_a),
+                                            _neutral(json.loads(b.read_text()), root_b), str(rel)))
     return differences, compared
 
 
@@ -105,11 +115,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("before", type=Path, help="results folder of the first run")
     parser.add_argument("after", type=Path, help="results folder of the second run")
+    parser.add_argument("--atol", type=float, default=0.0,
+                        help="largest voxel difference taken as equal (default 0: exactly equal)")
     args = parser.parse_args()
     for folder in (args.before, args.after):
         if not (folder / "cohort.csv").is_file():
             sys.exit(f"error: {folder} holds no cohort.csv: not a results folder")
-    differences, compared = compare(args.before, args.after)
+    differences, compared = compare(args.before, args.after, args.atol)
     for line in differences:
         print(line)
     print(f"{compared} files compared, {len(differences)} difference(s)")
