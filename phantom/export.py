@@ -31,7 +31,7 @@ from pydicom.uid import generate_uid
 
 from pipeline.core.records import Label
 
-from .anatomy import T1_PHASE_SECONDS, Anatomy, intensity, render, t1_tissue_values, t2_tissue_values
+from .body import Anatomy
 from .dicom_writer import SeriesHeader, study_dataset, write_series
 from .geometry import (
     Deformation,
@@ -43,7 +43,9 @@ from .geometry import (
     rotation_matrix,
     sagittal_direction,
 )
+from .intensities import T1_PHASE_SECONDS, intensity, t1_tissue_values, t2_tissue_values
 from .profiles import Profile, get_profile
+from .render import render
 from .scenarios import PatientPlan, StudyPlan, plan_patient, rescale_az
 from .vendors import LOCALIZER_SEQUENCE, T1_SEQUENCE, T2_SEQUENCE, VENDOR_INFO
 

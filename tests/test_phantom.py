@@ -134,7 +134,8 @@ def test_vessel_touches_az_at_baseline():
 def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
     """Issue 15: every ablation zone of the abdomen profile touches a kidney, the spleen or a
     bowel loop (gap 0-2 mm between the surfaces at baseline), whose contrast physiology enhances like tumour; the old profiles draw no such organ."""
-    from phantom.anatomy import LesionState, t1_tissue_values
+    from phantom.intensities import t1_tissue_values
+    from phantom.lesion import LesionState
 
     prof = get_profile("abdomen")
     u = np.random.default_rng(0).standard_normal((40000, 3))
