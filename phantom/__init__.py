@@ -6,7 +6,9 @@ Entry point: :func:`generate_export`. Modules: ``geometry`` (grids, poses, defor
 ``zone_contact`` (a vessel and organs against the zone), ``partial_volume`` (signed distances,
 voxel fractions), ``render`` (fractions, texture and labels on a grid), ``intensities``
 (tissue values by sequence and contrast phase), ``scenarios`` (timelines and truth
-categories), ``vendors`` (naming), ``dicom_writer`` (files), ``export`` (orchestration),
+categories), ``vendors`` (naming), ``dicom_writer`` (files), ``acquisition`` (poses, grids, bias,
+noise, stored values), ``layout`` (UIDs, folder and file names), ``patient`` (one patient's
+series and truth), ``export`` (the cohort: orchestration, junk, truth files),
 ``evaluation`` (a run's outputs against the truth it wrote).
 Outside ``pipeline`` (issue 17): a test, demo and training tool, not part of the product path. It
 may import ``pipeline`` and ``models``; ``pipeline`` imports it only in the CLI's ``demo``.

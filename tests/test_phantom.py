@@ -168,7 +168,7 @@ def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
 
 def test_growth_rescaling_rule():
     """Truth sizes are adjusted so the category agrees with the growth rule on each grid."""
-    from phantom.export import _size_consistent
+    from phantom.patient import _size_consistent
 
     plan = plan_patient(SCENARIOS.index("growth"), np.random.default_rng([SEED, 3]), get_profile("default"))
     grown = next(s for s in plan.studies if s.category == "suspected_local_tumour_progression")
