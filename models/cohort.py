@@ -60,7 +60,7 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
             continue
         images = analysis.images
         truth_labels = sitk.ReadImage(str(labels_of[study.study_instance_uid]))
-        # The truth lies on the post series' grid (phantom/export.py); resampling by
+        # The truth lies on the post series' grid (phantom/patient.py); resampling by
         # nearest neighbour only absorbs header rounding.
         truth_labels = resample_onto(sitk.Cast(truth_labels, sitk.sitkUInt8), images.post, sitk.sitkNearestNeighbor)
         folder = root / "cases" / name

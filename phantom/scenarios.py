@@ -23,16 +23,10 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .anatomy import (
-    Anatomy,
-    LesionState,
-    organs_beside_zone,
-    random_anatomy,
-    random_lesion_orientation,
-    surface_point,
-    touching_vessel,
-)
+from .body import Anatomy, random_anatomy
+from .lesion import LesionState, random_lesion_orientation, surface_point
 from .profiles import Profile
+from .zone_contact import organs_beside_zone, touching_vessel
 
 SCENARIOS = ("complete", "ltp", "residual", "growth", "vessel", "asymmetric_rim", "missing_post", "reablation")
 VENDORS = ("SIEMENS", "Philips Medical Systems", "GE MEDICAL SYSTEMS", "CANON_MEC")

@@ -134,7 +134,8 @@ def test_vessel_touches_az_at_baseline():
 def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
     """Issue 15: every ablation zone of the abdomen profile touches a kidney, the spleen or a
     bowel loop (gap 0-2 mm between the surfaces at baseline), whose contrast physiology enhances like tumour; the old profiles draw no such organ."""
-    from phantom.anatomy import LesionState, t1_tissue_values
+    from phantom.intensities import t1_tissue_values
+    from phantom.lesion import LesionState
 
     prof = get_profile("abdomen")
     u = np.random.default_rng(0).standard_normal((40000, 3))
@@ -167,7 +168,7 @@ def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
 
 def test_growth_rescaling_rule():
     """Truth sizes are adjusted so the category agrees with the growth rule on each grid."""
-    from phantom.export import _size_consistent
+    from phantom.patient import _size_consistent
 
     plan = plan_patient(SCENARIOS.index("growth"), np.random.default_rng([SEED, 3]), get_profile("default"))
     grown = next(s for s in plan.studies if s.category == "suspected_local_tumour_progression")
