@@ -107,7 +107,10 @@ def transcode(ds: Dataset, syntax: str) -> Dataset:
     if syntax in ("rle", "jpeg_ls", "jpeg_2000"):
         out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         out.PixelData = frames.astype("<" + word).tobytes()
-        out.compress(uid, frames if len(frames) > 1 else frames[0], encoding_plugin=None)
+        # Lossless: the instance keeps its SOP Instance UID, as the other transcodings here do
+        # (pydicom would draw a random one, and the same seed would not give the same export).
+        out.compress(uid, frames if len(frames) > 1 else frames[0], encoding_plugin=None,
+                     generate_instance_uid=False)
         return out
     if syntax == "jpeg_lossless":
         out.PixelData = encapsulate([_jpeg_lossless_frame(f.astype(np.uint16)) for f in frames])

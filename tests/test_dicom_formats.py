@@ -216,3 +216,10 @@ def test_compressed_pixel_data_cut_short_is_a_file_error_at_ingest(syntax: str, 
     files[2].write_bytes(bytes(data))
     row = read_header(str(files[2]))
     assert row["status"] == "error" and row["reason"].startswith("corrupt DICOM: compressed pixel data"), row
+
+
+@pytest.mark.parametrize("syntax", ["rle", "jpeg_ls", "jpeg_2000", "jpeg_lossless"])
+def test_a_lossless_transcoding_keeps_the_instance_uid(syntax: str) -> None:
+    # The same seed gives the same export: pydicom's encoders would otherwise draw a new UID.
+    source = _read("MR_small.dcm")
+    assert transcode(source, syntax).SOPInstanceUID == source.SOPInstanceUID
