@@ -35,7 +35,8 @@ from phantom.transcode import SYNTAXES, save, transcode
 from pipeline.core.config import load_config
 from pipeline.core.records import SeriesRecord
 from pipeline.imaging.volumes import load_series
-from pipeline.ingest.index import index_export, read_header
+from pipeline.ingest.headers import read_header
+from pipeline.ingest.index import index_export
 
 SLICES_PER_SERIES = 100
 

@@ -23,7 +23,8 @@ from phantom.transcode import LOSSY, SYNTAXES, save, transcode
 from pipeline.core.config import load_config
 from pipeline.core.records import SeriesRecord
 from pipeline.imaging.volumes import SeriesGeometryError, load_series
-from pipeline.ingest.index import index_export, read_header
+from pipeline.ingest.headers import read_header
+from pipeline.ingest.index import index_export
 from tests.dicom_factory import truncate
 
 BUNDLED = {

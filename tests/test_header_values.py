@@ -101,7 +101,7 @@ def test_a_bad_numeric_tag_is_a_warning_row_and_the_file_is_kept(tmp_path: Path,
 def test_a_study_whose_grouping_fails_is_still_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last line of defence: whatever a header does to the grouping, the study is listed
     (without series: assessed as indeterminate) and the reason is a row of errors.csv."""
-    import pipeline.ingest.index as ingest
+    import pipeline.ingest.grouping as grouping
 
     export = tmp_path / "export"
     small_study(export / "a", patient="P-A")
@@ -112,7 +112,7 @@ def test_a_study_whose_grouping_fails_is_still_listed(tmp_path: Path, monkeypatc
             raise ValueError("cannot convert float NaN to integer")
         return [(series_uid, "", files)], ""
 
-    monkeypatch.setattr(ingest, "_split_stacks", broken)
+    monkeypatch.setattr(grouping, "_split_stacks", broken)
     res = index_export(export, tmp_path / "cat.sqlite", load_config().ingest)
     by_patient = {s.patient_id: s for s in res.studies}
     assert set(by_patient) == {"P-A", "P-B"}

@@ -16,6 +16,7 @@ from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
 from pipeline.ingest import index as ingest
 from pipeline.ingest.index import index_export
 from pipeline.ingest.series_roles import SeriesHeaders, assign_roles
+from pipeline.ingest.walk import find_first_dicom
 from tests.dicom_factory import SeriesSpec, rotation, truncate, write_series, write_sr
 
 
@@ -260,5 +261,5 @@ def test_output_folder_inside_the_export_is_never_walked(tmp_path: Path, cfg: In
     res = index_export(export, out / "catalogue.sqlite", cfg, skip_dirs=[out])
     assert res.n_files_seen == 3 + 6 * 5
     assert not any("results" in e.path for e in res.errors)
-    assert ingest.find_first_dicom(out / "copy") is not None
-    assert ingest.find_first_dicom(export, [export / "P001", out]) is None
+    assert find_first_dicom(out / "copy") is not None
+    assert find_first_dicom(export, [export / "P001", out]) is None

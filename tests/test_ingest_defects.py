@@ -14,7 +14,8 @@ from pydicom.uid import generate_uid
 from pipeline.core.config import IngestConfig, load_config
 from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
 from pipeline.ingest.index import index_export
-from pipeline.ingest.series_roles import RoleRulesError, SeriesHeaders, assign_roles, load_role_rules
+from pipeline.ingest.role_rules import RoleRulesError, load_role_rules
+from pipeline.ingest.series_roles import SeriesHeaders, assign_roles
 from pipeline.longitudinal.classify import classify_patient
 from pipeline.longitudinal.timeline import build_patient_timeline
 from tests.dicom_factory import SeriesSpec, rotation, write_series

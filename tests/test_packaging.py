@@ -30,16 +30,16 @@ def _package_dir(package: str) -> Path:
 
 def test_the_configs_are_read_from_the_configs_package():
     from pipeline.core import config
-    from pipeline.ingest import series_roles
+    from pipeline.ingest import role_rules
 
     configs_dir = Path(str(files("configs"))).resolve()
     assert (configs_dir / "__init__.py").is_file()  # a regular package, not a namespace
     assert config.CONFIG_DIR == configs_dir
     assert config.DEFAULT_CONFIG_PATH == configs_dir / "default.yaml" and config.DEFAULT_CONFIG_PATH.is_file()
-    assert series_roles.DEFAULT_ROLE_RULES == configs_dir / "series_roles.yaml"
-    assert series_roles.DEFAULT_ROLE_RULES.is_file()
+    assert role_rules.DEFAULT_ROLE_RULES == configs_dir / "series_roles.yaml"
+    assert role_rules.DEFAULT_ROLE_RULES.is_file()
     cfg = config.load_config()
-    assert series_roles.resolve_rules_path(cfg.ingest.series_roles_file) == configs_dir / "series_roles.yaml"
+    assert role_rules.resolve_rules_path(cfg.ingest.series_roles_file) == configs_dir / "series_roles.yaml"
 
 
 def test_the_default_weights_are_found_inside_the_models_package(tmp_path):

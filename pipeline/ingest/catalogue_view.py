@@ -12,7 +12,8 @@ from rich.table import Table
 from pipeline.core.config import IngestConfig
 from pipeline.core.records import ErrorRecord, StudyRecord
 from pipeline.ingest.catalogue import Catalogue
-from pipeline.ingest.index import IndexResult, group_catalogue_rows
+from pipeline.ingest.grouping import group_catalogue_rows
+from pipeline.ingest.index import IndexResult
 
 
 class CatalogueNotFound(FileNotFoundError):

@@ -79,7 +79,7 @@ def check_output_folder(export_dir: Path, out: Path) -> None:
 
 def check_export_has_dicom(export_dir: Path, out: Path | None = None) -> None:
     """At least one file of the export looks like DICOM (the output folder is not looked at)."""
-    from pipeline.ingest.index import find_first_dicom
+    from pipeline.ingest.walk import find_first_dicom
 
     if find_first_dicom(export_dir, [out] if out is not None else ()) is None:
         raise RunInputError(f"no DICOM file found in {export_dir} (nothing to assess)")
