@@ -79,7 +79,8 @@ def _elastix_method(kinds: list[str], grid_spacing_mm: float):
         return out
 
     def run(fixed, moving, points):
-        from pipeline.imaging.registration import _metric_mask, body_mask
+        from pipeline.core.geometry import body_mask
+        from pipeline.imaging.registration import _metric_mask
 
         po = itk.ParameterObject.New()
         for kind in kinds:
@@ -108,7 +109,8 @@ def _ants_pairs(python: str, pairs: list[dict], work: Path, types: list[str]) ->
     """Run every pair through the ANTs worker; {type: [(ok, mapped, seconds), ...]}."""
     import SimpleITK as sitk
 
-    from pipeline.imaging.registration import _metric_mask, body_mask
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration import _metric_mask
 
     out: dict[str, list] = {t: [] for t in types}
     worker = Path(__file__).with_name("_ants_register.py")

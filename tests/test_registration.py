@@ -16,12 +16,11 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.core.config import load_config
+from pipeline.core.geometry import body_mask, resample_to
 from pipeline.imaging.registration import (
-    body_mask,
     motion_magnitude_mm,
     register_intra_study,
     register_to_baseline,
-    resample_to,
 )
 
 

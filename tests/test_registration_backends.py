@@ -142,7 +142,8 @@ def test_torch_deformable_field(small_baseline, small_followup, inter_results, t
 def test_deformation_bound(small_baseline):
     """deformation_max_mm measures the deformable part alone (not the affine); a field larger
     than registration.<stage>.max_deformation_mm fails QC (checked in _quality)."""
-    from pipeline.imaging.registration import body_mask, coarse_grid_like, deformation_max_mm
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration import coarse_grid_like, deformation_max_mm
 
     body = body_mask(small_baseline)
     ref = coarse_grid_like(small_baseline, 4.0)
@@ -301,7 +302,8 @@ def test_temporal_difference_on_followup_grid():
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):
     """A known smooth multiplicative bias is mostly removed: the corrected / true ratio is flat."""
-    from pipeline.imaging.registration import bias_corrected, body_mask
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration import bias_corrected
 
     body = body_mask(small_baseline)
     arr = sitk.GetArrayFromImage(small_baseline).astype(np.float64)

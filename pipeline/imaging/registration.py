@@ -40,18 +40,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from pipeline.core.config import RegistrationConfig, RegistrationStageConfig
 from pipeline.core.devices import resolve_device
+from pipeline.core.geometry import as_float32, body_mask, radius_vox, resample_to, run_filter
 from pipeline.core.records import RegistrationQC
-from pipeline.imaging.registration_common import (
-    as_float32,
-    coarse_grid_like,
-    pyramid_image,
-    run_filter,
-    sampling_fraction,
-)
+from pipeline.imaging.registration_common import coarse_grid_like, pyramid_image, sampling_fraction
 
 METRIC_NAME = "mattes_mi"
 # Mattes MI histogram bins: 32 is plenty for ~10^4 samples (more bins -> noisier PDF estimate).
@@ -90,11 +84,6 @@ _BSPLINE_MAX_COEFFICIENT_MM = 4.0
 
 
 # --------------------------------------------------------------------------- helpers
-def _radius_vox(image: sitk.Image, radius_mm: float) -> list[int]:
-    """Per-axis kernel radius (voxels) approximating a ball of ``radius_mm``."""
-    return [max(1, int(round(radius_mm / s))) for s in image.GetSpacing()]
-
-
 def _identity() -> sitk.Euler3DTransform:
     return sitk.Euler3DTransform()
 
@@ -165,7 +154,7 @@ def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Im
 def _interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
     """Body eroded by ``_NCC_INTERIOR_EROSION_MM``; the body itself when little would remain."""
     f = sitk.BinaryErodeImageFilter()
-    f.SetKernelRadius(_radius_vox(body, _NCC_INTERIOR_EROSION_MM))
+    f.SetKernelRadius(radius_vox(body, _NCC_INTERIOR_EROSION_MM))
     f.SetKernelType(sitk.sitkBall)
     f.SetForegroundValue(1)
     inner = run_filter(f, body, threads=threads)
@@ -200,7 +189,7 @@ def rotation_angle_deg(tx: sitk.Transform) -> float:
 
 def _metric_mask(body: sitk.Image, threads: int) -> sitk.Image:
     f = sitk.BinaryDilateImageFilter()
-    f.SetKernelRadius(_radius_vox(body, _METRIC_MASK_DILATION_MM))
+    f.SetKernelRadius(radius_vox(body, _METRIC_MASK_DILATION_MM))
     f.SetKernelType(sitk.sitkBall)
     f.SetForegroundValue(1)
     return run_filter(f, body, threads=threads)
@@ -238,80 +227,6 @@ def _evaluate_metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Ima
 
 
 # --------------------------------------------------------------------------- public helpers
-def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float = 4.0,
-              threads: int | None = None) -> sitk.Image:
-    """Binary mask (uint8, 1 = body) of the patient's body on ``image``'s grid.
-
-    Otsu threshold of the lightly smoothed image, relaxed to a quarter of the median foreground
-    signal when Otsu lands inside tissue (tight FOVs, bright fat), largest 3-D connected
-    component, a morphological closing of ``closing_mm`` and in-slice hole filling (dark
-    fat-suppressed fat, necrosis and fluid inside the body belong to it). The hole filling is
-    per slice (array axis 0 = the acquired slices) because a dark tube leaving through the top
-    or bottom slice is not a 3-D hole. Cost: a few tens of ms for ~1.3 M voxels.
-
-    Parameters: ``smoothing_mm`` Gaussian sigma (mm) before thresholding, ``closing_mm`` closing
-    radius (mm). Geometry (origin, spacing, direction) is that of ``image``.
-    """
-    img = as_float32(image)
-    if smoothing_mm > 0:
-        g = sitk.SmoothingRecursiveGaussianImageFilter()
-        g.SetSigma(float(smoothing_mm))
-        img = run_filter(g, img, threads=threads)
-    arr = sitk.GetArrayFromImage(img)
-    finite = arr[np.isfinite(arr)]
-    out = np.zeros(arr.shape, dtype=np.uint8)
-    if finite.size == 0 or float(finite.max()) <= float(finite.min()):
-        mask = sitk.GetImageFromArray(out)
-        mask.CopyInformation(image)
-        return mask
-    otsu = sitk.OtsuThresholdImageFilter()
-    otsu.SetInsideValue(0)
-    otsu.SetOutsideValue(1)
-    run_filter(otsu, img, threads=threads)
-    t = float(otsu.GetThreshold())
-    fg = finite[finite > t]
-    if fg.size:
-        t = min(t, 0.25 * float(np.median(fg)))
-    fg_mask = arr > t
-    labels, n = ndimage.label(fg_mask)
-    if n == 0:
-        mask = sitk.GetImageFromArray(out)
-        mask.CopyInformation(image)
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    largest = labels == int(np.argmax(sizes))
-    mask = sitk.GetImageFromArray(largest.astype(np.uint8))
-    mask.CopyInformation(image)
-    if closing_mm > 0:
-        c = sitk.BinaryMorphologicalClosingImageFilter()
-        c.SetKernelRadius(_radius_vox(image, closing_mm))
-        c.SetKernelType(sitk.sitkBall)
-        c.SetForegroundValue(1)
-        mask = run_filter(c, mask, threads=threads)
-    in_slice = np.zeros((3, 3, 3), dtype=bool)
-    in_slice[1] = ndimage.generate_binary_structure(2, 1)
-    filled = ndimage.binary_fill_holes(sitk.GetArrayFromImage(mask) > 0, structure=in_slice)
-    out = sitk.GetImageFromArray(filled.astype(np.uint8))
-    out.CopyInformation(image)
-    return out
-
-
-def resample_to(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
-                interpolator: int = sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
-    """Resample ``moving`` onto ``reference``'s grid (origin, spacing, direction, size).
-
-    ``transform`` maps reference (fixed) points to moving points (ITK convention). Intensity
-    images come back as float32 (no rounding of interpolated values); with nearest-neighbour or
-    label interpolators the pixel type of ``moving`` is kept, so label maps stay labels.
-    Voxels mapping outside ``moving`` get ``default``.
-    """
-    keep_type = interpolator in (sitk.sitkNearestNeighbor, sitk.sitkLabelGaussian)
-    pixel = moving.GetPixelID() if keep_type else sitk.sitkFloat32
-    src = moving if keep_type else as_float32(moving)
-    return sitk.Resample(src, reference, transform, interpolator, float(default), pixel)
-
-
 def motion_magnitude_mm(transform: sitk.Transform, mask_image: sitk.Image) -> float:
     """Mean displacement ``|T(x) - x|`` (mm) over the non-zero voxels ``x`` of ``mask_image``.
 
@@ -897,7 +812,6 @@ def _field_reference(deformable: sitk.Transform) -> sitk.Image:
 
 
 __all__: Sequence[str] = (
-    "body_mask",
     "invert_registration",
     "compose_with_field",
     "deformable_as_field",
@@ -908,5 +822,4 @@ __all__: Sequence[str] = (
     "register_intra_study",
     "register_to_baseline",
     "registration_ncc",
-    "resample_to",
 )

@@ -11,22 +11,12 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.core.geometry import as_float32, run_filter
+
 # Lower bound on the number of metric samples per level. The configured sampling fraction is
 # tuned for ~256x256x64 volumes; on a small, heavily shrunk grid 5 % of the voxels inside the
 # body is only a few hundred samples, too few for a stable MI gradient (ENG-DEFAULT).
 MIN_SAMPLES = 12_000
-
-
-def run_filter(filt, *images: sitk.Image, threads: int | None = None) -> sitk.Image:
-    """Run a SimpleITK filter object with a per-filter thread count (no global state)."""
-    if threads is not None:
-        filt.SetNumberOfThreads(int(threads))
-    return filt.Execute(*images)
-
-
-def as_float32(image: sitk.Image) -> sitk.Image:
-    """``image`` as float32 (the same object when it already is)."""
-    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
 
 
 def pyramid_image(image: sitk.Image, shrink: int, sigma_mm: float, threads: int) -> sitk.Image:
