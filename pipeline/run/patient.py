@@ -24,8 +24,12 @@ from pipeline.core.records import (
     TimelineEntry,
     Timepoint,
 )
-from pipeline.imaging.registration import invert_registration, register_to_baseline
-from pipeline.imaging.registration_files import read_to_baseline, write_to_baseline
+from pipeline.imaging.registration import (
+    invert_registration,
+    read_to_baseline,
+    register_to_baseline,
+    write_to_baseline,
+)
 from pipeline.imaging.subtraction import temporal_difference
 from pipeline.imaging.volumes import load_series
 from pipeline.longitudinal.classify import classify_patient
