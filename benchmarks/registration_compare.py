@@ -79,7 +79,8 @@ def _elastix_method(kinds: list[str], grid_spacing_mm: float):
         return out
 
     def run(fixed, moving, points):
-        from pipeline.imaging.registration import _metric_mask, body_mask
+        from pipeline.core.geometry import body_mask
+        from pipeline.imaging.registration.metric import metric_mask
 
         po = itk.ParameterObject.New()
         for kind in kinds:
@@ -90,7 +91,7 @@ def _elastix_method(kinds: list[str], grid_spacing_mm: float):
             po.AddParameterMap(pm)
         elx = itk.ElastixRegistrationMethod.New(to_itk(fixed), to_itk(moving))
         elx.SetParameterObject(po)
-        elx.SetFixedMask(to_itk(_metric_mask(body_mask(fixed), THREADS), np.uint8))
+        elx.SetFixedMask(to_itk(metric_mask(body_mask(fixed), THREADS), np.uint8))
         # itk-elastix 0.25.4 segfaults in the B-spline stage with more than one thread here
         # (like InsightSoftwareConsortium/ITKElastix#160); one thread runs (measured ~36 s a pair).
         elx.SetNumberOfThreads(1 if "bspline" in kinds else THREADS)
@@ -108,7 +109,8 @@ def _ants_pairs(python: str, pairs: list[dict], work: Path, types: list[str]) ->
     """Run every pair through the ANTs worker; {type: [(ok, mapped, seconds), ...]}."""
     import SimpleITK as sitk
 
-    from pipeline.imaging.registration import _metric_mask, body_mask
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration.metric import metric_mask
 
     out: dict[str, list] = {t: [] for t in types}
     worker = Path(__file__).with_name("_ants_register.py")
@@ -116,7 +118,7 @@ def _ants_pairs(python: str, pairs: list[dict], work: Path, types: list[str]) ->
         paths = {k: str(work / f"ants_{n}_{k}.nii.gz") for k in ("fixed", "moving", "fixed_mask")}
         sitk.WriteImage(pair["fixed"], paths["fixed"])
         sitk.WriteImage(pair["moving"], paths["moving"])
-        sitk.WriteImage(_metric_mask(body_mask(pair["fixed"]), THREADS), paths["fixed_mask"])
+        sitk.WriteImage(metric_mask(body_mask(pair["fixed"]), THREADS), paths["fixed_mask"])
         req = {**paths, "points": np.asarray(pair["fixed_points"], float).tolist(), "types": types, "threads": THREADS}
         env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(THREADS), "OMP_NUM_THREADS": str(THREADS)}
         res = subprocess.run([python, str(worker)], input=json.dumps(req), capture_output=True, text=True, env=env,

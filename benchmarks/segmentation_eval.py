@@ -40,7 +40,7 @@ from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_F
 from models.infer import clean_prediction, load_model, place_az_edge, predict  # noqa: E402
 from models.train import case_dice  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
-from pipeline.imaging.registration import body_mask  # noqa: E402
+from pipeline.core.geometry import body_mask  # noqa: E402
 from pipeline.imaging.subtraction import relative_enhancement  # noqa: E402
 from pipeline.segmentation.classical import enhancing_tissue  # noqa: E402
 

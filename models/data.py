@@ -87,7 +87,7 @@ def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz:
     divided by the body median of the pre-contrast: the pipeline's relative enhancement is the
     same ratio voxel-wise, and the scale no longer depends on the vendor's gain.
     """
-    from pipeline.imaging.registration import body_mask
+    from pipeline.core.geometry import body_mask
 
     if pre_on_post.GetSize() != subtraction.GetSize():
         raise ValueError(f"pre-contrast {pre_on_post.GetSize()} and subtraction {subtraction.GetSize()} "

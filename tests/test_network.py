@@ -159,7 +159,7 @@ def test_working_grid_covers_the_fov_with_the_same_direction():
 
 
 def _pipeline_inputs(assessed_run):
-    from pipeline.imaging.registration import body_mask
+    from pipeline.core.geometry import body_mask
     from pipeline.imaging.subtraction import relative_enhancement
 
     _root, out, _t, _s = assessed_run
@@ -448,7 +448,7 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
 def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate():
     """The network (a stand-in that labels only the bright zone) draws no focus; rule 6's thick
     enhancing region at the zone's margin still reaches the foci stage as a candidate."""
-    from pipeline.imaging.registration import body_mask
+    from pipeline.core.geometry import body_mask
     from pipeline.imaging.subtraction import relative_enhancement
 
     size, spacing = (64, 64, 20), (1.5, 1.5, 3.0)

@@ -22,7 +22,7 @@ from pipeline.imaging.registration import (
     register_to_baseline,
     split_affine_and_deformable,
 )
-from pipeline.imaging.registration_torch import voxel_to_lps
+from pipeline.imaging.registration.torch_backend import voxel_to_lps
 from tests.test_registration import Phantom, _rot, body_points, euler, make_grid, render, tre_mm
 
 SMALL_SIZE, SMALL_SPACING = (64, 64, 24), (3.2, 3.2, 4.5)
@@ -141,8 +141,10 @@ def test_torch_deformable_field(small_baseline, small_followup, inter_results, t
 
 def test_deformation_bound(small_baseline):
     """deformation_max_mm measures the deformable part alone (not the affine); a field larger
-    than registration.<stage>.max_deformation_mm fails QC (checked in _quality)."""
-    from pipeline.imaging.registration import body_mask, coarse_grid_like, deformation_max_mm
+    than registration.<stage>.max_deformation_mm fails QC (checked in checks.quality)."""
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration import deformation_max_mm
+    from pipeline.imaging.registration.common import coarse_grid_like
 
     body = body_mask(small_baseline)
     ref = coarse_grid_like(small_baseline, 4.0)
@@ -168,14 +170,15 @@ def test_too_large_deformation_is_not_used(small_baseline, small_followup):
 
 def test_inconsistent_round_trip_fails_qc(phantom, small_baseline, monkeypatch):
     """Rule 5: a phase whose residual misregistration exceeds max_residual_mm is not used."""
-    import pipeline.imaging.registration as registration
+    import pipeline.imaging.registration.checks as checks
 
     true = euler((0.5, -0.5, 0.5), (1.0, -1.0, 0.5))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.2, noise=0.02, seed=7)
     cfg = _cfg("simpleitk")
     # The measured residual of this pair is ~0.1-0.4 mm (test_torch_intra_study_residual checks a
     # real one); here the round trip is made to read 2.6 mm to check the policy.
-    monkeypatch.setattr(registration, "inverse_consistency_residual_mm", lambda *a: 2.6)
+    # Patched where check_inverse_consistency looks it up (checks imports it from transforms).
+    monkeypatch.setattr(checks, "inverse_consistency_residual_mm", lambda *a: 2.6)
     tx, qc = register_intra_study(small_baseline, post, cfg)
     assert not qc.ok and "inverse-consistency residual 2.60 mm > 2.0 mm" in qc.reason
     assert qc.residual_mm == pytest.approx(2.6)
@@ -301,7 +304,8 @@ def test_temporal_difference_on_followup_grid():
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):
     """A known smooth multiplicative bias is mostly removed: the corrected / true ratio is flat."""
-    from pipeline.imaging.registration import bias_corrected, body_mask
+    from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration.metric import bias_corrected
 
     body = body_mask(small_baseline)
     arr = sitk.GetArrayFromImage(small_baseline).astype(np.float64)

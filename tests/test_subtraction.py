@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.core.config import load_config
-from pipeline.imaging.registration import body_mask, register_intra_study, resample_to
+from pipeline.core.geometry import body_mask, resample_to
+from pipeline.imaging.registration import register_intra_study
 from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
 
 SIZE, SPACING = (128, 128, 36), (1.6, 1.6, 3.0)

@@ -73,7 +73,7 @@ class RegistrationStageConfig(_Section):
     # backend) or "bspline" (B-spline free-form deformation, simpleitk backend).
     deformable: Literal["none", "field", "bspline"] = "none"
     # Intensity bias correction of both images before registering: "n4" (SimpleITK N4 on a
-    # ~8 mm copy, pipeline.imaging.registration.bias_corrected) or "none".
+    # ~8 mm copy, pipeline.imaging.registration.metric.bias_corrected) or "none".
     bias_correction: Literal["none", "n4"] = "none"
     deformable_grid_spacing_mm: float = Field(default=40.0, gt=5)
     deformable_iterations: int = Field(default=60, gt=0)

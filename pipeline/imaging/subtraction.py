@@ -1,9 +1,9 @@
 """Intensity normalisation, subtraction and relative enhancement of a registered pre/post pair.
 
 All functions take images on the SAME grid: the pre-contrast series' grid, with the post-contrast
-series already resampled onto it (``registration.resample_to(post, pre, post_to_pre)``). They
-raise ``ValueError`` when the grids differ, because a voxel-wise operation on two different grids
-silently shifts anatomy.
+series already resampled onto it (``pipeline.core.geometry.resample_to(post, pre, post_to_pre)``).
+They raise ``ValueError`` when the grids differ, because a voxel-wise operation on two different
+grids silently shifts anatomy.
 
 Normalisation decision (DESIGN.md "Clinical rules", enhancement rule 6)
 ----------------------------------------------------------------------
@@ -132,7 +132,8 @@ def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, base
     of the typical tissue signal since the baseline. 0 outside the follow-up body and where the
     baseline did not cover the follow-up's anatomy (the two slabs rarely match along z).
     """
-    from pipeline.imaging.registration import body_mask, invert_registration, resample_to
+    from pipeline.core.geometry import body_mask, resample_to
+    from pipeline.imaging.registration import invert_registration
 
     _check_same_grid(followup_sub, followup_pre, "temporal_difference(followup sub, pre)")
     _check_same_grid(baseline_sub, baseline_pre, "temporal_difference(baseline sub, pre)")

@@ -9,8 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.core.config import PipelineConfig
+from pipeline.core.geometry import body_mask, resample_to
 from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
-from pipeline.imaging.registration import body_mask, register_intra_study, resample_to
+from pipeline.imaging.registration import register_intra_study
 from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement
 from pipeline.imaging.volumes import SeriesGeometryError, load_series
 

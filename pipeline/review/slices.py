@@ -27,8 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from pipeline.core.geometry import resample_to
 from pipeline.core.records import Label, SeriesRecord
-from pipeline.imaging.registration import resample_to
 from pipeline.imaging.volumes import load_series
 from pipeline.outputs.key_image import orientation_letters
 

@@ -13,6 +13,7 @@ import SimpleITK as sitk
 from pipeline import __version__
 from pipeline.core.config import PipelineConfig
 from pipeline.core.files import atomic_write_image, read_image
+from pipeline.core.geometry import resample_to
 from pipeline.core.records import (
     AssessmentRecord,
     ErrorRecord,
@@ -23,8 +24,12 @@ from pipeline.core.records import (
     TimelineEntry,
     Timepoint,
 )
-from pipeline.imaging.registration import invert_registration, register_to_baseline, resample_to
-from pipeline.imaging.registration_files import read_to_baseline, write_to_baseline
+from pipeline.imaging.registration import (
+    invert_registration,
+    read_to_baseline,
+    register_to_baseline,
+    write_to_baseline,
+)
 from pipeline.imaging.subtraction import temporal_difference
 from pipeline.imaging.volumes import load_series
 from pipeline.longitudinal.classify import classify_patient

@@ -1,32 +1,47 @@
-"""Helpers shared by the registration driver and its backends (SimpleITK, PyTorch).
+"""Registration layer 1: what the driver, the checks and both backends share.
 
-``pipeline/imaging/registration.py`` (driver, QC, SimpleITK backend) and ``pipeline/imaging/registration_torch.py``
-(PyTorch backend) both import this module; neither imports the other at module level, and the
-torch backend never imports the driver (the driver loads the backend on first use). Plain
-functions on ``SimpleITK`` images, no state.
+The image pyramid (:func:`pyramid_image`), the metric's sampling (:func:`sampling_fraction`,
+``MIN_SAMPLES``, ``HISTOGRAM_BINS``, ``SAMPLING_SEED``: one value for both backends), coarse
+grids (:func:`coarse_grid_like`), the centroid of a mask (:func:`mask_centroid_lps`) and the one
+result type every backend returns (:class:`BackendResult`, and ``Backend``, the signature of a
+backend). Plain functions on ``SimpleITK`` images, no state. Imports only ``pipeline.core``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import SimpleITK as sitk
+
+from pipeline.core.geometry import as_float32, run_filter
 
 # Lower bound on the number of metric samples per level. The configured sampling fraction is
 # tuned for ~256x256x64 volumes; on a small, heavily shrunk grid 5 % of the voxels inside the
 # body is only a few hundred samples, too few for a stable MI gradient (ENG-DEFAULT).
 MIN_SAMPLES = 12_000
+# Mattes MI histogram bins (both backends): 32 is plenty for ~10^4 samples (more bins -> noisier
+# PDF estimate).
+HISTOGRAM_BINS = 32
+# Fixed seed of the metric's random sampling (both backends): the same pair always gives the same
+# result.
+SAMPLING_SEED = 20240601
 
 
-def run_filter(filt, *images: sitk.Image, threads: int | None = None) -> sitk.Image:
-    """Run a SimpleITK filter object with a per-filter thread count (no global state)."""
-    if threads is not None:
-        filt.SetNumberOfThreads(int(threads))
-    return filt.Execute(*images)
+@dataclass
+class BackendResult:
+    """What a backend returns: the transform it found and how the optimisation went."""
+
+    transform: sitk.Transform
+    iterations: int  # summed over stages and levels
+    stop_condition: str  # per stage and level
+    converged: bool  # the last (finest) optimisation stopped before its iteration cap
 
 
-def as_float32(image: sitk.Image) -> sitk.Image:
-    """``image`` as float32 (the same object when it already is)."""
-    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+# One function per backend: (fixed, moving, metric mask, initial transform, stage, first step
+# in mm, threads, device=...) -> BackendResult; raises RuntimeError on a failed optimisation.
+Backend = Callable[..., BackendResult]
 
 
 def pyramid_image(image: sitk.Image, shrink: int, sigma_mm: float, threads: int) -> sitk.Image:
@@ -68,3 +83,27 @@ def coarse_grid_like(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     ref.SetSpacing(spacing.tolist())
     ref.SetDirection(image.GetDirection())
     return ref
+
+
+def mask_centroid_lps(mask: sitk.Image) -> np.ndarray:
+    """Centroid (LPS, mm) of the non-zero voxels of ``mask``; image centre if empty."""
+    arr = sitk.GetArrayFromImage(mask)
+    idx = np.argwhere(arr > 0)
+    if idx.size == 0:
+        centre_idx = (np.array(mask.GetSize(), dtype=float) - 1.0) / 2.0
+    else:
+        centre_idx = idx.mean(axis=0)[::-1]  # numpy (k, j, i) -> ITK (i, j, k)
+    return np.array(mask.TransformContinuousIndexToPhysicalPoint(centre_idx.tolist()))
+
+
+__all__ = [
+    "HISTOGRAM_BINS",
+    "MIN_SAMPLES",
+    "SAMPLING_SEED",
+    "Backend",
+    "BackendResult",
+    "coarse_grid_like",
+    "mask_centroid_lps",
+    "pyramid_image",
+    "sampling_fraction",
+]

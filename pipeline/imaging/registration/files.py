@@ -5,6 +5,7 @@ deformable result (``CompositeTransform([affine, deformable])``, the deformable 
 first) adds its displacement field as a NIfTI vector image (LPS mm, on a ~4 mm copy of the
 baseline grid): a dense field written as .tfm text would be tens of MB. Reading composes them
 back; a stale field from an earlier deformable run is removed when the new result has none.
+Registration layer 7: imports ``pipeline.core`` and ``transforms``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from pipeline.core.files import atomic_write_image, atomic_write_transform, read_image
-from pipeline.imaging.registration import compose_with_field, deformable_as_field, split_affine_and_deformable
+from pipeline.imaging.registration.transforms import (
+    compose_with_field,
+    deformable_as_field,
+    split_affine_and_deformable,
+)
 
 TRANSFORM_FILE = "to_baseline.tfm"
 FIELD_FILE = "to_baseline_field.nii.gz"

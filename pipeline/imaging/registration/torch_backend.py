@@ -1,9 +1,12 @@
-"""PyTorch registration backend: rigid, affine and an optional smooth displacement field.
+"""Registration layer 5b: the PyTorch backend (rigid, affine, optional smooth displacement field).
 
-Plugged into ``pipeline.imaging.registration._BACKENDS["torch"]``: the shared driver there does the
-initialisation (moments, coarse search, several starts), the QC and the failure policy; this
-module only optimises from the start it is given and returns SimpleITK transforms, so the rest
-of the pipeline (resampling, ``to_baseline.tfm``) is the same whatever backend ran.
+Plugged into the driver's backends (``pipeline.imaging.registration.driver``, imported there on
+first use: torch is slow to import): the shared driver does the initialisation (moments, coarse
+search, several starts), the QC and the failure policy; this module only optimises from the
+start it is given and returns SimpleITK transforms in the one
+:class:`~pipeline.imaging.registration.common.BackendResult`, so the rest of the pipeline
+(resampling, ``to_baseline.tfm``) is the same whatever backend ran. Imports ``pipeline.core``
+and ``common`` only.
 
 Geometry
 --------
@@ -50,12 +53,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.config import RegistrationStageConfig
-from pipeline.imaging.registration_common import coarse_grid_like, pyramid_image, sampling_fraction
+from pipeline.imaging.registration.common import (
+    HISTOGRAM_BINS,
+    SAMPLING_SEED,
+    BackendResult,
+    coarse_grid_like,
+    pyramid_image,
+    sampling_fraction,
+)
 
-# Histogram bins of the MI: as the SimpleITK backend (registration._HISTOGRAM_BINS).
-_HISTOGRAM_BINS = 32
-# Fixed seed of the point sampling: the same pair always gives the same result.
-_SAMPLING_SEED = 20240601
+# Histogram bins of the MI (common.HISTOGRAM_BINS) and the seed of the point sampling
+# (common.SAMPLING_SEED): those of the SimpleITK backend.
 # Points per level: at least this many (stable MI gradient), at most _MAX_SAMPLES (cost).
 _MIN_SAMPLES = 12_000
 _MAX_SAMPLES = 20_000
@@ -76,14 +84,6 @@ _FIELD_SMOOTHNESS = 100.0
 # Spacing (mm) of the dense displacement field handed to SimpleITK: fine enough for a field
 # interpolated from control points tens of mm apart, coarse enough to stay a few MB.
 _FIELD_OUTPUT_SPACING_MM = 4.0
-
-
-@dataclass
-class TorchResult:
-    transform: sitk.Transform
-    iterations: int
-    stop_condition: str
-    converged: bool
 
 
 # --------------------------------------------------------------------------- geometry
@@ -158,7 +158,7 @@ def _level(fixed_l: sitk.Image, moving_l: sitk.Image, mask: sitk.Image, fraction
     if len(idx) == 0:
         raise RuntimeError("torch backend: the metric mask is empty on this level")
     n = int(min(len(idx), _MAX_SAMPLES, max(_MIN_SAMPLES, fraction * len(idx))))
-    pick = idx[np.random.default_rng(_SAMPLING_SEED).choice(len(idx), n, replace=False)]
+    pick = idx[np.random.default_rng(SAMPLING_SEED).choice(len(idx), n, replace=False)]
     vals = sitk.GetArrayFromImage(fixed_l)[pick[:, 0], pick[:, 1], pick[:, 2]].astype(np.float64)
     ijk1 = np.c_[pick[:, ::-1].astype(np.float64), np.ones(n)]
     pts = (ijk1 @ voxel_to_lps(fixed_l).T)[:, :3]
@@ -198,7 +198,7 @@ class _MattesMI:
     _PAD = 2  # bins of padding at each end so the cubic window never leaves the histogram
 
     def __init__(self, fixed_vals: torch.Tensor, moving: torch.Tensor) -> None:
-        self.bins = _HISTOGRAM_BINS
+        self.bins = HISTOGRAM_BINS
         self.f_lo, self.f_step = self._range(fixed_vals)
         self.m_lo, self.m_step = self._range(moving[moving > 0] if bool((moving > 0).any()) else moving.flatten())
 
@@ -356,8 +356,8 @@ def compose_affine_and_field(affine: sitk.Transform, field: sitk.DisplacementFie
 
 def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Image, initial: sitk.Transform,
                    stage: RegistrationStageConfig, max_step_mm: float, threads: int,
-                   device: str = "cpu") -> TorchResult:
-    """Backend entry point (same contract as ``registration._register_simpleitk``).
+                   device: str = "cpu") -> BackendResult:
+    """Backend entry point (same contract as ``sitk_backend.register_simpleitk``).
 
     Runs ``stage.transforms`` (rigid, affine) from ``initial`` over the stage's pyramid, then the
     displacement field when ``stage.deformable == "field"``. ``device``: ``"cpu"`` or ``"cuda"``
@@ -434,7 +434,7 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
     else:
         tx = affine
     stops.append(f"device={dev.type}, {time.perf_counter() - t0:.2f} s")
-    return TorchResult(tx, iterations, "; ".join(stops), converged)
+    return BackendResult(tx, iterations, "; ".join(stops), converged)
 
 
 __all__ = ["compose_affine_and_field", "register_torch", "voxel_to_lps"]

@@ -1,0 +1,162 @@
+"""Registration layer 3: the similarity measures and what prepares the images for them.
+
+Mattes mutual information (``METRIC_NAME``; :func:`new_method` sets up SimpleITK's, on the body
+mask dilated by :func:`metric_mask`; :func:`evaluate_metric` reads it under a given transform),
+the independent NCC check of a registered pair (:func:`registration_ncc`, on the body interior
+of :func:`interior_mask`) and N4 bias correction (:func:`bias_corrected`). Imports
+``pipeline.core`` and the layers before (``common``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.core.geometry import as_float32, radius_vox, resample_to, run_filter
+from pipeline.imaging.registration.common import HISTOGRAM_BINS, SAMPLING_SEED
+
+METRIC_NAME = "mattes_mi"
+# The fixed mask for the metric is the body mask dilated by this much (mm): the skin/air edge is
+# the strongest, most reliable structure in the pair and must stay inside the sampled region.
+_METRIC_MASK_DILATION_MM = 6.0
+# The NCC check runs on the body eroded by this much (mm). The skin/fat outline dominates a
+# whole-body NCC, and an affine can stretch another patient's outline onto this one's (NCC 0.66
+# for a wrong pair on the synthetic data); the interior correlates only when the anatomy matches
+# (>= 0.79 for correct pairs, <= 0.24 for wrong ones on the same data).
+_NCC_INTERIOR_EROSION_MM = 10.0
+# N4 on a coarse copy: voxels ~this size (mm); the bias field is smooth over tens of mm. Two
+# fitting levels of 15 iterations: on the held-out pairs (seed 2026) the same TRE as 6 mm with
+# (20, 20, 10) levels (0.71 vs 0.77 mm median) in ~1 s instead of ~4 s an image.
+_N4_VOXEL_MM = 8.0
+_N4_ITERATIONS = (15, 15)
+
+
+def metric_mask(body: sitk.Image, threads: int) -> sitk.Image:
+    """The metric's fixed mask: ``body`` dilated by ``_METRIC_MASK_DILATION_MM``."""
+    f = sitk.BinaryDilateImageFilter()
+    f.SetKernelRadius(radius_vox(body, _METRIC_MASK_DILATION_MM))
+    f.SetKernelType(sitk.sitkBall)
+    f.SetForegroundValue(1)
+    return run_filter(f, body, threads=threads)
+
+
+def new_method(fixed_mask: sitk.Image, fraction: float, threads: int) -> sitk.ImageRegistrationMethod:
+    """A SimpleITK registration method with the Mattes metric, its seeded random sampling and mask."""
+    r = sitk.ImageRegistrationMethod()
+    r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=HISTOGRAM_BINS)
+    r.SetMetricSamplingStrategy(r.RANDOM)
+    r.SetMetricSamplingPercentage(fraction, SAMPLING_SEED)
+    r.SetMetricFixedMask(fixed_mask)
+    r.SetInterpolator(sitk.sitkLinear)
+    r.SetNumberOfThreads(int(threads))
+    return r
+
+
+def evaluate_metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
+                    transform: sitk.Transform, fraction: float, threads: int) -> float:
+    """Mattes MI (negative, lower is better) of the pair under ``transform``.
+
+    No overlap (every sample maps outside the moving image) reads as 0.0, the value of
+    independent images, rather than raising.
+    """
+    r = new_method(fixed_mask, fraction, threads)
+    # MetricEvaluate still needs an optimizer set; it is not run.
+    r.SetOptimizerAsRegularStepGradientDescent(1.0, 0.01, 1)
+    # The transform as the moving initial transform and an identity to "optimise": works for
+    # any transform, including composites with a displacement field or B-spline.
+    r.SetMovingInitialTransform(transform)
+    r.SetInitialTransform(sitk.TranslationTransform(3), inPlace=False)
+    try:
+        return float(r.MetricEvaluate(fixed, moving))
+    except RuntimeError:
+        return 0.0
+
+
+def interior_mask(body: sitk.Image, threads: int) -> sitk.Image:
+    """Body eroded by ``_NCC_INTERIOR_EROSION_MM``; the body itself when little would remain."""
+    f = sitk.BinaryErodeImageFilter()
+    f.SetKernelRadius(radius_vox(body, _NCC_INTERIOR_EROSION_MM))
+    f.SetKernelType(sitk.sitkBall)
+    f.SetForegroundValue(1)
+    inner = run_filter(f, body, threads=threads)
+    n_inner = int(sitk.GetArrayFromImage(inner).sum())
+    n_body = int(sitk.GetArrayFromImage(body).sum())
+    return inner if n_inner >= 0.2 * n_body else body
+
+
+def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                     fixed_mask: sitk.Image) -> tuple[float, float, float]:
+    """Independent QC of a registered pair, inside ``fixed_mask`` on the fixed grid.
+
+    Returns ``(ncc, gradient_ncc, overlap)``: the Pearson correlation of the intensities
+    (invariant to the vendors' linear intensity scales) and of the gradient magnitudes (sigma
+    1.5 mm; insensitive to enhancement that changes tissue contrast but not its edges), both
+    over the voxels of the mask that map inside the moving image's field of view, and that
+    overlap as a fraction of the mask. Two studies rarely cover the same slab along z, so voxels
+    outside the moving image must not count as disagreement; the caller bounds the overlap.
+    Correlations are in [-1, 1]; 0.0 when undefined (constant images or no overlap).
+    """
+    mov = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    inside = sitk.GetArrayFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    mask = sitk.GetArrayFromImage(fixed_mask) > 0
+    m = mask & inside
+    overlap = float(m.sum() / max(int(mask.sum()), 1))
+    if not m.any():
+        return 0.0, 0.0, 0.0
+    fix = as_float32(fixed)
+
+    def corr(a: np.ndarray, b: np.ndarray) -> float:
+        a = a[m].astype(np.float64)
+        b = b[m].astype(np.float64)
+        a -= a.mean()
+        b -= b.mean()
+        den = float(np.sqrt((a * a).sum() * (b * b).sum()))
+        return float((a * b).sum() / den) if den > 0 else 0.0
+
+    ncc = corr(sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(mov))
+    g = sitk.GradientMagnitudeRecursiveGaussianImageFilter()
+    g.SetSigma(1.5)
+    # GetArrayFromImage (a copy), not a view: a view of a temporary image dangles.
+    gncc = corr(sitk.GetArrayFromImage(g.Execute(fix)), sitk.GetArrayFromImage(g.Execute(mov)))
+    return ncc, gncc, overlap
+
+
+def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Image:
+    """``image`` divided by its N4-estimated multiplicative bias field (inside and outside the body).
+
+    Why: each study has its own smooth coil bias; a global metric (Mattes MI) then trades a few
+    tenths of a mm of alignment for intensity agreement. On the held-out cohort (seed 2026,
+    6 pairs) a bias-free but otherwise identical cohort registered at 0.50 mm median TRE vs 0.17
+    with N4 (docs/registration.md). N4 (SimpleITK) runs on a ~8 mm copy (two fitting levels);
+    its log bias field is evaluated on the full grid.
+    """
+    img = sitk.Cast(image, sitk.sitkFloat32)
+    factors = [max(1, int(round(_N4_VOXEL_MM / s))) for s in img.GetSpacing()]
+    small = sitk.BinShrink(img, factors)
+    small_mask = sitk.Cast(sitk.BinShrink(sitk.Cast(body, sitk.sitkFloat32), factors) > 0.5, sitk.sitkUInt8)
+    if not sitk.GetArrayFromImage(small_mask).any():
+        return img
+    n4 = sitk.N4BiasFieldCorrectionImageFilter()
+    n4.SetMaximumNumberOfIterations(list(_N4_ITERATIONS))
+    n4.SetNumberOfThreads(threads)
+    # N4 needs positive intensities: lift non-positive images by a constant relative to their range
+    # (a fixed +1 would distort images scaled to ~1).
+    arr = sitk.GetArrayFromImage(small)
+    lo, hi = float(arr.min()), float(arr.max())
+    lift = 0.0 if lo > 0 else -lo + 0.01 * max(hi - lo, 1e-6)
+    n4.Execute(small + lift, small_mask)
+    log_bias = n4.GetLogBiasFieldAsImage(img)
+    return sitk.Divide(img, sitk.Exp(log_bias))
+
+
+__all__ = [
+    "METRIC_NAME",
+    "bias_corrected",
+    "evaluate_metric",
+    "interior_mask",
+    "metric_mask",
+    "new_method",
+    "registration_ncc",
+]
