@@ -4,7 +4,7 @@
         --cohort-dir eval_cache/heldout --patients 3 --seed 303 --profile heldout
 
 The cohort (phantom ``heldout`` profile: other sizes, noise, poses and contrast than training)
-is built once by the real pipeline (models/cohort.py: ingest, registration, subtraction and the
+is built once by the real pipeline (phantom/training_cases.py: ingest, registration, subtraction and the
 classical segmentation, whose labels are stored beside the truth) and reused. Network labels are
 the TTA argmax of models/infer.py on the study's post grid, cleaned as the pipeline cleans them
 (``models.infer.clean_prediction``: one AZ component, rim near it and enhancing, foci of the
@@ -35,10 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
 from models.infer import clean_prediction, load_model, place_az_edge, predict  # noqa: E402
 from models.train import case_dice  # noqa: E402
+from phantom.training_cases import build_synthetic_cohort  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.imaging.registration import body_mask  # noqa: E402
 from pipeline.imaging.subtraction import relative_enhancement  # noqa: E402

@@ -4,7 +4,7 @@
         --seed 202 --profile default --threads 1
 
 The figures behind ``segmentation.network_review_uncertainty`` (models/README.md, "Uncertainty
-and the review flag"). Each study of a synthetic cohort (``models.cohort.build_synthetic_cohort``,
+and the review flag"). Each study of a synthetic cohort (``phantom.training_cases.build_synthetic_cohort``,
 cached) is predicted as is and with one corruption at a time: the pre-contrast inverted (a series
 of another contrast taken for the T1), the pre-contrast shifted 6 mm + 3 mm in-plane against the
 post-contrast (misregistration), the subtraction zeroed (no contrast given), Gaussian noise of
@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASSICAL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
 from models.infer import load_model, predict  # noqa: E402
+from phantom.training_cases import build_synthetic_cohort  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 
 

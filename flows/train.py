@@ -1,8 +1,8 @@
 """Prefect flow: build (or reuse) the synthetic training and validation cohorts, train, keep the best weights.
 
-Thin orchestration over models/cohort.py, models/data.py and models/train.py (no logic of its
-own): cohorts come from the phantom generator with two different seeds (validation never sees a
-training patient), or from ``--data DIR`` (case folders with the pipeline's per-study images and
+Thin orchestration over phantom/training_cases.py, models/data.py and models/train.py (no logic
+of its own): cohorts come from the phantom generator with two different seeds (validation never
+sees a training patient), or from ``--data DIR`` (case folders with the pipeline's per-study images and
 corrected labels) for fine-tuning; the best checkpoint by validation Dice is copied to
 ``weights_out`` when given.
 """
@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 @task(name="synthetic-cohort", cache_policy=NO_CACHE)
 def cohort_task(root: Path, n_patients: int, seed: int, profile: str) -> Path:
-    from models.cohort import build_synthetic_cohort
+    from phantom.training_cases import build_synthetic_cohort
 
     return build_synthetic_cohort(root, n_patients, seed, profile)
 
