@@ -26,9 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.data import CLASSICAL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
-from models.infer import load_model, predict  # noqa: E402
+from models.infer import load_model, predict_study  # noqa: E402
 from phantom.training_cases import build_synthetic_cohort  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.imaging.registration import body_mask  # noqa: E402
 
 
 def corrupted_inputs(pre: sitk.Image, sub: sitk.Image, rng: np.random.Generator) -> dict[str, tuple]:
@@ -67,8 +68,10 @@ def main() -> None:
     for folder in sorted(p for p in cases.iterdir() if (p / CLASSICAL_FILE).is_file()):
         pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
         sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
-        rows[folder.name] = {name: predict(model, p, s, tta=cfg.segmentation.network_tta,
-                                           tta_views=cfg.segmentation.network_tta_views).case_uncertainty
+        # The body mask of each input's own pre-contrast, as predict computed it before issue 17.
+        rows[folder.name] = {name: predict_study(model, p, s, sitk.GetArrayFromImage(body_mask(p)),
+                                                 tta=cfg.segmentation.network_tta,
+                                                 tta_views=cfg.segmentation.network_tta_views).case_uncertainty
                              for name, (p, s) in corrupted_inputs(pre, sub, rng).items()}
         print(folder.name, json.dumps(rows[folder.name]), flush=True)
     limit = cfg.segmentation.network_review_uncertainty

@@ -27,11 +27,13 @@ def train_task(train_dirs: list[Path], val_dirs: list[Path], settings: dict, out
                init_checkpoint: Path | None, provenance: dict):
     from models.data import load_cases
     from models.train import TrainSettings, train
+    from pipeline.imaging.registration import body_mask
 
     cfg = TrainSettings(**settings)
     logger = get_run_logger()
-    train_cases = [c for d in train_dirs for c in load_cases(d, cfg.spacing_xyz)]
-    val_cases = [c for d in val_dirs for c in load_cases(d, cfg.spacing_xyz)]
+    # The input is scaled within the pipeline's body mask, as at inference (models/data.py).
+    train_cases = [c for d in train_dirs for c in load_cases(d, cfg.spacing_xyz, body_mask)]
+    val_cases = [c for d in val_dirs for c in load_cases(d, cfg.spacing_xyz, body_mask)]
     logger.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
     provenance = {**provenance, "train_cases": len(train_cases), "val_cases": len(val_cases)}
     return train(train_cases, val_cases, cfg, out_dir, device, init_checkpoint, provenance, progress=logger.info)
