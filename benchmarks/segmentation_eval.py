@@ -4,15 +4,15 @@
         --cohort-dir eval_cache/heldout --patients 3 --seed 303 --profile heldout
 
 The cohort (phantom ``heldout`` profile: other sizes, noise, poses and contrast than training)
-is built once by the real pipeline (models/cohort.py: ingest, registration, subtraction and the
+is built once by the real pipeline (phantom/training_cases.py: ingest, registration, subtraction and the
 classical segmentation, whose labels are stored beside the truth) and reused. Network labels are
-the TTA argmax of models/infer.py on the study's post grid, cleaned as the pipeline cleans them
-(``models.infer.clean_prediction``: one AZ component, rim near it and enhancing, foci of the
+the TTA argmax of models/infer.py (``predict_study``) on the study's post grid, cleaned as the
+pipeline cleans them (``pipeline.segmentation.network.clean_prediction``: one AZ component, rim near it and enhancing, foci of the
 minimum size; the AZ edge by ``place_az_edge`` when ``segmentation.network_az_edge`` is
 ``half_max``; the classical labels went through the same kind of rules);
 ``network_own_edge`` is the cleaned labels with the network's own AZ edge, ``network_raw`` the
 bare argmax. The focus candidates the pipeline hands on (the network's foci merged with rule
-6's thick enhancing regions, ``models.infer.pipeline_foci``) are not scored here: before the
+6's thick enhancing regions, ``pipeline.segmentation.network.pipeline_foci``) are not scored here: before the
 foci stage judges them they hold every thick enhancing region of the body; the judged foci are
 scored through the whole pipeline (benchmarks/evaluate_cohort.py).
 Per class, Dice is over the studies
@@ -35,14 +35,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASS_NAMES, CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
-from models.infer import clean_prediction, load_model, place_az_edge, predict  # noqa: E402
+from models.infer import load_model, predict_study  # noqa: E402
 from models.train import case_dice  # noqa: E402
+from phantom.training_cases import build_synthetic_cohort  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.geometry import body_mask  # noqa: E402
 from pipeline.imaging.subtraction import relative_enhancement  # noqa: E402
 from pipeline.segmentation.classical import enhancing_tissue  # noqa: E402
+from pipeline.segmentation.network import clean_prediction, place_az_edge  # noqa: E402
 
 
 def _scores(pred: np.ndarray, truth: np.ndarray, spacing_zyx: np.ndarray) -> dict[str, dict]:
@@ -99,11 +100,11 @@ def main() -> None:
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / LABEL_FILE)))
         classical = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / CLASSICAL_FILE)))
         t0 = time.perf_counter()
-        pred = predict(model, pre, sub, tta=not args.no_tta, tta_views=tta_views)
+        body = body_mask(pre)  # timed with the prediction, as when predict computed it itself
+        body_a = sitk.GetArrayFromImage(body) > 0
+        pred = predict_study(model, pre, sub, body_a, tta=not args.no_tta, tta_views=tta_views)
         seconds.append(time.perf_counter() - t0)
         spacing = np.array(pre.GetSpacing()[::-1])
-        body = body_mask(pre)
-        body_a = sitk.GetArrayFromImage(body) > 0
         # The pipeline's RE map: the subtraction is post_norm - pre (pipeline/imaging/subtraction.py).
         rel = relative_enhancement(pre, sitk.Add(pre, sub), body)
         cleaned = clean_prediction(pred, body_a, spacing, cfg, relative_enhancement=sitk.GetArrayFromImage(rel))

@@ -4,7 +4,7 @@
         --seed 202 --profile default --threads 1
 
 The figures behind ``segmentation.network_review_uncertainty`` (models/README.md, "Uncertainty
-and the review flag"). Each study of a synthetic cohort (``models.cohort.build_synthetic_cohort``,
+and the review flag"). Each study of a synthetic cohort (``phantom.training_cases.build_synthetic_cohort``,
 cached) is predicted as is and with one corruption at a time: the pre-contrast inverted (a series
 of another contrast taken for the T1), the pre-contrast shifted 6 mm + 3 mm in-plane against the
 post-contrast (misregistration), the subtraction zeroed (no contrast given), Gaussian noise of
@@ -25,10 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.cohort import build_synthetic_cohort  # noqa: E402
 from models.data import CLASSICAL_FILE, PRE_FILE, SUB_FILE  # noqa: E402
-from models.infer import load_model, predict  # noqa: E402
+from models.infer import load_model, predict_study  # noqa: E402
+from phantom.training_cases import build_synthetic_cohort  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
+from pipeline.core.geometry import body_mask  # noqa: E402
 
 
 def corrupted_inputs(pre: sitk.Image, sub: sitk.Image, rng: np.random.Generator) -> dict[str, tuple]:
@@ -67,8 +68,10 @@ def main() -> None:
     for folder in sorted(p for p in cases.iterdir() if (p / CLASSICAL_FILE).is_file()):
         pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
         sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
-        rows[folder.name] = {name: predict(model, p, s, tta=cfg.segmentation.network_tta,
-                                           tta_views=cfg.segmentation.network_tta_views).case_uncertainty
+        # The body mask of each input's own pre-contrast, as predict computed it before issue 17.
+        rows[folder.name] = {name: predict_study(model, p, s, sitk.GetArrayFromImage(body_mask(p)),
+                                                 tta=cfg.segmentation.network_tta,
+                                                 tta_views=cfg.segmentation.network_tta_views).case_uncertainty
                              for name, (p, s) in corrupted_inputs(pre, sub, rng).items()}
         print(folder.name, json.dumps(rows[folder.name]), flush=True)
     limit = cfg.segmentation.network_review_uncertainty

@@ -1,8 +1,8 @@
 """Prefect flow: build (or reuse) the synthetic training and validation cohorts, train, keep the best weights.
 
-Thin orchestration over models/cohort.py, models/data.py and models/train.py (no logic of its
-own): cohorts come from the phantom generator with two different seeds (validation never sees a
-training patient), or from ``--data DIR`` (case folders with the pipeline's per-study images and
+Thin orchestration over phantom/training_cases.py, models/data.py and models/train.py (no logic
+of its own): cohorts come from the phantom generator with two different seeds (validation never
+sees a training patient), or from ``--data DIR`` (case folders with the pipeline's per-study images and
 corrected labels) for fine-tuning; the best checkpoint by validation Dice is copied to
 ``weights_out`` when given.
 """
@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 @task(name="synthetic-cohort", cache_policy=NO_CACHE)
 def cohort_task(root: Path, n_patients: int, seed: int, profile: str) -> Path:
-    from models.cohort import build_synthetic_cohort
+    from phantom.training_cases import build_synthetic_cohort
 
     return build_synthetic_cohort(root, n_patients, seed, profile)
 
@@ -27,11 +27,13 @@ def train_task(train_dirs: list[Path], val_dirs: list[Path], settings: dict, out
                init_checkpoint: Path | None, provenance: dict):
     from models.data import load_cases
     from models.train import TrainSettings, train
+    from pipeline.core.geometry import body_mask
 
     cfg = TrainSettings(**settings)
     logger = get_run_logger()
-    train_cases = [c for d in train_dirs for c in load_cases(d, cfg.spacing_xyz)]
-    val_cases = [c for d in val_dirs for c in load_cases(d, cfg.spacing_xyz)]
+    # The input is scaled within the pipeline's body mask, as at inference (models/data.py).
+    train_cases = [c for d in train_dirs for c in load_cases(d, cfg.spacing_xyz, body_mask)]
+    val_cases = [c for d in val_dirs for c in load_cases(d, cfg.spacing_xyz, body_mask)]
     logger.info("training on %d cases, validating on %d", len(train_cases), len(val_cases))
     provenance = {**provenance, "train_cases": len(train_cases), "val_cases": len(val_cases)}
     return train(train_cases, val_cases, cfg, out_dir, device, init_checkpoint, provenance, progress=logger.info)

@@ -11,9 +11,11 @@ augmentation of models/infer.py).
 Case folders (one per study) hold the pipeline's own per-study outputs
 (``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/run/patient.py IMAGE_FILES) plus
 ``labels.nii.gz`` (values of models/labels.py ``Label``, 0 the background) on the same grid:
-the layout ``--data DIR`` fine-tunes on, and the layout ``models.cohort.build_synthetic_cohort``
-writes from the phantom generator (kept in its own module: it runs the pipeline, which imports
-this module for inference).
+the layout ``--data DIR`` fine-tunes on, and the layout ``phantom.training_cases.build_synthetic_cohort``
+writes from the phantom generator (outside ``models``: it runs the pipeline).
+
+The body mask that scales the input comes from the caller (the pipeline's
+``pipeline.imaging.registration.body_mask``): ``models`` never imports the pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -79,22 +82,25 @@ def geometry_of(image: sitk.Image) -> sitk.Image:
     return ref
 
 
+# A function giving the body mask of an image on its grid (uint8 image, 1 = body): the
+# pipeline's ``pipeline.imaging.registration.body_mask``, passed in by the caller.
+BodyMask = Callable[[sitk.Image], sitk.Image]
+
+
 def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz: tuple[float, float, float],
-                  body: sitk.Image | None = None) -> tuple[np.ndarray, sitk.Image]:
+                  body: np.ndarray) -> tuple[np.ndarray, sitk.Image]:
     """The network's input channels on the working grid, and that grid.
 
     ``pre_on_post`` / ``subtraction``: as ``analyse_study`` builds them (post grid). Both are
     divided by the body median of the pre-contrast: the pipeline's relative enhancement is the
-    same ratio voxel-wise, and the scale no longer depends on the vendor's gain.
+    same ratio voxel-wise, and the scale no longer depends on the vendor's gain. ``body``: the
+    body mask array of ``pre_on_post`` ((z, y, x), nonzero = body), as the pipeline computes it.
     """
-    from pipeline.core.geometry import body_mask
-
     if pre_on_post.GetSize() != subtraction.GetSize():
         raise ValueError(f"pre-contrast {pre_on_post.GetSize()} and subtraction {subtraction.GetSize()} "
                          "are not on one grid")
-    body = body if body is not None else body_mask(pre_on_post)
     pre_a = sitk.GetArrayFromImage(pre_on_post)
-    inside = (sitk.GetArrayFromImage(body) > 0) & np.isfinite(pre_a)
+    inside = (np.asarray(body) > 0) & np.isfinite(pre_a)
     if not inside.any():
         raise ValueError("no body found on the pre-contrast image")
     scale = float(np.median(pre_a[inside]))
@@ -109,15 +115,17 @@ def network_input(pre_on_post: sitk.Image, subtraction: sitk.Image, spacing_xyz:
     return np.stack(channels).astype(np.float32), grid
 
 
-def load_case(folder: Path, spacing_xyz: tuple[float, float, float], with_label: bool = True) -> Case:
-    """A case folder (see module docstring) as a :class:`Case`. Raises ``ValueError`` when incomplete."""
+def load_case(folder: Path, spacing_xyz: tuple[float, float, float], body_mask: BodyMask,
+              with_label: bool = True) -> Case:
+    """A case folder (see module docstring) as a :class:`Case`, its input scaled by the body median
+    within ``body_mask`` of the pre-contrast. Raises ``ValueError`` when incomplete."""
     folder = Path(folder)
     missing = [f for f in (PRE_FILE, SUB_FILE) + ((LABEL_FILE,) if with_label else ()) if not (folder / f).is_file()]
     if missing:
         raise ValueError(f"case {folder}: missing {', '.join(missing)}")
     pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
     sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
-    image, grid = network_input(pre, sub, spacing_xyz)
+    image, grid = network_input(pre, sub, spacing_xyz, sitk.GetArrayFromImage(body_mask(pre)))
     label = None
     if with_label:
         lab = sitk.ReadImage(str(folder / LABEL_FILE))
@@ -140,12 +148,12 @@ def case_folders(root: Path) -> list[Path]:
                   and (p.parent / LABEL_FILE).is_file())
 
 
-def load_cases(root: Path, spacing_xyz: tuple[float, float, float]) -> list[Case]:
-    """Every case under ``root``; a broken case is logged and skipped (never kills the batch)."""
+def load_cases(root: Path, spacing_xyz: tuple[float, float, float], body_mask: BodyMask) -> list[Case]:
+    """Every case under ``root`` (``load_case``); a broken case is logged and skipped (never kills the batch)."""
     cases = []
     for folder in case_folders(root):
         try:
-            cases.append(load_case(folder, spacing_xyz))
+            cases.append(load_case(folder, spacing_xyz, body_mask))
         except (ValueError, RuntimeError, OSError) as exc:
             log.warning("case skipped: %s", exc)
     if not cases:

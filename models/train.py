@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -101,11 +103,27 @@ def _transforms(settings: TrainSettings):
 
 
 def _save(checkpoint: dict, path: Path) -> None:
-    from pipeline.core.files import atomic_write_bytes
+    """Write ``checkpoint`` to ``path`` atomically: a temporary file in the same folder, then
+    ``os.replace``, so a crash never leaves a half-written checkpoint under its name.
 
+    Not ``pipeline.core.files.atomic_write_bytes`` (the same steps) because ``models`` never
+    imports the pipeline (issue 17). The temporary file is created by ``open`` (exclusive), so
+    the checkpoint gets the permissions the umask gives, as the pipeline's helper gives them.
+    """
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_checkpoint(net: torch.nn.Module, settings: TrainSettings, iteration: int, metrics: dict | None,

@@ -220,8 +220,8 @@ from pipeline.review.cli_commands import register as _register_review_commands  
 
 _register_review_commands(app, console)
 
-# Training of the segmentation network: body in models/cli_train.py.
-from models.cli_train import register as _register_train_command  # noqa: E402
+# Training of the segmentation network: body in flows/train_cli.py.
+from flows.train_cli import register as _register_train_command  # noqa: E402
 
 _register_train_command(app, console)
 

@@ -267,3 +267,9 @@ def test_stages_import_only_earlier_stages():
                 wrong.append(f"{module} imports {target}: only the command line may")
     assert not wrong, "imports against the flow ingest -> ... -> run:\n" + "\n".join(wrong)
 
+
+
+def test_models_never_import_the_pipeline():
+    wrong = [f"{module} imports {target}" for module, imported in GRAPH.items() if module.split(".")[0] == "models"
+             for target in sorted(imported) if target.split(".")[0] in ("pipeline", "flows", "phantom")]
+    assert not wrong, "models/ holds only the network:\n" + "\n".join(wrong)

@@ -37,10 +37,10 @@ def test_seg_segment_numbers_are_the_label_values():
 def test_nifti_label_values_come_from_the_registry():
     """Both producers of labels.nii.gz (the pipeline's study analysis, the network's cleaned
     prediction) build the map with label_map: the zone wins over a focus, a focus over the rim."""
-    import models.infer
     import pipeline.measurement.study
+    import pipeline.segmentation.network
 
-    assert pipeline.measurement.study.label_map is label_map and models.infer.label_map is label_map
+    assert pipeline.measurement.study.label_map is label_map and pipeline.segmentation.network.label_map is label_map
     az, rim, focus = (np.zeros((2, 4, 4), bool) for _ in range(3))
     az[0, :2, :2] = rim[0, :3, :3] = focus[0, 1:, 1:] = True
     out = label_map(az, rim, [focus])
@@ -48,7 +48,7 @@ def test_nifti_label_values_come_from_the_registry():
     assert out[0, 0, 0] == out[0, 1, 1] == Label.ABLATION_ZONE  # zone over rim and focus
     assert out[0, 0, 2] == Label.RIM and out[0, 2, 2] == out[0, 3, 3] == Label.ENHANCING_FOCUS
     assert out[1].max() == Label.BACKGROUND
-    from models.infer import CleanedPrediction
+    from pipeline.segmentation.network import CleanedPrediction
 
     cleaned = CleanedPrediction(az, az.astype(np.float32), rim, [focus])
     np.testing.assert_array_equal(cleaned.labels(), out)

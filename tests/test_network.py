@@ -1,4 +1,5 @@
-"""Segmentation network (models/): training smoke test, inference geometry, pipeline hook and fallback.
+"""Segmentation network (models/) and the pipeline's rules around it (pipeline/segmentation/network.py):
+training smoke test, inference geometry, pipeline hook and fallback.
 
 The tiny cohort is the shared ``assessed_run``: its per-study ``pre_registered`` and
 ``subtraction`` images (what the pipeline feeds the network) with the generator's truth labels,
@@ -17,14 +18,21 @@ import SimpleITK as sitk
 import torch
 
 from models.data import LABEL_FILE, PRE_FILE, SUB_FILE, load_cases, network_input, working_grid
-from models.infer import LoadedModel, WeightsError, load_model, predict, segment_network
+from models.infer import LoadedModel, WeightsError, load_model, predict, predict_study
 from models.network import default_network_config
 from models.train import TrainSettings, case_dice, train
 from pipeline.core.config import load_config
+from pipeline.core.geometry import body_mask
+from pipeline.segmentation.network import segment_network
 
 # Small enough for 2 CPU cores: 8 filters, 3 mm voxels, 16 x 48 x 48 patches.
 TINY = dict(spacing_xyz=(3.0, 3.0, 3.0), roi_zyx=(16, 48, 48), patches_per_case=1, max_iterations=6,
             validate_every=6, network={**default_network_config(2, 4), "init_filters": 8}, threads=2)
+
+
+def _body(image: sitk.Image) -> np.ndarray:
+    """The pipeline's body mask of ``image`` as the array models/ takes."""
+    return sitk.GetArrayFromImage(body_mask(image))
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +55,14 @@ def case_root(assessed_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_training(case_root, tmp_path_factory):
-    cases = load_cases(case_root, TINY["spacing_xyz"])
+    cases = load_cases(case_root, TINY["spacing_xyz"], body_mask)
     out = tmp_path_factory.mktemp("train")
     result = train(cases[:-1], cases[-1:], TrainSettings(seed=3, **TINY), out / "a")
     return cases, out, result
 
 
 def test_cases_are_the_pipeline_images_with_truth_on_the_working_grid(case_root):
-    cases = load_cases(case_root, (3.0, 3.0, 3.0))
+    cases = load_cases(case_root, (3.0, 3.0, 3.0), body_mask)
     case = cases[0]
     assert case.image.shape[0] == 2 and case.image.shape[1:] == case.label.shape
     assert case.working.GetSpacing() == (3.0, 3.0, 3.0)
@@ -132,10 +140,15 @@ def test_prediction_lies_on_the_study_grid_of_an_oblique_flipped_acquisition():
     pre, sub, sphere, centre_lps = _oblique_flipped_pair()
     model = LoadedModel(_BrightIsAblationZone().eval(), {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]},
                         "cpu", Path("stand-in"))
-    pred = predict(model, pre, sub, tta=True, tta_views=4)
+    pred = predict_study(model, pre, sub, _body(pre), tta=True, tta_views=4)
     assert pred.labels.shape == sphere.shape and pred.probabilities.shape == (4, *sphere.shape)
     assert pred.n_views == 4
-    assert predict(model, pre, sub, tta=True).n_views == 2  # the default: input + flip along all axes
+    assert predict_study(model, pre, sub, _body(pre), tta=True).n_views == 2  # the default: input + flip along all axes
+    # predict itself: numpy in, numpy out, on the working grid of the input.
+    image, grid = network_input(pre, sub, (1.6, 1.6, 3.0), _body(pre))
+    working = predict(model, image, tta_views=4)
+    assert working.probabilities.shape == (4, *grid.GetSize()[::-1]) and working.n_views == 4
+    assert working.labels.shape == grid.GetSize()[::-1] and working.case_uncertainty == pred.case_uncertainty
     found = pred.labels == 1
     dice = 2 * (found & sphere).sum() / (found.sum() + sphere.sum())
     assert dice > 0.9
@@ -154,12 +167,11 @@ def test_working_grid_covers_the_fov_with_the_same_direction():
     corner = lambda img, idx: np.array(img.TransformContinuousIndexToPhysicalPoint(idx))  # noqa: E731
     for a, b in (((-0.5, -0.5, -0.5), (-0.5, -0.5, -0.5)),):
         assert np.allclose(corner(pre, a), corner(grid, b), atol=1e-6)
-    image, _ = network_input(pre, _sub, (1.6, 1.6, 3.0))
+    image, _ = network_input(pre, _sub, (1.6, 1.6, 3.0), _body(pre))
     assert image.shape == (2, *grid.GetSize()[::-1])
 
 
 def _pipeline_inputs(assessed_run):
-    from pipeline.core.geometry import body_mask
     from pipeline.imaging.subtraction import relative_enhancement
 
     _root, out, _t, _s = assessed_run
@@ -300,8 +312,9 @@ def test_an_input_unlike_the_training_data_raises_the_uncertainty_above_the_revi
     pre = sitk.ReadImage(str(folder / PRE_FILE), sitk.sitkFloat32)
     sub = sitk.ReadImage(str(folder / SUB_FILE), sitk.sitkFloat32)
     inverted = sitk.Subtract(float(np.percentile(sitk.GetArrayFromImage(pre), 99)), pre)
-    clean = predict(model, pre, sub).case_uncertainty
-    corrupted = predict(model, inverted, sitk.Subtract(sitk.Add(pre, sub), inverted)).case_uncertainty
+    clean = predict_study(model, pre, sub, _body(pre)).case_uncertainty
+    corrupted = predict_study(model, inverted, sitk.Subtract(sitk.Add(pre, sub), inverted),
+                              _body(inverted)).case_uncertainty
     assert clean < limit < corrupted
 
 
@@ -323,8 +336,9 @@ def test_the_batch_of_windows_is_sized_to_the_free_gpu_memory(monkeypatch):
 def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     """The argmax is cleaned as the classical method is: the largest AZ component, rim only
     within rim_search_mm of it, focus components of rule 6's minimum size."""
-    from models.infer import NetworkPrediction, clean_prediction
+    from models.infer import NetworkPrediction
     from models.labels import Label
+    from pipeline.segmentation.network import clean_prediction
 
     cfg = load_config()
     shape, spacing = (20, 60, 60), np.array([3.0, 1.5, 1.5])
@@ -371,7 +385,7 @@ def _zone_with_rim(shape=(20, 60, 60)):
 
 
 def test_a_network_rim_that_does_not_enhance_is_dropped():
-    from models.infer import clean_prediction
+    from pipeline.segmentation.network import clean_prediction
 
     cfg = load_config()
     pred, spacing = _zone_with_rim(), np.array([3.0, 1.5, 1.5])
@@ -403,7 +417,7 @@ def test_the_zone_edge_is_placed_at_the_half_way_pre_contrast_level():
     """A network zone drawn one voxel too wide all round is brought back to the true edge."""
     from scipy import ndimage as ndi
 
-    from models.infer import CleanedPrediction, place_az_edge
+    from pipeline.segmentation.network import CleanedPrediction, place_az_edge
 
     pre, truth, spacing = _bright_sphere()
     shape = truth.shape
@@ -425,7 +439,7 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
     cannot reach the true edge); a bright region it does not touch is left out."""
     from scipy import ndimage as ndi
 
-    from models.infer import CleanedPrediction, place_az_edge
+    from pipeline.segmentation.network import CleanedPrediction, place_az_edge
     from pipeline.segmentation.classical import half_max_edge
 
     pre, truth, spacing = _bright_sphere()
@@ -448,7 +462,6 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
 def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate():
     """The network (a stand-in that labels only the bright zone) draws no focus; rule 6's thick
     enhancing region at the zone's margin still reaches the foci stage as a candidate."""
-    from pipeline.core.geometry import body_mask
     from pipeline.imaging.subtraction import relative_enhancement
 
     size, spacing = (64, 64, 20), (1.5, 1.5, 3.0)

@@ -138,10 +138,11 @@ class SegmentationConfig(_Section):
     # (StudyImaging.segmentation_uncertainty) exceeds this; None: never (models/README.md).
     network_review_uncertainty: float | None = Field(default=None, gt=0)
     # A network rim whose voxels do not enhance on average (mean relative enhancement below this)
-    # is dropped: the rim is enhancing tissue by definition (models/infer.py clean_prediction).
+    # is dropped: the rim is enhancing tissue by definition (pipeline/segmentation/network.py
+    # clean_prediction).
     network_rim_min_mean_re: float = Field(default=0.05, ge=0)
     # Edge of the network's ablation zone: "half_max" (placed at the half-way pre-contrast level,
-    # models/infer.py place_az_edge) or "network" (the network's own argmax edge).
+    # pipeline/segmentation/network.py place_az_edge) or "network" (the network's own argmax edge).
     network_az_edge: Literal["half_max", "network"] = "half_max"
 
 

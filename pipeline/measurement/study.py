@@ -181,7 +181,7 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
     configured and its weights load and run, else the classical method with the reason in the note."""
     note = ""
     if cfg.segmentation.method == "network":
-        from models.infer import WeightsError, load_model, resolve_weights, segment_network
+        from pipeline.segmentation.network import WeightsError, load_model, resolve_weights, segment_network
 
         weights = resolve_weights(cfg.segmentation.network_weights)
         # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.

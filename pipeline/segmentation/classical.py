@@ -83,7 +83,8 @@ def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, c
 
 
 def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, cfg: PipelineConfig) -> np.ndarray:
-    """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with models/infer.py."""
+    """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with
+    pipeline/segmentation/network.py."""
     re_a = smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement))
     return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
 

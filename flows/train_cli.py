@@ -1,4 +1,8 @@
-"""``ablation-response train``: the command's body (registered on the app of pipeline/cli.py)."""
+"""``ablation-response train``: the command's body (registered on the app of pipeline/cli.py).
+
+In ``flows``, not ``models``: it starts the training flow (flows/train.py) on phantom cohorts,
+and the network package never imports ``flows`` or ``phantom`` (issue 17).
+"""
 
 from __future__ import annotations
 

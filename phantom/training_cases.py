@@ -5,9 +5,8 @@ interleaved with the writer), so a small export is written once, ingested and an
 pipeline; that cost (registration, ~15 s a study on 2 cores) is paid once per cohort, not per
 epoch. The case-folder layout is models/data.py's.
 
-Apart from models/data.py because it runs ``pipeline.measurement.study.analyse_study``, which imports the
-network's inference (models/infer.py -> models/data.py): the data module must not import the
-pipeline's per-study analysis back.
+In ``phantom``, not ``models``: it runs ``pipeline.measurement.study.analyse_study``, and the
+network package never imports the pipeline (issue 17); ``flows/train.py`` calls it.
 """
 
 from __future__ import annotations
@@ -18,6 +17,11 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from models.data import CLASSICAL_FILE, LABEL_FILE, PRE_FILE, SUB_FILE, resample_onto
+from phantom.export import generate_export
+from pipeline.core.config import load_config
+from pipeline.core.files import atomic_write_image, atomic_write_text
+from pipeline.ingest.index import index_export
+from pipeline.measurement.study import analyse_study
 
 COHORT_MANIFEST = "cohort.json"
 
@@ -30,12 +34,6 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
     benchmarks/segmentation_eval.py). Idempotent: an existing ``root/cohort.json`` with the same
     parameters is reused. Returns ``root/cases``.
     """
-    from phantom import generate_export
-    from pipeline.core.config import load_config
-    from pipeline.core.files import atomic_write_image, atomic_write_text
-    from pipeline.ingest.index import index_export
-    from pipeline.measurement.study import analyse_study
-
     root = Path(root)
     # "reference": caches built while the default method was the network (2026-12-02, before this
     # key) hold the network's labels under CLASSICAL_FILE; the key makes them rebuild.
