@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,9 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_the_built_wheel_runs_the_demo_outside_the_repository(tmp_path):
+    # Built from a copy: an in-tree build would leave build/ and egg-info in the checkout.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "demo_out", "bench_out",
+        "train_cache", "eval_cache", "train_out*", ".whl"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(wheels), str(ROOT)], check=True, cwd=tmp_path, capture_output=True)
+                    "-w", str(wheels), str(source)], check=True, cwd=tmp_path, capture_output=True)
     (wheel,) = wheels.glob("ablation_response-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for data_file in ("configs/default.yaml", "configs/series_roles.yaml", "models/weights/segresnet_synthetic.pt",
