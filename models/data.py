@@ -9,7 +9,7 @@ acquisition stays in its own voxel order; flips are a training augmentation and 
 augmentation of models/infer.py).
 
 Case folders (one per study) hold the pipeline's own per-study outputs
-(``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/run/patient.py IMAGE_FILES) plus
+(``pre_registered.nii.gz``, ``subtraction.nii.gz``: pipeline/outputs/store.py IMAGE_FILES) plus
 ``labels.nii.gz`` (values of models/labels.py ``Label``, 0 the background) on the same grid:
 the layout ``--data DIR`` fine-tunes on, and the layout ``phantom.training_cases.build_synthetic_cohort``
 writes from the phantom generator (outside ``models``: it runs the pipeline).

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.files import atomic_write_text, csv_text
-from pipeline.core.records import AssessmentRecord, ErrorRecord, RegistrationQC, StudyRecord, TimelineEntry, TimelinePoint
+from pipeline.core.records import AssessmentRecord, ErrorRecord, RegistrationQC, StudyRecord
 
 COHORT_COLUMNS = [
     "patient_id", "study_instance_uid", "study_date", "timepoint", "session", "days_since_ablation",
@@ -122,21 +122,6 @@ def write_errors_csv(out_dir: Path, errors: list[ErrorRecord]) -> Path:
     path = Path(out_dir) / "errors.csv"
     atomic_write_text(path, csv_text(ERROR_COLUMNS, rows))
     return path
-
-
-def timeline_points(entries: list[TimelineEntry], records: dict[str, AssessmentRecord]) -> list[TimelinePoint]:
-    points = []
-    for e in entries:
-        rec = records.get(e.study.study_instance_uid)
-        az = rec.imaging.ablation_zone if rec else None
-        points.append(TimelinePoint(
-            study_instance_uid=e.study.study_instance_uid,
-            study_date=e.study.study_date.isoformat() if e.study.study_date else None,
-            timepoint=e.timepoint.value, session=e.session,
-            category=rec.decision.category.value if rec else "indeterminate",
-            az_long_axis_mm=az.long_axis_mm if az else None, days_since_ablation=e.days_since_ablation,
-            az_short_axis_mm=az.short_axis_mm if az else None, az_volume_ml=az.volume_ml if az else None))
-    return points
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -1,4 +1,4 @@
-"""Write one study's seg.dcm and sr.dcm (after its assessment.json), never losing the study.
+"""Write one study's seg.dcm and sr.dcm (just before its assessment.json), never losing the study.
 
 Which objects a study gets (docs/dicom-outputs.md):
 - ``pre_ablation`` studies: none (nothing is assessed);

@@ -4,7 +4,7 @@ The current study's images are on the native grid of its post-contrast series
 (``labels.nii.gz``, ``subtraction.nii.gz``, ``pre_registered.nii.gz``); the post-contrast
 itself is read from its DICOM series (found in the run's catalogue). The baseline's images are
 brought onto that grid with the inverse of ``to_baseline.tfm`` exactly as ``key_image.png``
-does (``pipeline.run.patient._key_image``): the file maps a baseline point to the follow-up point,
+does (``pipeline.outputs.writers.render_study_key_image``): the file maps a baseline point to the follow-up point,
 and resampling onto the follow-up grid needs the follow-up -> baseline map.
 
 Every path comes from the pipeline's own records (the worklist row, the catalogue) and is
