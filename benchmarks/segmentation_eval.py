@@ -107,12 +107,14 @@ def main() -> None:
         spacing = np.array(pre.GetSpacing()[::-1])
         # The pipeline's RE map: the subtraction is post_norm - pre (pipeline/imaging/subtraction.py).
         rel = relative_enhancement(pre, sitk.Add(pre, sub), body)
-        cleaned = clean_prediction(pred, body_a, spacing, cfg, relative_enhancement=sitk.GetArrayFromImage(rel))
+        cleaned = clean_prediction(pred, body_a, spacing, cfg.segmentation, cfg.enhancement,
+                                   relative_enhancement=sitk.GetArrayFromImage(rel))
         own_edge = cleaned.labels() if cleaned is not None else np.zeros_like(pred.labels)
         network = own_edge
         if cleaned is not None and cfg.segmentation.network_az_edge == "half_max":
             network = place_az_edge(cleaned, sitk.GetArrayFromImage(pre), sitk.GetArrayFromImage(rel),
-                                    enhancing_tissue(rel, body, cfg), body_a, spacing, cfg).labels()
+                                    enhancing_tissue(rel, body, cfg.enhancement), body_a, spacing,
+                                    cfg.segmentation, cfg.enhancement).labels()
         per_case.append({"case": folder.name, "network": _scores(network, truth, spacing),
                          "network_own_edge": _scores(own_edge, truth, spacing),
                          "network_raw": _scores(pred.labels, truth, spacing),

@@ -48,3 +48,9 @@ def imaging(long_mm: float | None = 30.0, foci: list[Focus] | None = None, ok: b
                      volume_ml=1.0, benign_pattern=True)
     return StudyImaging(ok=ok, reason=reason, az_found=long_mm is not None,
                         ablation_zone=az(long_mm) if long_mm is not None else None, rim=rim, foci=foci or [])
+
+
+def classify_sections(cfg):
+    """What the per-patient driver hands ``classify_patient`` and ``assess_timeline``
+    (pipeline/run/patient.py): the rules, the focus thresholds, the review uncertainty."""
+    return cfg.rules, cfg.foci, cfg.segmentation.network_review_uncertainty

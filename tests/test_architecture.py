@@ -273,3 +273,34 @@ def test_models_never_import_the_pipeline():
     wrong = [f"{module} imports {target}" for module, imported in GRAPH.items() if module.split(".")[0] == "models"
              for target in sorted(imported) if target.split(".")[0] in ("pipeline", "flows", "phantom")]
     assert not wrong, "models/ holds only the network:\n" + "\n".join(wrong)
+
+
+# The modules that may hold the whole PipelineConfig: the drivers that hand each stage function
+# its own section (docs/architecture.md, "Configuration"). Every other stage function takes the
+# sections it reads, so what a stage depends on is visible in its signature.
+CONFIG_DRIVERS = ("pipeline.core", "pipeline.measurement.study", "pipeline.run", "pipeline.cli", "flows", "phantom")
+
+
+def _names_whole_config(source: str) -> bool:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and node.id == "PipelineConfig":
+            return True
+        if isinstance(node, ast.alias) and node.name == "PipelineConfig":
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "PipelineConfig":
+            return True
+    return False
+
+
+def test_the_check_sees_the_whole_config_named():
+    assert _names_whole_config("from pipeline.core.config import PipelineConfig\n")
+    assert _names_whole_config("def f(cfg: PipelineConfig): pass\n")
+    assert _names_whole_config("import pipeline.core.config as c\ndef f(cfg: c.PipelineConfig): pass\n")
+    assert not _names_whole_config('"""The PipelineConfig in words only."""\nfrom x import RulesConfig\n')
+
+
+def test_only_the_drivers_take_the_whole_config():
+    wrong = sorted(module for module, path in MODULES.items()
+                   if not any(module == d or module.startswith(d + ".") for d in CONFIG_DRIVERS)
+                   and _names_whole_config(path.read_text(encoding="utf-8")))
+    assert not wrong, f"stage functions take their own config sections, not PipelineConfig: {wrong}"

@@ -19,7 +19,7 @@ from pipeline.ingest.series_roles import SeriesHeaders, assign_roles
 from pipeline.longitudinal.classify import classify_patient
 from pipeline.longitudinal.timeline import build_patient_timeline
 from tests.dicom_factory import SeriesSpec, rotation, write_series
-from tests.helpers import imaging
+from tests.helpers import classify_sections, imaging
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +176,8 @@ def test_ambiguous_roles_flag_reaches_the_decision(cfg: IngestConfig) -> None:
     rules = load_config().rules
     entries = build_patient_timeline([study], None, {study.study_instance_uid: True}, rules)
     assert flag in entries[0].flags
-    decision = classify_patient(entries, {study.study_instance_uid: imaging(30.0)}, load_config())[
+    decision = classify_patient(entries, {study.study_instance_uid: imaging(30.0)},
+                                *classify_sections(load_config()))[
         study.study_instance_uid]
     assert decision.category.value == "complete_ablation"
     assert decision.flagged and flag in decision.flag_reasons

@@ -226,11 +226,13 @@ def test_network_segmentation_has_the_classical_structure(assessed_run, tiny_tra
     seg, method, note, unc, device = _segment(pre, sub, rel, body, cfg, None, "cpu")
     assert (method, note, device) == ("network", "", "cpu")
     assert isinstance(unc, float) and 0.0 <= unc <= 0.75
-    reference = segment(pre, rel, body, load_config())
+    plain = load_config()
+    reference = segment(pre, rel, body, plain.segmentation, plain.enhancement, plain.foci.min_thickness_mm)
     for name in ("az", "az_soft", "enhancing", "rim"):
         assert getattr(seg, name).shape == getattr(reference, name).shape
         assert getattr(seg, name).dtype == getattr(reference, name).dtype
-    seg2, pred = segment_network(pre, sub, rel, body, cfg, load_model(result.checkpoint), None)
+    seg2, pred = segment_network(pre, sub, rel, body, cfg.segmentation, cfg.enhancement, cfg.foci.min_thickness_mm,
+                                 load_model(result.checkpoint), None)
     assert pred.labels.shape == seg.az.shape and np.array_equal(seg2.az, seg.az)
 
 
@@ -286,7 +288,8 @@ def test_uncertain_network_segmentation_raises_the_review_flag():
                                                    "segmentation_uncertainty": uncertainty})
                 for uid in ("s1", "s2")}
         entries = build_patient_timeline(studies, [Procedure("P1", DAY0)], {u: True for u in imgs}, config.rules)
-        return classify_patient(entries, imgs, config)["s2"]
+        return classify_patient(entries, imgs, config.rules, config.foci,
+                                config.segmentation.network_review_uncertainty)["s2"]
 
     calm = decide("network", 0.01, cfg)
     assert not calm.flagged
@@ -351,7 +354,7 @@ def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     labels[2, 5, 5] = Label.ENHANCING_FOCUS  # one stray voxel
     probs = np.stack([(labels == c).astype(np.float32) for c in range(4)])
     pred = NetworkPrediction(labels, probs, np.zeros(shape, np.float32), 0.0, "cpu", 1)
-    cleaned = clean_prediction(pred, np.ones(shape, bool), spacing, cfg)
+    cleaned = clean_prediction(pred, np.ones(shape, bool), spacing, cfg.segmentation, cfg.enhancement)
     assert cleaned is not None
     assert cleaned.az.sum() == 5 * 15 * 15 and not cleaned.az[8:10, 50:52, 50:52].any()
     assert cleaned.rim[8:13, 18:20, 20:35].all() and not cleaned.rim[15:17].any()
@@ -359,7 +362,7 @@ def test_clean_prediction_keeps_one_zone_its_rim_and_real_foci():
     out = cleaned.labels()
     assert out[2, 5, 5] == 0 and out[10, 25, 25] == Label.ABLATION_ZONE and out[10, 19, 25] == Label.RIM
     empty = NetworkPrediction(np.zeros(shape, np.uint8), probs, probs[0], 0.0, "cpu", 1)
-    assert clean_prediction(empty, np.ones(shape, bool), spacing, cfg) is None
+    assert clean_prediction(empty, np.ones(shape, bool), spacing, cfg.segmentation, cfg.enhancement) is None
 
 
 def test_validation_dice_counts_a_class_predicted_where_the_truth_has_none():
@@ -388,14 +391,15 @@ def test_a_network_rim_that_does_not_enhance_is_dropped():
     from pipeline.segmentation.network import clean_prediction
 
     cfg = load_config()
+    sections = (cfg.segmentation, cfg.enhancement)
     pred, spacing = _zone_with_rim(), np.array([3.0, 1.5, 1.5])
     body = np.ones(pred.labels.shape, bool)
     flat = np.full(pred.labels.shape, -0.02, np.float32)  # a late follow-up: nothing enhances
-    assert not clean_prediction(pred, body, spacing, cfg, relative_enhancement=flat).rim.any()
+    assert not clean_prediction(pred, body, spacing, *sections, relative_enhancement=flat).rim.any()
     enhancing = flat.copy()
     enhancing[8:13, 18:20, 20:35] = 0.08  # a thin rim, diluted by partial volume, still enhances
-    assert clean_prediction(pred, body, spacing, cfg, relative_enhancement=enhancing).rim.sum() == 5 * 2 * 15
-    assert clean_prediction(pred, body, spacing, cfg).rim.any()  # no RE map given: not judged
+    assert clean_prediction(pred, body, spacing, *sections, relative_enhancement=enhancing).rim.sum() == 5 * 2 * 15
+    assert clean_prediction(pred, body, spacing, *sections).rim.any()  # no RE map given: not judged
 
 
 def _bright_sphere(shape=(24, 64, 64), spacing=(3.0, 1.5, 1.5), radius_mm=15.0):
@@ -425,7 +429,7 @@ def test_the_zone_edge_is_placed_at_the_half_way_pre_contrast_level():
     rim = ndi.binary_dilation(too_wide, iterations=2) & ~too_wide
     cleaned = CleanedPrediction(too_wide, too_wide.astype(np.float32), rim, [])
     placed = place_az_edge(cleaned, pre, np.zeros(shape, np.float32), np.zeros(shape, bool), np.ones(shape, bool),
-                           spacing, load_config())
+                           spacing, load_config().segmentation, load_config().enhancement)
 
     assert _dice(too_wide, truth) < 0.93
     assert _dice(placed.az, truth) > 0.98
@@ -451,7 +455,7 @@ def test_a_network_zone_short_of_the_bright_region_still_reaches_its_edge():
     cleaned = CleanedPrediction(short, short.astype(np.float32), np.zeros(shape, bool), [])
     body = np.ones(shape, bool)
     placed = place_az_edge(cleaned, pre, np.zeros(shape, np.float32), np.zeros(shape, bool), body, spacing,
-                           load_config())
+                           load_config().segmentation, load_config().enhancement)
     from_zone_alone, _ = half_max_edge(short, pre, np.zeros(shape, bool), body, spacing, 100.0)
 
     assert _dice(from_zone_alone, truth) < 0.97
@@ -481,6 +485,8 @@ def test_a_thick_enhancing_nodule_the_network_missed_is_still_a_focus_candidate(
     rel = relative_enhancement(pre_img, sitk.Add(pre_img, sub_img), body)
     model = LoadedModel(_BrightIsAblationZone().eval(), {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]},
                         "cpu", Path("stand-in"))
-    seg, pred = segment_network(pre_img, sub_img, rel, body, _network_cfg("stand-in", tta=False), model)
+    cfg = _network_cfg("stand-in", tta=False)
+    seg, pred = segment_network(pre_img, sub_img, rel, body, cfg.segmentation, cfg.enhancement,
+                                cfg.foci.min_thickness_mm, model)
     assert not (pred.labels == 3).any() and seg.found
     assert any((mask & nodule).sum() >= 0.5 * nodule.sum() for mask in seg.focus_candidates)

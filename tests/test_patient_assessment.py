@@ -36,7 +36,7 @@ from pipeline.outputs.store import (
     imaging_key,
     to_baseline_key,
 )
-from tests.helpers import DAY0, focus, imaging, study
+from tests.helpers import DAY0, classify_sections, focus, imaging, study
 
 CFG = load_config()
 
@@ -69,7 +69,7 @@ def test_complete_ablation_then_a_suspicious_focus_is_local_tumour_progression(n
     entries = entries_of(studies, imgs)
     findings = {"s1": StudyFindings(imgs["s1"], cache_keys=cache_keys("k1", "")),
                 "s2": StudyFindings(imgs["s2"], to_baseline=qc(True), cache_keys=cache_keys("k2", "b2"))}
-    assessed = assess_timeline(entries, findings, CFG)
+    assessed = assess_timeline(entries, findings, *classify_sections(CFG))
 
     baseline, follow_up = assessed.records
     assert [r.study_instance_uid for r in assessed.records] == ["s1", "s2"]
@@ -93,7 +93,8 @@ def test_an_indeterminate_imaging_gives_an_indeterminate_record_at_its_timepoint
     imgs = {"s1": imaging(30), "s2": imaging(None, ok=False, reason="no usable post-contrast series"),
             "s3": imaging(27)}
     entries = entries_of(studies, imgs)
-    records = assess_timeline(entries, {uid: StudyFindings(i) for uid, i in imgs.items()}, CFG).records
+    findings = {uid: StudyFindings(i) for uid, i in imgs.items()}
+    records = assess_timeline(entries, findings, *classify_sections(CFG)).records
 
     middle = records[1]
     assert middle.decision.category == Category.INDETERMINATE and middle.decision.flagged
@@ -113,7 +114,7 @@ def test_a_failed_registration_to_the_baseline_makes_the_follow_up_indeterminate
     imgs = {"s1": imaging(30), "s2": imaging(28, [focus()])}
     findings = {"s1": StudyFindings(imgs["s1"]), "s2": StudyFindings(imgs["s2"], to_baseline, error)}
     assert findings["s2"].to_baseline_failure == registration_failure(to_baseline, error) == why
-    records = assess_timeline(entries_of(studies, imgs), findings, CFG).records
+    records = assess_timeline(entries_of(studies, imgs), findings, *classify_sections(CFG)).records
 
     follow_up = records[1]
     assert follow_up.decision.category == Category.INDETERMINATE  # rule 5: not evaluable
@@ -140,11 +141,12 @@ def files_study(tmp_path: Path, uid: str = "1.2.3.4") -> StudyRecord:
 def test_the_same_inputs_and_config_give_the_same_key(tmp_path):
     s = files_study(tmp_path)
     reordered = StudyRecord(s.patient_id, s.study_instance_uid, s.study_date, s.study_description, s.series[::-1])
-    assert imaging_key(s, CFG) == imaging_key(s, load_config()) == imaging_key(reordered, CFG)
-    assert len(imaging_key(s, CFG)) == 16
+    key = imaging_key(s, CFG.digest())
+    assert key == imaging_key(s, load_config().digest()) == imaging_key(reordered, CFG.digest())
+    assert len(imaging_key(s, CFG.digest())) == 16
     # A change of the review database changes no study result.
     moved = CFG.model_copy(update={"review": CFG.review.model_copy(update={"database_url": "sqlite:///elsewhere.db"})})
-    assert imaging_key(s, moved) == imaging_key(s, CFG)
+    assert imaging_key(s, moved.digest()) == imaging_key(s, CFG.digest())
 
 
 @pytest.mark.parametrize("section, field, value", [
@@ -156,23 +158,23 @@ def test_a_changed_config_section_changes_the_key(tmp_path, section, field, valu
     s = files_study(tmp_path)
     changed = CFG.model_copy(update={section: getattr(CFG, section).model_copy(update={field: value})})
     assert getattr(changed, section) != getattr(CFG, section)
-    assert imaging_key(s, changed) != imaging_key(s, CFG)
+    assert imaging_key(s, changed.digest()) != imaging_key(s, CFG.digest())
 
 
 def test_a_changed_input_changes_the_key(tmp_path):
     s = files_study(tmp_path)
-    before, digest = imaging_key(s, CFG), files_digest(s)
+    before, digest = imaging_key(s, CFG.digest()), files_digest(s)
     path = s.series[1].files[0]
     path.write_bytes(path.read_bytes() + b"more")  # another size
-    assert files_digest(s) != digest and imaging_key(s, CFG) != before
-    again = imaging_key(s, CFG)
+    assert files_digest(s) != digest and imaging_key(s, CFG.digest()) != before
+    again = imaging_key(s, CFG.digest())
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # the same size, a newer file
-    assert imaging_key(s, CFG) != again
+    assert imaging_key(s, CFG.digest()) != again
     s.series[1].role = SeriesRole.T1_PRE  # another role given to a series
-    assert imaging_key(s, CFG) != again
+    assert imaging_key(s, CFG.digest()) != again
     s.series[1].files[0].unlink()
-    assert imaging_key(s, CFG) != again  # a missing file is part of the key too
+    assert imaging_key(s, CFG.digest()) != again  # a missing file is part of the key too
 
 
 def test_the_registration_key_follows_both_studies():
@@ -186,7 +188,7 @@ def test_the_registration_key_follows_both_studies():
 def test_the_store_reuses_a_study_only_under_its_keys(tmp_path):
     s = files_study(tmp_path / "export")
     store = StudyStore(tmp_path / "out")
-    key = imaging_key(s, CFG)
+    key = imaging_key(s, CFG.digest())
     imaged = imaging(30)
     record = AssessmentRecord(
         patient_id="P1", study_instance_uid=s.study_instance_uid, study_date=DAY0.isoformat(), timepoint="baseline",

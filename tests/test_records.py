@@ -12,7 +12,7 @@ from pipeline.core.records import Category, Changes, Decision, ErrorRecord
 from pipeline.longitudinal.classify import classify_patient
 from pipeline.longitudinal.indeterminate import indeterminate_records
 from pipeline.longitudinal.timeline import build_patient_timeline
-from tests.helpers import imaging, study
+from tests.helpers import classify_sections, imaging, study
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_config()
@@ -33,7 +33,7 @@ def test_the_classifier_and_the_failed_patient_records_use_it():
     studies = [study("s1", 30), study("s2", 90), study("s3", 180)]
     imgs = {"s1": imaging(30), "s2": imaging(None, ok=False, reason="registration failed"), "s3": imaging(None)}
     entries = build_patient_timeline(studies, None, {s.study_instance_uid: True for s in studies}, CFG.rules)
-    decisions = classify_patient(entries, imgs, CFG)
+    decisions = classify_patient(entries, imgs, *classify_sections(CFG))
     s2, s3 = decisions["s2"], decisions["s3"]
     # Each with the study's own flags first (timeline flags), then its reason.
     assert s2 == Decision.indeterminate("registration failed", flags=s2.flag_reasons[:-1], changes=s2.changes)

@@ -19,6 +19,16 @@ from pipeline.measurement.rim import rim_metrics, rim_thickness_profile
 from pipeline.segmentation.classical import segment
 
 CFG = load_config()
+
+
+def segmentation_sections(cfg):
+    """What the study driver hands ``segment`` (pipeline/measurement/study.py)."""
+    return cfg.segmentation, cfg.enhancement, cfg.foci.min_thickness_mm
+
+
+def foci_sections(cfg):
+    """What the study driver hands ``analyse_foci``."""
+    return cfg.foci, cfg.enhancement.min_component_mm, cfg.rim.benign_max_thickness_mm
 SPACING = (1.5, 1.5, 3.0)  # x, y, z (mm)
 SHAPE = (24, 100, 100)  # z, y, x
 MUSCLE = 260.0
@@ -113,7 +123,7 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
 
 def run(**kwargs):
     pre, rel, body = build(**kwargs)
-    seg = segment(pre, rel, body, CFG)
+    seg = segment(pre, rel, body, *segmentation_sections(CFG))
     assert seg.found, seg.reason
     az_img = sitk.GetImageFromArray(seg.az.astype(np.uint8))
     az_img.CopyInformation(pre)
@@ -121,7 +131,7 @@ def run(**kwargs):
     enh.CopyInformation(pre)
     az = measure_ablation_zone(az_img, None)
     rim = rim_metrics(rim_thickness_profile(az_img, enh, max_search_mm=6.0), 1.0)
-    foci, _ = analyse_foci(seg, rel, pre, az, rim, CFG)
+    foci, _ = analyse_foci(seg, rel, pre, az, rim, *foci_sections(CFG))
     return seg, az, rim, foci
 
 
@@ -164,7 +174,7 @@ def test_no_bright_zone_means_no_ablation_zone():
     pre, rel, body = build()
     flat = sitk.GetImageFromArray(np.full(SHAPE, MUSCLE, np.float32))
     flat.CopyInformation(pre)
-    seg = segment(flat, rel, body, CFG)
+    seg = segment(flat, rel, body, *segmentation_sections(CFG))
     assert not seg.found and "no T1-bright" in seg.reason
 
 
@@ -178,7 +188,7 @@ def test_an_enhancing_organ_against_the_zone_is_anatomy_and_stays_in_the_evidenc
     # Without the rule the same organ is a strongly suspicious focus: the test is not vacuous.
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_min_radius_mm": None})})
     pre, rel, _body = build(organ=True)
-    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 @pytest.mark.parametrize("angle", [0.0, 130.0])
@@ -200,7 +210,7 @@ def test_the_wall_of_a_bowel_loop_against_the_zone_is_not_a_nodule():
     assert any("hollow organ" in f.reason for f in foci), foci
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"hollow_min_content_ml": None})})
     pre, rel, _body = build(bowel=True)
-    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 
@@ -222,7 +232,7 @@ def test_a_loop_too_narrow_for_the_organ_ball_is_still_a_hollow_organ():
     assert any("hollow organ" in f.reason for f in foci), foci
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"hollow_wall_max_mm": None})})
     pre, rel, _body = build(narrow_loop=True)
-    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 @pytest.mark.parametrize("angle", [0.0, 150.0])
@@ -242,7 +252,7 @@ def test_a_thin_wall_leaving_the_zone_obliquely_is_not_a_nodule():
     assert any("holds no disc" in f.reason and f.max_thickness_mm < 5.0 for f in foci), foci
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"thickness_holds_ball": False})})
     pre, rel, _body = build(oblique_wall=True)
-    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 
@@ -254,7 +264,7 @@ def test_a_nodule_thick_enough_to_hold_the_organ_ball_pressed_against_the_organ_
     assert len([f for f in foci if f.suspicious]) == 1, foci
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_lobe_depth_mm": None})})
     pre, rel, _body = build(organ=True, nodule_mm=nodule_mm, nodule_angle_deg=140.0)
-    assert not [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert not [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 def test_a_small_nodule_beside_a_thick_baseline_rim_is_tumour():
@@ -306,7 +316,7 @@ def test_a_flat_fringe_of_an_organ_reaching_over_the_zone_is_not_a_nodule():
     assert any("fringe" in f.reason for f in foci), foci
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_fringe_min_aspect": None})})
     pre, rel, _body = build(organ=True, organ_lip=True)
-    assert [f for f in analyse_foci(seg, rel, pre, az, rim, cfg_off)[0] if f.suspicious]
+    assert [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
 @pytest.mark.parametrize("angle", [0.0, 230.0])

@@ -10,7 +10,7 @@ from pipeline.core.config import load_config
 from pipeline.core.records import Category, Timepoint
 from pipeline.longitudinal.classify import classify_patient
 from pipeline.longitudinal.timeline import Procedure, build_patient_timeline, read_procedures
-from tests.helpers import DAY0, focus, imaging, study
+from tests.helpers import DAY0, classify_sections, focus, imaging, study
 
 CFG = load_config()
 C = Category
@@ -20,7 +20,7 @@ def run(studies, imgs, sessions=(0,)):
     procs = [Procedure("P1", DAY0 + dt.timedelta(days=d)) for d in sessions] if sessions is not None else None
     az_present = {s.study_instance_uid: imgs[s.study_instance_uid].az_found for s in studies}
     entries = build_patient_timeline(studies, procs, az_present, CFG.rules)
-    decisions = classify_patient(entries, imgs, CFG)
+    decisions = classify_patient(entries, imgs, *classify_sections(CFG))
     return entries, [decisions[e.study.study_instance_uid] for e in entries]
 
 
@@ -172,7 +172,7 @@ def test_rim_beyond_its_expected_window_is_flagged_by_organ():
     # kidney cryoablation: enhancement up to 9 months is expected [S15]-[S17].
     procs = [Procedure("P1", DAY0, organ="kidney")]
     entries = build_patient_timeline(studies, procs, {}, CFG.rules)
-    kidney = classify_patient(entries, imgs, CFG)
+    kidney = classify_patient(entries, imgs, *classify_sections(CFG))
     assert not kidney["s3"].flagged
     # A rim covering under 90 deg is not "a rim".
     imgs["s3"] = _with_rim(imaging(27), 0.5, coverage=40)

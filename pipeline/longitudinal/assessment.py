@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import FociConfig, RulesConfig
 from pipeline.core.records import (
     AssessmentRecord,
     RegistrationQC,
@@ -89,14 +89,15 @@ def timeline_points(entries: list[TimelineEntry], records: dict[str, AssessmentR
 
 
 def assess_timeline(entries: list[TimelineEntry], findings: dict[str, StudyFindings],
-                    cfg: PipelineConfig) -> PatientAssessment:
+                    rules: RulesConfig, foci: FociConfig, review_uncertainty: float | None) -> PatientAssessment:
     """The assessment record of every study of ``entries`` (one patient's timeline, date order).
 
-    ``findings`` holds every study of the timeline, keyed by StudyInstanceUID. Each record
+    ``findings`` holds every study of the timeline, keyed by StudyInstanceUID; ``rules``, ``foci``
+    and ``review_uncertainty`` are :func:`pipeline.longitudinal.classify.classify_patient`'s. Each record
     carries the patient's timeline points; its ``errors`` are left empty (the caller knows them).
     """
     evaluable = {uid: f.evaluable_imaging() for uid, f in findings.items()}
-    decisions = classify_patient(entries, evaluable, cfg)
+    decisions = classify_patient(entries, evaluable, rules, foci, review_uncertainty)
     records: dict[str, AssessmentRecord] = {}
     for entry in entries:
         uid = entry.study.study_instance_uid

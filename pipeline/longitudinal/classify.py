@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import FociConfig, RulesConfig
 from pipeline.core.records import Category, Changes, Decision, Focus, RimMetrics, StudyImaging, TimelineEntry, Timepoint
 from pipeline.measurement.axes import percent_change
 
@@ -95,13 +95,13 @@ def _confidence(imaging: StudyImaging, decisive_margin: float | None, flags: lis
     return round(max(0.05, min(conf, 1.0)), 2)
 
 
-def _focus_margin(foci: list[Focus], cfg: PipelineConfig) -> float:
+def _focus_margin(foci: list[Focus], thresholds: FociConfig) -> float:
     """Relative margin by which the weakest suspicious focus passes its thickness threshold."""
     margins = []
     for f in foci:
-        margins.append(max((f.max_thickness_mm - cfg.foci.min_thickness_mm) / cfg.foci.min_thickness_mm,
-                           (f.diameter_mm - cfg.foci.strongly_suspicious_diameter_mm)
-                           / cfg.foci.strongly_suspicious_diameter_mm))
+        margins.append(max((f.max_thickness_mm - thresholds.min_thickness_mm) / thresholds.min_thickness_mm,
+                           (f.diameter_mm - thresholds.strongly_suspicious_diameter_mm)
+                           / thresholds.strongly_suspicious_diameter_mm))
     return min(margins) if margins else 1.0
 
 
@@ -118,9 +118,8 @@ def _focus_values(foci: list[Focus]) -> dict[str, float | int | str]:
 
 
 def _rim_flags(rim: RimMetrics | None, previous: RimMetrics | None, entry: TimelineEntry,
-               cfg: PipelineConfig) -> list[str]:
+               rules: RulesConfig) -> list[str]:
     """Rule 10 (rim beyond its expected window) and rule 11 (rim increasing between studies)."""
-    rules = cfg.rules
     flags = []
     present = rim is not None and rim.present and rim.coverage_deg >= rules.rim_min_coverage_deg
     window = rules.for_organ(rules.expected_rim_days, entry.organ) + rules.schedule_tolerance_days
@@ -137,13 +136,12 @@ def _rim_flags(rim: RimMetrics | None, previous: RimMetrics | None, entry: Timel
     return flags
 
 
-def schedule_notes(entries: list[TimelineEntry], cfg: PipelineConfig) -> dict[str, list[str]]:
+def schedule_notes(entries: list[TimelineEntry], rules: RulesConfig) -> dict[str, list[str]]:
     """Rule 17: expected follow-up time points with no study within the tolerance.
 
     A time point counts as missed once a later study of the same session exists; the note goes
     on the first study after the missed window. Needs the ablation date (procedures file).
     """
-    rules = cfg.rules
     notes: dict[str, list[str]] = {}
     sessions: dict[int, list[TimelineEntry]] = {}
     for e in entries:
@@ -162,19 +160,22 @@ def schedule_notes(entries: list[TimelineEntry], cfg: PipelineConfig) -> dict[st
 
 
 def classify_patient(
-    entries: list[TimelineEntry], imaging: dict[str, StudyImaging], cfg: PipelineConfig
+    entries: list[TimelineEntry], imaging: dict[str, StudyImaging], rules: RulesConfig, foci: FociConfig,
+    review_uncertainty: float | None,
 ) -> dict[str, Decision]:
     """Category of each study of one patient, keyed by StudyInstanceUID.
 
     ``entries`` is the patient's timeline in date order; ``imaging`` holds the per-study
-    results (a missing entry means the study could not be processed at all).
+    results (a missing entry means the study could not be processed at all). ``rules`` is the
+    ``rules`` section; ``foci`` the focus thresholds the decisions quote and measure their margin
+    against; ``review_uncertainty`` (``segmentation.network_review_uncertainty``): a network
+    segmentation more uncertain than this is flagged for review (None: never).
     """
-    rules = cfg.rules
     focus_thresholds = {
-        "min_thickness_mm": cfg.foci.min_thickness_mm,
-        "min_thickness_ratio_to_rim": cfg.foci.min_thickness_ratio_to_rim,
-        "strongly_suspicious_diameter_mm": cfg.foci.strongly_suspicious_diameter_mm,
-        "local_max_distance_mm": cfg.foci.local_max_distance_mm,
+        "min_thickness_mm": foci.min_thickness_mm,
+        "min_thickness_ratio_to_rim": foci.min_thickness_ratio_to_rim,
+        "strongly_suspicious_diameter_mm": foci.strongly_suspicious_diameter_mm,
+        "local_max_distance_mm": foci.local_max_distance_mm,
     }
     decisions: dict[str, Decision] = {}
     states: dict[int, _SessionState] = {}
@@ -223,7 +224,7 @@ def classify_patient(
 
         if suspicious:
             values.update(_focus_values(suspicious))
-            margin = _focus_margin(suspicious, cfg)
+            margin = _focus_margin(suspicious, foci)
             if first_contrast:
                 category, rule_id = Category.RESIDUAL_UNABLATED_TUMOUR, "R2-residual-first-contrast-study"
                 rule = "suspicious enhancing focus at the AZ margin on the first contrast study after the session"
@@ -266,11 +267,11 @@ def classify_patient(
                 if state.residual_open:
                     flags.append("residual_no_longer_seen")
 
-        flags.extend(_rim_flags(result.rim, state.previous_rim, entry, cfg))
+        flags.extend(_rim_flags(result.rim, state.previous_rim, entry, rules))
         if state.indeterminate:
             flags.append("depends_on_indeterminate: called without the session's earlier indeterminate "
                          f"stud{'ies' if len(state.indeterminate) > 1 else 'y'} " + "; ".join(state.indeterminate))
-        limit = cfg.segmentation.network_review_uncertainty
+        limit = review_uncertainty
         if (limit is not None and result.segmentation_method == "network"
                 and result.segmentation_uncertainty is not None and result.segmentation_uncertainty > limit):
             flags.append(f"segmentation_uncertain: network uncertainty {result.segmentation_uncertainty:.3f} "
@@ -297,6 +298,6 @@ def classify_patient(
         state.previous_rim = result.rim
         state.nadir_long_mm = az.long_axis_mm if state.nadir_long_mm is None else min(state.nadir_long_mm, az.long_axis_mm)
         state.nadir_volume_ml = az.volume_ml if state.nadir_volume_ml is None else min(state.nadir_volume_ml, az.volume_ml)
-    for uid, notes in schedule_notes(entries, cfg).items():
+    for uid, notes in schedule_notes(entries, rules).items():
         decisions[uid].notes.extend(notes)
     return decisions

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
 
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import FociConfig
 from pipeline.core.records import AxisMeasurement, Focus, RimMetrics
 from pipeline.measurement.focus_context import enclosed_contents, inscribed_disc_mm, organ_bodies
 from pipeline.measurement.rim import angular_extent_deg, az_surface_samples, focus_margin_metrics
@@ -119,10 +119,16 @@ def analyse_foci(
     grid: sitk.Image,
     az: AxisMeasurement | None,
     rim: RimMetrics | None,
-    cfg: PipelineConfig,
+    fc: FociConfig,
+    min_component_mm: float,
+    benign_rim_max_mm: float,
     rim_typical_mm: float | None = None,
 ) -> tuple[list[Focus], list[np.ndarray]]:
     """Describe each focus candidate; returns (all foci near the AZ, masks of the suspicious ones).
+
+    ``fc``: the ``foci`` section; ``min_component_mm`` (``enhancement.min_component_mm``): a part
+    of a candidate smaller than this is a speck; ``benign_rim_max_mm``
+    (``rim.benign_max_thickness_mm``): the shell beyond which the vessel test follows the tissue.
 
     ``rim_typical_mm``: the rim's typical thickness around the whole margin (median over every
     surface normal, 0 where there is no rim), the reference of rule 9's "2x the rim median".
@@ -131,7 +137,6 @@ def analyse_foci(
     """
     if not seg.found or az is None or not seg.focus_candidates:
         return [], []
-    fc = cfg.foci
     spacing = spacing_zyx(grid)
     in_plane = float(np.min(spacing[1:]))
     re_a = sitk.GetArrayFromImage(relative_enhancement)
@@ -146,7 +151,7 @@ def analyse_foci(
     surface = az_surface_samples(az_img)
     # Vessel test on the enhancing tissue beyond the benign-rim shell: a vessel touching the AZ
     # merges with the rim into a compact-looking blob, but beyond the shell it runs on as a tube.
-    shell = ndi.binary_dilation(seg.az, structure=ball_zyx(cfg.rim.benign_max_thickness_mm, spacing))
+    shell = ndi.binary_dilation(seg.az, structure=ball_zyx(benign_rim_max_mm, spacing))
     beyond = seg.enhancing & ~shell
     beyond_lab, _ = ndi.label(beyond)
     shapes: dict[int, tuple[float, float]] = {}
@@ -163,7 +168,7 @@ def analyse_foci(
         bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
                               fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm,
                               fc.organ_lobe_depth_mm, fc.organ_lobe_max_mm)
-    min_part_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    min_part_vox = max(1, int(np.ceil((np.pi / 6 * min_component_mm ** 3) / np.prod(spacing))))
 
     def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str) -> tuple[Focus, bool] | None:
         # Distance from the AZ surface: voxel-centre distance minus half a voxel.

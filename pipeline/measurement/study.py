@@ -2,6 +2,10 @@
 
 ``analyse_study`` never raises for bad input: a study it cannot read comes back with
 ``ok=False`` and the reason, plus error rows for errors.csv.
+
+The one function of the imaging, segmentation and measurement stages that takes the whole
+``PipelineConfig``: it is the per-study driver and hands each stage function its own section
+(docs/architecture.md, "Configuration").
 """
 
 from __future__ import annotations
@@ -148,7 +152,8 @@ def analyse_study(
         rim = rim_metrics(profile, rim_volume_ml, cfg.rim.benign_max_thickness_mm,
                           cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
         rim_typical = float(np.median(profile.thickness_mm)) if profile.n else 0.0
-        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg, rim_typical)
+        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg.foci, cfg.enhancement.min_component_mm,
+                                          cfg.rim.benign_max_thickness_mm, rim_typical)
         timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         foci = _with_supporting_signals(study, foci, focus_masks, pre, post_series, post, transform, rel, seg,
@@ -187,8 +192,8 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
         # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.
         for run_on in dict.fromkeys([device, "cpu"]):
             try:
-                seg, pred = segment_network(pre_on_post, sub, rel, body, cfg, load_model(weights, run_on),
-                                            target_hint_lps)
+                seg, pred = segment_network(pre_on_post, sub, rel, body, cfg.segmentation, cfg.enhancement,
+                                            cfg.foci.min_thickness_mm, load_model(weights, run_on), target_hint_lps)
                 fell_back = f"ran on cpu after {note}" if run_on != device else ""
                 return seg, "network", fell_back, pred.case_uncertainty, pred.device
             except WeightsError as exc:
@@ -197,7 +202,8 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
             except (RuntimeError, ValueError) as exc:  # noqa: PERF203 - at most two tries
                 note = f"network inference failed on {run_on}: {type(exc).__name__}: {exc}"
     note = f"{note}; classical method used" if note else ""
-    return segment(pre_on_post, rel, body, cfg, target_hint_lps), "classical", note, None, device
+    seg = segment(pre_on_post, rel, body, cfg.segmentation, cfg.enhancement, cfg.foci.min_thickness_mm, target_hint_lps)
+    return seg, "classical", note, None, device
 
 
 def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg):
@@ -205,7 +211,7 @@ def _with_supporting_signals(study, foci, masks, pre, post_series, post, transfo
     suspicious = [i for i, f in enumerate(foci) if f.suspicious]
     if not suspicious:
         return foci
-    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg)
+    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg.registration)
     t2, _note = t2_ratios(study, post, seg.az, body, masks)
     out = list(foci)
     for index, by_phase, (to_az, to_body) in zip(suspicious, phases, t2):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import RegistrationConfig
 from pipeline.core.geometry import body_mask, resample_to
 from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
 from pipeline.imaging.registration import register_intra_study
@@ -22,7 +22,7 @@ def _mean(values: np.ndarray, mask: np.ndarray) -> float | None:
 
 def enhancement_by_phase(
     study: StudyRecord, pre: sitk.Image, chosen: SeriesRecord, chosen_grid: sitk.Image,
-    chosen_to_pre: sitk.Transform, chosen_re: sitk.Image, masks: list[np.ndarray], cfg: PipelineConfig,
+    chosen_to_pre: sitk.Transform, chosen_re: sitk.Image, masks: list[np.ndarray], registration: RegistrationConfig,
 ) -> list[dict[str, float]]:
     """Mean relative enhancement of each focus mask (on the chosen grid) in every usable phase.
 
@@ -42,7 +42,7 @@ def enhancement_by_phase(
             post = load_series(series)
         except (SeriesGeometryError, OSError, ValueError):
             continue
-        to_pre, qc = register_intra_study(post, pre, cfg.registration, name=f"pre_to_post_phase{series.phase_index}")
+        to_pre, qc = register_intra_study(post, pre, registration, name=f"pre_to_post_phase{series.phase_index}")
         if not qc.ok:
             continue
         pre_here = resample_to(pre, post, to_pre)

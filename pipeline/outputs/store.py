@@ -19,7 +19,6 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from pipeline import __version__
-from pipeline.core.config import PipelineConfig
 from pipeline.core.files import atomic_write_image, read_image
 from pipeline.core.records import AssessmentRecord, ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry
 from pipeline.imaging.registration import TRANSFORM_FILE, read_to_baseline, write_to_baseline
@@ -50,9 +49,10 @@ def files_digest(study: StudyRecord) -> str:
     return h.hexdigest()[:16]
 
 
-def imaging_key(study: StudyRecord, cfg: PipelineConfig) -> str:
-    """Key of a study's per-study imaging: its inputs, the whole config, the pipeline version."""
-    return hashlib.sha256(f"{files_digest(study)}|{cfg.digest()}|{__version__}".encode()).hexdigest()[:16]
+def imaging_key(study: StudyRecord, config_digest: str) -> str:
+    """Key of a study's per-study imaging: its inputs, the whole config (``PipelineConfig.digest()``),
+    the pipeline version."""
+    return hashlib.sha256(f"{files_digest(study)}|{config_digest}|{__version__}".encode()).hexdigest()[:16]
 
 
 def to_baseline_key(study_imaging_key: str, baseline_imaging_key: str) -> str:

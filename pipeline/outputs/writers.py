@@ -15,7 +15,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from pipeline.core.config import OutputsConfig, PipelineConfig
+from pipeline.core.config import OutputsConfig
 from pipeline.core.records import AssessmentRecord, ErrorRecord, StudyRecord, TimelinePoint
 from pipeline.core.geometry import resample_to
 from pipeline.imaging.registration import invert_registration
@@ -118,19 +118,21 @@ def write_report(patient_id: str, studies: list[tuple[AssessmentRecord, Path]], 
 
 
 def write_patient_outputs(patient_id: str, studies: list[tuple[AssessmentRecord, Path]], points: list[TimelinePoint],
-                          patient_folder: Path, cfg: PipelineConfig) -> list[ErrorRecord]:
+                          patient_folder: Path, outputs: OutputsConfig,
+                          growth_threshold: tuple[float, float]) -> list[ErrorRecord]:
     """timeline.json, timeline.png and (switched on) report.html of a patient; ``studies``:
-    (record, study folder) in timeline order. Returns the error rows."""
+    (record, study folder) in timeline order; ``growth_threshold``: (``rules.growth_min_abs_mm``,
+    ``rules.growth_min_pct``), drawn on the plot. Returns the error rows."""
     patient_folder = Path(patient_folder)
     errors: list[ErrorRecord] = []
     write_json(patient_folder / TIMELINE_JSON_NAME, [p.model_dump() for p in points])
     try:
-        render_timeline_plot(patient_folder / TIMELINE_PLOT_NAME, patient_id, points, cfg.outputs.key_image_dpi,
-                             (cfg.rules.growth_min_abs_mm, cfg.rules.growth_min_pct))
+        render_timeline_plot(patient_folder / TIMELINE_PLOT_NAME, patient_id, points, outputs.key_image_dpi,
+                             growth_threshold)
     except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the patient
         errors.append(ErrorRecord.from_exception(exc, "timeline_plot", "timeline plot not rendered",
                                                  patient_id=patient_id))
-    if cfg.outputs.write_report:
+    if outputs.write_report:
         errors.extend(write_report(patient_id, studies, patient_folder))
     return errors
 

@@ -88,7 +88,7 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     """Per-study imaging, reusing the results of an earlier run when its inputs are unchanged."""
     store = StudyStore(out_dir)
     folder = store.folder(study)
-    key = imaging_key(study, cfg)
+    key = imaging_key(study, cfg.digest())
     cached = store.cached_imaging(study, key)
     if cached is not None:
         imaging, errors = cached
@@ -226,7 +226,8 @@ def assess_patient(
         return result
 
     result.errors.extend(_register_follow_ups(entries, states, cfg, store))
-    assessed = assess_timeline(entries, {uid: s.findings() for uid, s in states.items()}, cfg)
+    assessed = assess_timeline(entries, {uid: s.findings() for uid, s in states.items()}, cfg.rules, cfg.foci,
+                               cfg.segmentation.network_review_uncertainty)
     records = [_redacted_record(r, redactor) for r in assessed.records]
     result.errors = redact(result.errors)
     for entry, record in zip(entries, records):
@@ -237,7 +238,8 @@ def assess_patient(
     if entries:
         studies_out = [(r, store.folder(e.study)) for e, r in zip(entries, records)]
         result.errors.extend(write_patient_outputs(result.patient_id, studies_out, assessed.points,
-                                                   store.patient_folder(entries[0].study), cfg))
+                                                   store.patient_folder(entries[0].study), cfg.outputs,
+                                                   (cfg.rules.growth_min_abs_mm, cfg.rules.growth_min_pct)))
     result.records = records
     result.errors = redact(result.errors)
     return result

@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import EnhancementConfig, SegmentationConfig
 
 
 @dataclass
@@ -71,10 +71,11 @@ def component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None, 
     return best
 
 
-def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, cfg: PipelineConfig) -> np.ndarray:
+def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray,
+                    enhancement: EnhancementConfig) -> np.ndarray:
     """Rule 6: RE >= threshold inside the body, specks under the minimum component size dropped."""
-    enhancing = body_a & (re_a >= cfg.enhancement.relative_enhancement_threshold)
-    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    enhancing = body_a & (re_a >= enhancement.relative_enhancement_threshold)
+    min_vox = max(1, int(np.ceil((np.pi / 6 * enhancement.min_component_mm ** 3) / np.prod(spacing))))
     lab, n = ndi.label(enhancing)
     if n:
         sizes = ndi.sum_labels(enhancing, lab, index=np.arange(1, n + 1))
@@ -82,24 +83,27 @@ def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray, c
     return enhancing
 
 
-def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, cfg: PipelineConfig) -> np.ndarray:
+def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, enhancement: EnhancementConfig) -> np.ndarray:
     """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with
     pipeline/segmentation/network.py."""
     re_a = smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement))
-    return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), cfg)
+    return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), enhancement)
 
 
 def segment(
     pre: sitk.Image,
     relative_enhancement: sitk.Image,
     body: sitk.Image,
-    cfg: PipelineConfig,
+    segmentation: SegmentationConfig,
+    enhancement: EnhancementConfig,
+    focus_min_thickness_mm: float,
     target_hint_lps: tuple[float, float, float] | None = None,
 ) -> SegmentationResult:
     """Segment AZ, rim and focus candidates on the post-contrast grid.
 
     ``pre`` is the pre-contrast image resampled onto the post grid (after registration),
     ``relative_enhancement`` the RE map (post_norm - pre) / pre on that grid, ``body`` a uint8 mask.
+    ``focus_min_thickness_mm`` (``foci.min_thickness_mm``): thinner enhancing tissue is no focus candidate.
     """
     spacing = spacing_zyx(pre)
     voxel_ml = float(np.prod(spacing)) / 1000.0
@@ -110,14 +114,14 @@ def segment(
     ref = tissue_reference_level(pre_a, body_a)
     if ref is None:
         return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
-    enhancing = _enhancing_mask(re_a, body_a, spacing, cfg)
+    enhancing = _enhancing_mask(re_a, body_a, spacing, enhancement)
 
-    lab, n = t1_bright_components(pre_a, re_a, body_a, spacing, ref, cfg)
+    lab, n = t1_bright_components(pre_a, re_a, body_a, spacing, ref, segmentation, enhancement)
     hint = None
     if target_hint_lps is not None:
         idx_xyz = pre.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))
         hint = np.array(idx_xyz[::-1])
-    min_az_vox = int(cfg.segmentation.az_min_volume_ml / voxel_ml)
+    min_az_vox = int(segmentation.az_min_volume_ml / voxel_ml)
     keep = component_nearest(lab, n, hint, spacing, min_az_vox) if n else 0
     if keep == 0:
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
@@ -126,9 +130,9 @@ def segment(
 
     # The AZ is non-enhancing by definition: voxels it holds are not enhancing tissue.
     enhancing &= ~az
-    shell = ndi.binary_dilation(az, structure=ball_zyx(cfg.segmentation.rim_search_mm, spacing)) & ~az
+    shell = ndi.binary_dilation(az, structure=ball_zyx(segmentation.rim_search_mm, spacing)) & ~az
     rim = enhancing & shell
-    foci = focus_candidates(enhancing, az, spacing, cfg.foci.min_thickness_mm)
+    foci = focus_candidates(enhancing, az, spacing, focus_min_thickness_mm)
     return SegmentationResult(az, soft, enhancing, rim, foci, True, "")
 
 
@@ -147,15 +151,16 @@ def tissue_reference_level(pre_a: np.ndarray, body_a: np.ndarray) -> float | Non
 
 
 def t1_bright_components(pre_a: np.ndarray, re_smooth: np.ndarray, body_a: np.ndarray, spacing: np.ndarray,
-                         ref: float, cfg: PipelineConfig) -> tuple[np.ndarray, int]:
+                         ref: float, segmentation: SegmentationConfig,
+                         enhancement: EnhancementConfig) -> tuple[np.ndarray, int]:
     """Labelled T1-bright non-enhancing regions (the ablation-zone candidates) and their count.
 
     Bright: pre-contrast >= ``az_min_pre_ratio`` x ``ref``; non-enhancing: smoothed RE below the
     enhancement threshold; opened with a 1.6 mm ball so that thin bright strands do not join
     a zone to its neighbours.
     """
-    bright = (body_a & (pre_a >= cfg.segmentation.az_min_pre_ratio * ref)
-              & (re_smooth < cfg.enhancement.relative_enhancement_threshold))
+    bright = (body_a & (pre_a >= segmentation.az_min_pre_ratio * ref)
+              & (re_smooth < enhancement.relative_enhancement_threshold))
     bright = ndi.binary_opening(bright, structure=ball_zyx(1.6, spacing))
     return ndi.label(bright)
 

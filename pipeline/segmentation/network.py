@@ -21,6 +21,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from models.infer import LoadedModel, NetworkPrediction, WeightsError, load_model, predict_study, resolve_weights
+from pipeline.core.config import EnhancementConfig, SegmentationConfig
 from pipeline.core.records import Label, label_map
 from pipeline.segmentation.classical import (
     SegmentationResult,
@@ -52,7 +53,8 @@ class CleanedPrediction:
         return label_map(self.az, self.rim, self.foci)
 
 
-def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: np.ndarray, cfg,
+def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: np.ndarray,
+                     segmentation: SegmentationConfig, enhancement: EnhancementConfig,
                      hint_zyx: np.ndarray | None = None,
                      relative_enhancement: np.ndarray | None = None) -> CleanedPrediction | None:
     """The argmax turned into one ablation zone, its rim and the foci; None without an AZ.
@@ -66,28 +68,29 @@ def clean_prediction(pred: NetworkPrediction, body_a: np.ndarray, spacing_zyx: n
     """
     spacing = np.asarray(spacing_zyx, float)
     lab, n = ndi.label(pred.labels == Label.ABLATION_ZONE)
-    min_az_vox = int(cfg.segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
+    min_az_vox = int(segmentation.az_min_volume_ml / (float(np.prod(spacing)) / 1000.0))
     keep = component_nearest(lab, n, hint_zyx, spacing, min_az_vox) if n else 0
     if keep == 0:
         return None
     az = ndi.binary_fill_holes(lab == keep) & body_a
     soft = pred.probabilities[Label.ABLATION_ZONE].copy()
     soft[~ndi.binary_dilation(az, iterations=1)] = 0.0
-    near_az = ndi.distance_transform_edt(~az, sampling=spacing) <= cfg.segmentation.rim_search_mm
+    near_az = ndi.distance_transform_edt(~az, sampling=spacing) <= segmentation.rim_search_mm
     rim = (pred.labels == Label.RIM) & ~az & body_a & near_az
     if (relative_enhancement is not None and rim.any()
-            and float(relative_enhancement[rim].mean()) < cfg.segmentation.network_rim_min_mean_re):
+            and float(relative_enhancement[rim].mean()) < segmentation.network_rim_min_mean_re):
         rim = np.zeros_like(rim)
     focus = (pred.labels == Label.ENHANCING_FOCUS) & ~az & body_a
     flab, nf = ndi.label(focus)
-    min_vox = max(1, int(np.ceil((np.pi / 6 * cfg.enhancement.min_component_mm ** 3) / np.prod(spacing))))
+    min_vox = max(1, int(np.ceil((np.pi / 6 * enhancement.min_component_mm ** 3) / np.prod(spacing))))
     sizes = ndi.sum_labels(np.ones_like(flab), flab, index=np.arange(1, nf + 1)) if nf else []
     foci = [flab == i for i, size in zip(range(1, nf + 1), sizes) if int(size) >= min_vox]
     return CleanedPrediction(az, soft.astype(np.float32), rim, foci)
 
 
 def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhancement: np.ndarray,
-                  enhancing: np.ndarray, body_a: np.ndarray, spacing_zyx: np.ndarray, cfg) -> CleanedPrediction:
+                  enhancing: np.ndarray, body_a: np.ndarray, spacing_zyx: np.ndarray,
+                  segmentation: SegmentationConfig, enhancement: EnhancementConfig) -> CleanedPrediction:
     """The network's zone with its edge at the half-way pre-contrast level (``segmentation.network_az_edge``).
 
     The network decides which zone is the ablation zone and where its rim and foci are; the edge
@@ -112,7 +115,7 @@ def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhanc
     ref = tissue_reference_level(pre_a, body_a)
     if ref is not None:
         bright, n = t1_bright_components(pre_a, smooth_relative_enhancement(relative_enhancement), body_a, spacing,
-                                         ref, cfg)
+                                         ref, segmentation, enhancement)
         if n:
             overlap = ndi.sum_labels(cleaned.az, bright, index=np.arange(1, n + 1))
             if overlap.max() > 0:
@@ -125,7 +128,8 @@ def place_az_edge(cleaned: CleanedPrediction, pre_a: np.ndarray, relative_enhanc
 
 
 def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_enhancement: sitk.Image,
-                    body: sitk.Image, cfg, model: LoadedModel,
+                    body: sitk.Image, segmentation: SegmentationConfig, enhancement: EnhancementConfig,
+                    focus_min_thickness_mm: float, model: LoadedModel,
                     target_hint_lps: tuple[float, float, float] | None = None
                     ) -> tuple[SegmentationResult, NetworkPrediction]:
     """``SegmentationResult`` (pipeline/segmentation/classical.py) from the network, plus the prediction.
@@ -139,30 +143,33 @@ def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_e
     edge with). ``enhancing`` stays rule 6's
     definition (RE >= threshold, components >= the minimum size; shared with the classical
     method) plus the network's rim and foci, because the foci stage measures new lesions and
-    vessels on it, not only what the network labels.
+    vessels on it, not only what the network labels. ``focus_min_thickness_mm`` is
+    ``foci.min_thickness_mm`` (``pipeline_foci``).
     """
     body_a = sitk.GetArrayFromImage(body) > 0
-    pred = predict_study(model, pre_on_post, subtraction, body_a, tta=cfg.segmentation.network_tta,
-                         tta_views=cfg.segmentation.network_tta_views)
+    pred = predict_study(model, pre_on_post, subtraction, body_a, tta=segmentation.network_tta,
+                         tta_views=segmentation.network_tta_views)
     spacing = spacing_zyx(pre_on_post)
-    enhancing = enhancing_tissue(relative_enhancement, body, cfg)
+    enhancing = enhancing_tissue(relative_enhancement, body, enhancement)
     hint = None
     if target_hint_lps is not None:
         hint = np.array(pre_on_post.TransformPhysicalPointToContinuousIndex(tuple(float(v) for v in target_hint_lps))[::-1])
-    cleaned = clean_prediction(pred, body_a, spacing, cfg, hint, sitk.GetArrayFromImage(relative_enhancement))
+    cleaned = clean_prediction(pred, body_a, spacing, segmentation, enhancement, hint,
+                               sitk.GetArrayFromImage(relative_enhancement))
     if cleaned is None:
         empty = np.zeros(pred.labels.shape, bool)
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "the network found no ablation zone"), pred
-    if cfg.segmentation.network_az_edge == "half_max":
+    if segmentation.network_az_edge == "half_max":
         cleaned = place_az_edge(cleaned, sitk.GetArrayFromImage(pre_on_post).astype(np.float32),
-                                sitk.GetArrayFromImage(relative_enhancement), enhancing, body_a, spacing, cfg)
-    enhancing, foci = pipeline_foci(cleaned, enhancing, spacing, cfg)
+                                sitk.GetArrayFromImage(relative_enhancement), enhancing, body_a, spacing,
+                                segmentation, enhancement)
+    enhancing, foci = pipeline_foci(cleaned, enhancing, spacing, focus_min_thickness_mm)
     return SegmentationResult(cleaned.az, cleaned.az_soft, enhancing, cleaned.rim, foci, True, ""), pred
 
 
 def pipeline_foci(cleaned: CleanedPrediction, enhancing: np.ndarray, spacing_zyx: np.ndarray,
-                  cfg) -> tuple[np.ndarray, list[np.ndarray]]:
+                  focus_min_thickness_mm: float) -> tuple[np.ndarray, list[np.ndarray]]:
     """(enhancing tissue, focus candidates) as ``segment_network`` hands them on to the foci stage.
 
     ``enhancing``: rule 6's enhancing tissue. Returned: it plus the network's rim and foci,
@@ -178,7 +185,7 @@ def pipeline_foci(cleaned: CleanedPrediction, enhancing: np.ndarray, spacing_zyx
     enhancing = (enhancing | network_enhancing) & ~cleaned.az
     merged = np.zeros(enhancing.shape, bool)
     for mask in cleaned.foci + focus_candidates(enhancing, cleaned.az, np.asarray(spacing_zyx, float),
-                                                cfg.foci.min_thickness_mm):
+                                                focus_min_thickness_mm):
         merged |= mask
     lab, n = ndi.label(merged)
     return enhancing, [lab == i for i in range(1, n + 1)]
