@@ -5,6 +5,9 @@ each study's imaging (with a retry on I/O errors) and the review worklist run as
 ``workers`` patients at a time (run_export's threads submit them, so the flow's parameter is
 the one limit, also where a deployment run is given another value). Studies already assessed
 with the same inputs and config are reused, so the nightly run only does what is new.
+
+Patients run on the task runner of ``execution.engine`` (flows/engine.py): threads in this
+process, or Dask worker processes, local or on a cluster (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.core.config import PipelineConfig
+from flows.engine import ENGINES, placement, task_runner_for
+from pipeline.core.config import ExecutionConfig, PipelineConfig, load_config
+from pipeline.core.devices import resolve_device
 from pipeline.core.records import AssessmentRecord, StudyRecord
 from pipeline.ingest.index import IndexResult
 from pipeline.longitudinal.timeline import Procedure
 from pipeline.run.export import assess_patient_reported, call_redacted, index_run, review_worklist, run_export
-from pipeline.run.log import RunReporter
+from pipeline.run.log import ReportedEvents, RunReporter
 from pipeline.run.patient import PatientResult, assess_patient, study_imaging
 
 
@@ -61,6 +66,26 @@ def submitted_patient(studies: list[StudyRecord], procedures: list[Procedure] | 
     return patient_task.submit(studies, procedures, cfg, out_dir, device, reporter, redactor).result()
 
 
+@task(name="assess-patient-remote", cache_policy=NO_CACHE)
+def remote_patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
+                        out_dir: Path, device: str, redactor=None) -> tuple[PatientResult, ReportedEvents]:
+    """One patient on another process (a Dask worker): its progress comes back with its result."""
+    events = ReportedEvents()
+    return patient_task.fn(studies, procedures, cfg, out_dir, device, events, redactor), events
+
+
+def submitted_patient_remote(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
+                             out_dir: Path, device: str, reporter: RunReporter | None = None,
+                             redactor=None) -> PatientResult:
+    """One patient as a task on a Dask worker (placed on a GPU worker when it runs on CUDA); its
+    progress is written to the run's log when it returns."""
+    with placement(cfg.execution.gpu_resource, device):
+        future = remote_patient_task.submit(studies, procedures, cfg, out_dir, device, redactor)
+    result, events = future.result()
+    events.replay(reporter)
+    return result
+
+
 @task(name="review-worklist", cache_policy=NO_CACHE)
 def review_task(out_dir: Path, records: list[AssessmentRecord], cfg: PipelineConfig) -> list[AssessmentRecord]:
     """Fill reviewed_category from the verdicts; put the flagged studies on the worklist."""
@@ -77,32 +102,62 @@ def assess_export(
     device: str = "auto",
     show_progress: bool = False,
     defer_recent_seconds: float | None = None,
+    engine: str = "threads",
 ) -> dict:
     """Assess every study of ``export_dir`` into ``out_dir`` (the output contract of DESIGN.md):
     :func:`pipeline.run.export.run_export` with its stages as Prefect tasks, ``workers``
-    patients at a time. Returns its summary."""
+    patients at a time. ``engine``: ``dask`` when the flow runs on a DaskTaskRunner
+    (:func:`with_engine`): each patient then travels to a worker process. Returns its summary."""
+    patient_fn = submitted_patient_remote if engine == "dask" else submitted_patient
     return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress, defer_recent_seconds,
-                      patient_fn=submitted_patient, index_fn=index_task, review_fn=review_task)
+                      patient_fn=patient_fn, index_fn=index_task, review_fn=review_task)
+
+
+def execution_settings(config: Path | None, engine: str | None = None,
+                       scheduler_address: str | None = None) -> ExecutionConfig:
+    """The ``execution`` section of ``config``, with the command line's ``--engine`` and
+    ``--scheduler`` over it (a scheduler address implies the dask engine)."""
+    execution = load_config(config).execution
+    update: dict = {}
+    if engine is not None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r}: choose from {', '.join(ENGINES)}")
+        update["engine"] = engine
+    if scheduler_address:
+        update.update(engine="dask", scheduler_address=scheduler_address)
+    return execution.model_copy(update=update)
+
+
+def with_engine(execution: ExecutionConfig, workers: int, device: str):
+    """The batch flow on the task runner of ``execution`` (flows/engine.py)."""
+    return assess_export.with_options(task_runner=task_runner_for(execution, workers, resolve_device(device)))
 
 
 def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = None, config: Path | None = None,
-                   workers: int = 1, device: str = "auto", show_progress: bool = False) -> dict:
-    """Run the flow with ``workers`` parallel patients."""
-    return assess_export(str(export_dir), str(out_dir), str(procedures) if procedures else None,
-                         str(config) if config else None, workers, device, show_progress)
+                   workers: int = 1, device: str = "auto", show_progress: bool = False,
+                   engine: str | None = None, scheduler_address: str | None = None) -> dict:
+    """Run the flow with ``workers`` parallel patients on ``engine`` (default: the config's
+    ``execution.engine``; ``scheduler_address`` joins an existing Dask cluster)."""
+    execution = execution_settings(config, engine, scheduler_address)
+    return with_engine(execution, workers, device)(
+        str(export_dir), str(out_dir), str(procedures) if procedures else None,
+        str(config) if config else None, workers, device, show_progress, engine=execution.engine)
 
 
 def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
                        config: Path | None = None, workers: int = 1, device: str = "auto",
-                       defer_recent_seconds: float = 300.0):
-    """The scheduled deployment of the batch flow (a Prefect RunnerDeployment, not yet served)."""
-    return assess_export.to_deployment(
+                       defer_recent_seconds: float = 300.0, engine: str | None = None,
+                       scheduler_address: str | None = None):
+    """The scheduled deployment of the batch flow (a Prefect RunnerDeployment, not yet served),
+    on the task runner of the config's ``execution`` section or of ``engine``/``scheduler_address``."""
+    execution = execution_settings(config, engine, scheduler_address)
+    return with_engine(execution, workers, device).to_deployment(
         name="nightly",
         cron=cron,
         parameters={"export_dir": str(export_dir), "out_dir": str(out_dir),
                     "procedures": str(procedures) if procedures else None,
                     "config": str(config) if config else None, "workers": workers, "device": device,
-                    "defer_recent_seconds": defer_recent_seconds},
+                    "defer_recent_seconds": defer_recent_seconds, "engine": execution.engine},
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )
 
@@ -127,12 +182,13 @@ def graceful_runner(**kwargs):
 
 def serve_nightly(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
                   config: Path | None = None, workers: int = 1, device: str = "auto",
-                  defer_recent_seconds: float = 300.0) -> None:
+                  defer_recent_seconds: float = 300.0, engine: str | None = None,
+                  scheduler_address: str | None = None) -> None:
     """Serve the nightly deployment (blocks; Ctrl-C or SIGTERM stops it, exit status 0)."""
     import asyncio
 
     deployment = nightly_deployment(export_dir, out_dir, cron, procedures, config, workers, device,
-                                    defer_recent_seconds)
+                                    defer_recent_seconds, engine, scheduler_address)
     runner = graceful_runner(pause_on_shutdown=True)
     runner.add_deployment(deployment)
     print(f"serving deployment 'assess-export/nightly' on cron {cron!r}: export {export_dir}, output {out_dir}; "

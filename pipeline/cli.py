@@ -64,12 +64,12 @@ def _check_inputs(procedures: Path | None, config: Path | None) -> None:
 
 
 def _check_run(export_dir: Path, out: Path, procedures: Path | None, config: Path | None, device: str,
-               *, require_dicom: bool) -> None:
+               *, require_dicom: bool, engine: str | None = None, scheduler: str | None = None) -> None:
     """Every input of a run checked before Prefect starts and before ``out`` is created."""
     from pipeline.run.inputs import RunInputError, check_export_has_dicom, check_run_inputs
 
     try:
-        check_run_inputs(export_dir, out, procedures, config, device)
+        check_run_inputs(export_dir, out, procedures, config, device, engine, scheduler)
     except RunInputError as exc:
         _fail(str(exc))
     try:
@@ -98,6 +98,9 @@ def _main(
 
 
 DEVICE_HELP = "where the network runs: auto (CUDA when usable, else CPU) | cpu | cuda (refused without a CUDA device)"
+ENGINE_HELP = ("where patients run: threads (this process) | dask (worker processes: a local cluster of --workers, "
+               "or --scheduler's); default: the config's execution.engine (docs/cluster.md)")
+SCHEDULER_HELP = "tcp://host:port of an existing Dask scheduler (implies --engine dask)"
 
 
 @app.command()
@@ -125,12 +128,15 @@ def assess(
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML merged over configs/default.yaml")] = None,
     workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    engine: Annotated[Optional[str], typer.Option(help=ENGINE_HELP)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=SCHEDULER_HELP)] = None,
 ) -> None:
     """Assess every study of a PACS export (batch Prefect flow)."""
-    _check_run(export_dir, out, procedures, config, device, require_dicom=True)
+    _check_run(export_dir, out, procedures, config, device, require_dicom=True, engine=engine, scheduler=scheduler)
     from flows.assess import run_assessment
 
-    summary = run_assessment(export_dir, out, procedures, config, workers, device, show_progress=True)
+    summary = run_assessment(export_dir, out, procedures, config, workers, device, show_progress=True,
+                             engine=engine, scheduler_address=scheduler)
     print_cohort(out)
     console.print(f"{summary['studies']} studies ({summary['studies_reused']} reused), {summary['flagged']} flagged, "
                   f"{summary['errors']} rows in errors.csv, {summary['seconds']} s")
@@ -168,15 +174,17 @@ def serve_nightly(
     workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s): an export still being copied")] = 300.0,
+    engine: Annotated[Optional[str], typer.Option(help=ENGINE_HELP)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=SCHEDULER_HELP)] = None,
 ) -> None:
     """Serve a scheduled Prefect deployment that re-reads the export (only new studies are processed).
 
     Blocks until stopped (Ctrl-C or SIGTERM); docs/operations.md shows it as a systemd service.
     """
-    _check_run(export_dir, out, procedures, config, device, require_dicom=False)
+    _check_run(export_dir, out, procedures, config, device, require_dicom=False, engine=engine, scheduler=scheduler)
     from flows.assess import serve_nightly as serve
 
-    serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds)
+    serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds, engine, scheduler)
 
 
 @app.command()

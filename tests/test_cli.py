@@ -240,3 +240,38 @@ def test_the_results_table_is_readable_at_80_columns():
     for word in reason.replace(";", " ").replace("_", " ").split():
         assert word in words or word + ";" in words, word  # wrapped at spaces, no word cut
     assert "35.21/28.04" in words and "suspected" in words
+
+
+def test_an_unknown_engine_is_refused_before_the_flow(tmp_path, monkeypatch):
+    import flows.assess
+
+    export = _export_with_one_dicom(tmp_path)
+    monkeypatch.setattr(flows.assess, "run_assessment", lambda *a, **k: pytest.fail("the flow started"))
+    line = _refused(["assess", str(export), "--out", str(tmp_path / "out"), "--engine", "spark"])
+    assert "--engine" in line and "threads, dask" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scheduler_nobody_answers_or_mistyped_is_refused_before_the_flow(tmp_path, monkeypatch):
+    import socket
+
+    import flows.assess
+
+    export = _export_with_one_dicom(tmp_path)
+    monkeypatch.setattr(flows.assess, "run_assessment", lambda *a, **k: pytest.fail("the flow started"))
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    line = _refused(["assess", str(export), "--out", str(tmp_path / "out"), "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert "no Dask scheduler answers" in line
+    line = _refused(["assess", str(export), "--out", str(tmp_path / "out"), "--scheduler", "tcp://host"])
+    assert "expected tcp://host:port" in line
+    line = _refused(["assess", str(export), "--out", str(tmp_path / "out"), "--engine", "threads",
+                     "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert "--scheduler needs --engine dask" in line
+    # The config's scheduler is checked the same way.
+    config = tmp_path / "site.yaml"
+    config.write_text(f"execution:\n  engine: dask\n  scheduler_address: tcp://127.0.0.1:{port}\n")
+    line = _refused(["assess", str(export), "--out", str(tmp_path / "out"), "--config", str(config)])
+    assert "no Dask scheduler answers" in line
+    assert not (tmp_path / "out").exists()

@@ -215,6 +215,21 @@ class ReviewConfig(_Section):
     database_url: str | None = None
 
 
+class ExecutionConfig(_Section):
+    # Where patients run (flows/engine.py, docs/cluster.md): "threads" in the flow's process, or
+    # "dask": Prefect's DaskTaskRunner, each patient a task on a Dask worker process.
+    engine: Literal["threads", "dask"] = "threads"
+    # dask: the scheduler of an existing cluster (tcp://host:8786); null: a local cluster of
+    # ``workers`` processes, started and stopped with the run.
+    scheduler_address: str | None = None
+    # dask: the worker resource a patient asks for when it runs on CUDA (workers started with
+    # ``dask worker --resources GPU=1``); null: no placement constraint.
+    gpu_resource: str | None = "GPU"
+    # Two runs sharing an output folder: the second waits this long for a patient the first is
+    # assessing (pipeline/outputs/locks.py), then lists it indeterminate.
+    patient_lock_timeout_s: float = Field(default=7200.0, ge=0)
+
+
 class PipelineConfig(_Section):
     ingest: IngestConfig
     registration: RegistrationConfig
@@ -225,12 +240,13 @@ class PipelineConfig(_Section):
     rules: RulesConfig
     outputs: OutputsConfig
     review: ReviewConfig
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     def digest(self) -> str:
         """Stable hash of the settings: a change invalidates cached study results."""
-        # Where verdicts are stored changes no study result: moving the database must not
-        # make the nightly run recompute everything.
-        blob = json.dumps(self.model_dump(mode="json", exclude={"review"}), sort_keys=True).encode()
+        # Where verdicts are stored and where patients run change no study result: moving the
+        # database or the run to a cluster must not make the nightly run recompute everything.
+        blob = json.dumps(self.model_dump(mode="json", exclude={"review", "execution"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -7,6 +7,8 @@ the path or the key at fault; the CLI prints it on stderr and exits non-zero.
 from __future__ import annotations
 
 import os
+import re
+import socket
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -49,6 +51,29 @@ def check_device(device: str) -> str:
         raise RunInputError(f"--device: {exc}") from None
 
 
+ENGINES = ("threads", "dask")
+_SCHEDULER = re.compile(r"^(?:(?P<scheme>tcp|tls)://)?(?P<host>[A-Za-z0-9_.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>\d{1,5})$")
+
+
+def check_engine(engine: str | None, scheduler_address: str | None, timeout_s: float = 3.0) -> None:
+    """``--engine`` is threads or dask; a ``--scheduler`` address is ``[tcp://|tls://]host:port``
+    and answers a TCP connection within ``timeout_s`` (a typo must not leave the run waiting)."""
+    if engine is not None and engine not in ENGINES:
+        raise RunInputError(f"--engine {engine!r}: choose from {', '.join(ENGINES)}")
+    if scheduler_address is None:
+        return
+    if engine == "threads":
+        raise RunInputError("--scheduler needs --engine dask (a Dask scheduler runs no threads engine)")
+    match = _SCHEDULER.match(scheduler_address.strip())
+    if match is None:
+        raise RunInputError(f"--scheduler {scheduler_address!r}: expected tcp://host:port (e.g. tcp://10.0.0.5:8786)")
+    host, port = match["host"].strip("[]"), int(match["port"])
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RunInputError(f"--scheduler {scheduler_address}: no Dask scheduler answers there ({exc})") from None
+
+
 def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
@@ -86,9 +111,14 @@ def check_export_has_dicom(export_dir: Path, out: Path | None = None) -> None:
 
 
 def check_run_inputs(export_dir: Path, out: Path, procedures: Path | None, config: Path | None,
-                     device: str) -> str:
-    """Every check of a run, cheapest first; returns the resolved device."""
-    check_config(config)
+                     device: str, engine: str | None = None, scheduler_address: str | None = None) -> str:
+    """Every check of a run, cheapest first; returns the resolved device. ``engine`` and
+    ``scheduler_address`` (the command line's) default to the config's ``execution`` section."""
+    execution = check_config(config).execution
     check_procedures(procedures)
     check_output_folder(export_dir, out)
-    return check_device(device)
+    resolved = check_device(device)
+    if scheduler_address is None and (engine or execution.engine) == "dask":
+        scheduler_address = execution.scheduler_address
+    check_engine(engine, scheduler_address)
+    return resolved

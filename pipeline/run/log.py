@@ -142,3 +142,26 @@ class RunReporter(AbstractContextManager):
                       f"outputs {seconds:.1f} s")
         if missing:
             self._advance(patient_id, missing)
+
+
+class ReportedEvents:
+    """A reporter a patient carries to another process (a Dask worker): it records the calls of
+    :class:`RunReporter` that ``assess_patient_reported`` makes, as plain values, and
+    ``replay`` hands them to the run's reporter once the patient's result is back. Why: the
+    run's reporter owns a file handle, a lock and the terminal, none of which cross processes;
+    the lines then appear in run.log when the patient returns, not as each study ends."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def study_done(self, *args, **kwargs) -> None:
+        self.calls.append(("study_done", args, kwargs))
+
+    def patient_done(self, *args, **kwargs) -> None:
+        self.calls.append(("patient_done", args, kwargs))
+
+    def replay(self, reporter: RunReporter | None) -> None:
+        if reporter is None:
+            return
+        for name, args, kwargs in self.calls:
+            getattr(reporter, name)(*args, **kwargs)

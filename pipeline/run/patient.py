@@ -31,6 +31,7 @@ from pipeline.imaging.subtraction import temporal_difference
 from pipeline.longitudinal.assessment import StudyFindings, assess_timeline, registration_failure
 from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
 from pipeline.measurement.study import StudyImages, analyse_study
+from pipeline.outputs.locks import patient_lock
 from pipeline.outputs.store import StudyStore, cache_keys, imaging_key, read_cached_images, to_baseline_key
 from pipeline.outputs.writers import (
     StudyEvidence,
@@ -184,10 +185,18 @@ def assess_patient(
 
     ``imaging_fn`` lets the Prefect flow run each study's imaging as its own task.
     ``redactor`` (a :class:`pipeline.ingest.pseudonym.Redactor`, pseudonymised runs): cleans the text
-    of every record and error row before it is written or returned.
+    of every record and error row before it is written or returned. The patient's lock is held
+    throughout (pipeline/outputs/locks.py): another run on the same output folder waits, then
+    reuses these results; after ``execution.patient_lock_timeout_s`` it raises PatientBusyError.
     """
-    out_dir = Path(out_dir)
-    store = StudyStore(out_dir)
+    store = StudyStore(Path(out_dir))
+    with patient_lock(store.out_dir, store.patient_folder(studies[0]).name, cfg.execution.patient_lock_timeout_s):
+        return _assess_patient(studies, procedures, cfg, store, device, imaging_fn, redactor)
+
+
+def _assess_patient(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
+                    store: StudyStore, device: str, imaging_fn, redactor) -> PatientResult:
+    out_dir = store.out_dir
     result = PatientResult(patient_id=studies[0].patient_id)
     states: dict[str, StudyState] = {}
     for study in sorted(studies, key=lambda s: (s.study_date is None, s.study_date, s.study_instance_uid)):
