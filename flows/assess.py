@@ -12,6 +12,7 @@ process, or Dask worker processes, local or on a cluster (docs/cluster.md).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from prefect import flow, task
@@ -154,10 +155,41 @@ def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: P
     return with_engine(execution, workers, device).to_deployment(
         name="nightly",
         cron=cron,
-        parameters={"export_dir": str(export_dir), "out_dir": str(out_dir),
-                    "procedures": str(procedures) if procedures else None,
-                    "config": str(config) if config else None, "workers": workers, "device": device,
-                    "defer_recent_seconds": defer_recent_seconds, "engine": execution.engine},
+        parameters=_nightly_parameters(export_dir, out_dir, procedures, config, workers, device,
+                                       defer_recent_seconds, execution.engine),
+        description="Nightly re-read of a PACS export: only new or changed studies are processed.",
+    )
+
+
+def _nightly_parameters(export_dir: Path, out_dir: Path, procedures: Path | None, config: Path | None,
+                        workers: int, device: str, defer_recent_seconds: float, engine: str) -> dict:
+    return {"export_dir": str(export_dir), "out_dir": str(out_dir),
+            "procedures": str(procedures) if procedures else None,
+            "config": str(config) if config else None, "workers": workers, "device": device,
+            "defer_recent_seconds": defer_recent_seconds, "engine": engine}
+
+
+def deploy_nightly(export_dir: Path, out_dir: Path, cron: str, work_pool: str, procedures: Path | None = None,
+                   config: Path | None = None, workers: int = 1, device: str = "auto",
+                   defer_recent_seconds: float = 300.0):
+    """Register the nightly deployment with the Prefect server at ``PREFECT_API_URL``, for the
+    workers of ``work_pool`` (``prefect worker start --pool NAME``) to run: the server's
+    scheduler creates a run at each ``cron`` time and the UI shows each run, its tasks and their
+    failures (docs/operations.md). Returns the deployment's id.
+
+    The flow's code is taken from the folder that holds this package (a checkout or the
+    installed package): a process worker on the same machine (or one that mounts the same
+    installation) runs it. Patients run on threads inside that run (``execution.engine`` dask
+    with a work pool: serve-nightly --engine dask, or a worker per node of a Dask cluster).
+    """
+    # The folder the flows package was imported from (a checkout, or site-packages of an
+    # installed wheel): the worker loads flows/assess.py from there.
+    source = Path(importlib.util.find_spec("flows").submodule_search_locations[0]).resolve().parent
+    deployable = assess_export.from_source(source=str(source), entrypoint="flows/assess.py:assess_export")
+    return deployable.deploy(
+        name="nightly", work_pool_name=work_pool, cron=cron, print_next_steps=False,
+        parameters=_nightly_parameters(export_dir, out_dir, procedures, config, workers, device,
+                                       defer_recent_seconds, "threads"),
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )
 

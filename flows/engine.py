@@ -36,8 +36,10 @@ def task_runner_for(execution: ExecutionConfig, workers: int, device: str = "cpu
         return DaskTaskRunner(address=execution.scheduler_address)
     # One thread per worker process: a study's stages are already multi-threaded where it pays
     # (SimpleITK, torch), and a second patient in the same process would contend for the GIL.
-    # silence_logs: the cluster's INFO lines (worker start, connections) would bury the run's own
+    # silence_logs (the workers) and the level of "distributed" here (the local scheduler runs in
+    # this process): the cluster's INFO lines (worker start, connections) would bury the run's own
     # progress; its warnings and errors still show.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = {"n_workers": max(1, workers), "processes": True, "threads_per_worker": 1, "dashboard_address": None,
                "silence_logs": logging.WARNING}
     if execution.gpu_resource and device.startswith("cuda"):

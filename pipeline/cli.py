@@ -164,6 +164,37 @@ def demo(
                   f"Outputs in {out / 'results'}; ground truth in {data / 'truth.json'}.")
 
 
+@app.command("deploy-nightly")
+def deploy_nightly(
+    export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory, re-read at every run")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (outputs, catalogue, run.log), outside the export")],
+    pool: Annotated[str, typer.Option("--pool", help="work pool of the Prefect server whose workers run the flow")],
+    cron: Annotated[str, typer.Option(help="cron schedule of the runs, in the server's time zone (default: 02:00 every night)")] = "0 2 * * *",
+    procedures: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="patient_id,ablation_date CSV, re-read at every run")] = None,
+    config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="YAML merged over configs/default.yaml")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s): an export still being copied")] = 300.0,
+) -> None:
+    """Register the nightly deployment with the Prefect server at PREFECT_API_URL (a worker of --pool runs it).
+
+    Returns at once; `prefect worker start --pool NAME` runs the scheduled runs (docs/operations.md).
+    """
+    from pipeline.run.inputs import RunInputError, check_prefect_server
+
+    _check_run(export_dir, out, procedures, config, device, require_dicom=False)
+    try:
+        url = check_prefect_server(pool)
+    except RunInputError as exc:
+        _fail(str(exc))
+    from flows.assess import deploy_nightly as deploy
+
+    deployment_id = deploy(export_dir.resolve(), out.resolve(), cron, pool, procedures.resolve() if procedures else None,
+                           config.resolve() if config else None, workers, device, defer_seconds)
+    console.print(f"deployment 'assess-export/nightly' ({deployment_id}) on {url}, work pool {pool!r}, cron {cron!r}; "
+                  f"start a worker: prefect worker start --pool {pool}")
+
+
 @app.command("serve-nightly")
 def serve_nightly(
     export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory, re-read at every run")],

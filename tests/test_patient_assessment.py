@@ -205,3 +205,13 @@ def test_the_store_reuses_a_study_only_under_its_keys(tmp_path):
     assert cached == imaged and [e.stage for e in errors] == ["load"]  # the imaging rows only
     assert store.cached_imaging(s, "another key") is None
     assert store.cached_to_baseline(s, "") is None  # no registration stored
+
+
+def test_the_nightly_deferral_and_the_header_readers_change_no_cache_key():
+    """The nightly run defers files changed in the last 300 s where a manual run uses 0: with the
+    deferral in the key, each kind of run recomputed every study the other had assessed."""
+    nightly = CFG.model_copy(update={"ingest": CFG.ingest.model_copy(update={"defer_recent_seconds": 300.0,
+                                                                             "workers": 3})})
+    assert nightly.digest() == CFG.digest()
+    roles = CFG.model_copy(update={"ingest": CFG.ingest.model_copy(update={"series_roles_file": "other.yaml"})})
+    assert roles.digest() != CFG.digest()  # what decides the series roles still counts

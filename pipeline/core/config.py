@@ -244,9 +244,12 @@ class PipelineConfig(_Section):
 
     def digest(self) -> str:
         """Stable hash of the settings: a change invalidates cached study results."""
-        # Where verdicts are stored and where patients run change no study result: moving the
-        # database or the run to a cluster must not make the nightly run recompute everything.
-        blob = json.dumps(self.model_dump(mode="json", exclude={"review", "execution"}), sort_keys=True).encode()
+        # Where verdicts are stored, where patients run, how long a run waits for files still
+        # being copied and how many processes read headers change no study result: moving the
+        # database or the run to a cluster, or the nightly run's deferral (300 s, where a manual
+        # run uses 0), must not make the next run recompute everything.
+        operational = {"review": True, "execution": True, "ingest": {"defer_recent_seconds", "workers"}}
+        blob = json.dumps(self.model_dump(mode="json", exclude=operational), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

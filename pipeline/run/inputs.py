@@ -74,6 +74,39 @@ def check_engine(engine: str | None, scheduler_address: str | None, timeout_s: f
         raise RunInputError(f"--scheduler {scheduler_address}: no Dask scheduler answers there ({exc})") from None
 
 
+def check_prefect_server(work_pool: str, timeout_s: float = 10.0) -> str:
+    """The Prefect server a deployment is registered with (``PREFECT_API_URL``) answers, and it
+    has the work pool ``work_pool``; returns the API URL."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        raise RunInputError("PREFECT_API_URL is not set: point it at a Prefect server, "
+                            "e.g. export PREFECT_API_URL=http://127.0.0.1:4200/api (docs/operations.md)")
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=timeout_s) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        health = status("/health")
+        pool = status(f"/work_pools/{urllib.request.quote(work_pool)}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise RunInputError(f"PREFECT_API_URL {url}: no Prefect server answers there ({exc})") from None
+    if health != 200:
+        raise RunInputError(f"PREFECT_API_URL {url}: the server answers {health} on /health")
+    if pool == 404:
+        raise RunInputError(f"--pool {work_pool!r}: no such work pool on {url} "
+                            f"(create it: prefect work-pool create {work_pool} --type process)")
+    if pool != 200:
+        raise RunInputError(f"--pool {work_pool!r}: the server answers {pool}")
+    return url
+
+
 def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
