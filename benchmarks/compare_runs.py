@@ -5,8 +5,8 @@
 Compares what a change of code layout must leave alone, ignoring only what says when and how
 fast (timings, seconds, the pipeline version):
 - cohort.csv and errors.csv, row by row (the ``pipeline_version`` column left out);
-- every ``assessment.json`` and ``timeline.json``, key by key (``timings_s``, ``seconds`` and
-  ``pipeline_version`` left out);
+- every ``assessment.json`` and ``timeline.json``, key by key (``timings_s``, ``stage_seconds``,
+  ``seconds`` and ``pipeline_version`` left out);
 - every ``labels.nii.gz`` and ``subtraction.nii.gz``: voxel values (exactly, or within
   ``--atol``), size, spacing, origin and direction.
 Text that says where a run was or how long a step took is neutralised before comparing: the
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-IGNORED_KEYS = {"timings_s", "seconds", "pipeline_version"}
+IGNORED_KEYS = {"timings_s", "stage_seconds", "seconds", "pipeline_version"}
 IMAGES = ("labels.nii.gz", "subtraction.nii.gz")
 JSONS = ("assessment.json", "timeline.json")
 TABLES = ("cohort.csv", "errors.csv")

@@ -13,6 +13,7 @@ process, or Dask worker processes, local or on a cluster (docs/cluster.md).
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, task
@@ -77,11 +78,13 @@ def remote_patient_task(studies: list[StudyRecord], procedures: list[Procedure] 
 
 def submitted_patient_remote(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
                              out_dir: Path, device: str, reporter: RunReporter | None = None,
-                             redactor=None) -> PatientResult:
-    """One patient as a task on a Dask worker (placed on a GPU worker when it runs on CUDA); its
-    progress is written to the run's log when it returns."""
-    with placement(cfg.execution.gpu_resource, device):
-        future = remote_patient_task.submit(studies, procedures, cfg, out_dir, device, redactor)
+                             redactor=None, *, runner, gpu_resource: str | None = None) -> PatientResult:
+    """One patient as a task on ``runner`` (the run's DaskTaskRunner: a worker process; placed on a
+    GPU worker when it runs on CUDA); its progress is written to the run's log when it returns."""
+    parameters = {"studies": studies, "procedures": procedures, "cfg": cfg, "out_dir": out_dir, "device": device,
+                  "redactor": redactor}
+    with placement(gpu_resource, device):
+        future = runner.submit(remote_patient_task, parameters)
     result, events = future.result()
     events.replay(reporter)
     return result
@@ -103,18 +106,27 @@ def assess_export(
     device: str = "auto",
     show_progress: bool = False,
     defer_recent_seconds: float | None = None,
-    engine: str = "threads",
+    engine: str | None = None,
+    scheduler_address: str | None = None,
 ) -> dict:
     """Assess every study of ``export_dir`` into ``out_dir`` (the output contract of DESIGN.md):
     :func:`pipeline.run.export.run_export` with its stages as Prefect tasks, ``workers``
-    patients at a time. ``engine``: ``dask`` when the flow runs on a DaskTaskRunner
-    (:func:`with_engine`): each patient then travels to a worker process. Returns its summary."""
-    patient_fn = submitted_patient_remote if engine == "dask" else submitted_patient
-    return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress, defer_recent_seconds,
-                      patient_fn=patient_fn, index_fn=index_task, review_fn=review_task)
+    patients at a time. ``engine`` and ``scheduler_address`` override the config's
+    ``execution`` section; on ``dask`` each patient is a task on the run's DaskTaskRunner (a
+    local cluster of ``workers`` processes, or the scheduler's), opened here, inside the flow, so
+    that a served or a work-pool deployment runs on it too. Returns the run's summary."""
+    execution = execution_settings(config, engine, scheduler_address)
+    if execution.engine != "dask":
+        return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress,
+                          defer_recent_seconds, patient_fn=submitted_patient, index_fn=index_task,
+                          review_fn=review_task)
+    with task_runner_for(execution, workers, resolve_device(device)) as runner:
+        patient_fn = partial(submitted_patient_remote, runner=runner, gpu_resource=execution.gpu_resource)
+        return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress,
+                          defer_recent_seconds, patient_fn=patient_fn, index_fn=index_task, review_fn=review_task)
 
 
-def execution_settings(config: Path | None, engine: str | None = None,
+def execution_settings(config: Path | str | None, engine: str | None = None,
                        scheduler_address: str | None = None) -> ExecutionConfig:
     """The ``execution`` section of ``config``, with the command line's ``--engine`` and
     ``--scheduler`` over it (a scheduler address implies the dask engine)."""
@@ -129,49 +141,45 @@ def execution_settings(config: Path | None, engine: str | None = None,
     return execution.model_copy(update=update)
 
 
-def with_engine(execution: ExecutionConfig, workers: int, device: str):
-    """The batch flow on the task runner of ``execution`` (flows/engine.py)."""
-    return assess_export.with_options(task_runner=task_runner_for(execution, workers, resolve_device(device)))
-
-
 def run_assessment(export_dir: Path, out_dir: Path, procedures: Path | None = None, config: Path | None = None,
                    workers: int = 1, device: str = "auto", show_progress: bool = False,
                    engine: str | None = None, scheduler_address: str | None = None) -> dict:
     """Run the flow with ``workers`` parallel patients on ``engine`` (default: the config's
     ``execution.engine``; ``scheduler_address`` joins an existing Dask cluster)."""
-    execution = execution_settings(config, engine, scheduler_address)
-    return with_engine(execution, workers, device)(
-        str(export_dir), str(out_dir), str(procedures) if procedures else None,
-        str(config) if config else None, workers, device, show_progress, engine=execution.engine)
+    return assess_export(str(export_dir), str(out_dir), str(procedures) if procedures else None,
+                         str(config) if config else None, workers, device, show_progress,
+                         engine=engine, scheduler_address=scheduler_address)
 
 
 def nightly_deployment(export_dir: Path, out_dir: Path, cron: str, procedures: Path | None = None,
                        config: Path | None = None, workers: int = 1, device: str = "auto",
                        defer_recent_seconds: float = 300.0, engine: str | None = None,
                        scheduler_address: str | None = None):
-    """The scheduled deployment of the batch flow (a Prefect RunnerDeployment, not yet served),
-    on the task runner of the config's ``execution`` section or of ``engine``/``scheduler_address``."""
-    execution = execution_settings(config, engine, scheduler_address)
-    return with_engine(execution, workers, device).to_deployment(
+    """The scheduled deployment of the batch flow (a Prefect RunnerDeployment, not yet served);
+    ``engine``/``scheduler_address`` None: the config's ``execution`` section, read at each run."""
+    return assess_export.to_deployment(
         name="nightly",
         cron=cron,
         parameters=_nightly_parameters(export_dir, out_dir, procedures, config, workers, device,
-                                       defer_recent_seconds, execution.engine),
+                                       defer_recent_seconds, engine, scheduler_address),
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )
 
 
 def _nightly_parameters(export_dir: Path, out_dir: Path, procedures: Path | None, config: Path | None,
-                        workers: int, device: str, defer_recent_seconds: float, engine: str) -> dict:
+                        workers: int, device: str, defer_recent_seconds: float, engine: str | None,
+                        scheduler_address: str | None) -> dict:
     return {"export_dir": str(export_dir), "out_dir": str(out_dir),
             "procedures": str(procedures) if procedures else None,
             "config": str(config) if config else None, "workers": workers, "device": device,
-            "defer_recent_seconds": defer_recent_seconds, "engine": engine}
+            "defer_recent_seconds": defer_recent_seconds, "engine": engine,
+            "scheduler_address": scheduler_address}
 
 
 def deploy_nightly(export_dir: Path, out_dir: Path, cron: str, work_pool: str, procedures: Path | None = None,
                    config: Path | None = None, workers: int = 1, device: str = "auto",
-                   defer_recent_seconds: float = 300.0):
+                   defer_recent_seconds: float = 300.0, engine: str | None = None,
+                   scheduler_address: str | None = None):
     """Register the nightly deployment with the Prefect server at ``PREFECT_API_URL``, for the
     workers of ``work_pool`` (``prefect worker start --pool NAME``) to run: the server's
     scheduler creates a run at each ``cron`` time and the UI shows each run, its tasks and their
@@ -179,8 +187,7 @@ def deploy_nightly(export_dir: Path, out_dir: Path, cron: str, work_pool: str, p
 
     The flow's code is taken from the folder that holds this package (a checkout or the
     installed package): a process worker on the same machine (or one that mounts the same
-    installation) runs it. Patients run on threads inside that run (``execution.engine`` dask
-    with a work pool: serve-nightly --engine dask, or a worker per node of a Dask cluster).
+    installation) runs it, on the engine of ``engine``/``scheduler_address`` or of the config.
     """
     # The folder the flows package was imported from (a checkout, or site-packages of an
     # installed wheel): the worker loads flows/assess.py from there.
@@ -189,7 +196,7 @@ def deploy_nightly(export_dir: Path, out_dir: Path, cron: str, work_pool: str, p
     return deployable.deploy(
         name="nightly", work_pool_name=work_pool, cron=cron, print_next_steps=False,
         parameters=_nightly_parameters(export_dir, out_dir, procedures, config, workers, device,
-                                       defer_recent_seconds, "threads"),
+                                       defer_recent_seconds, engine, scheduler_address),
         description="Nightly re-read of a PACS export: only new or changed studies are processed.",
     )
 

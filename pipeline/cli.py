@@ -175,6 +175,8 @@ def deploy_nightly(
     workers: Annotated[int, typer.Option(min=1, help="patients processed in parallel")] = 1,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     defer_seconds: Annotated[float, typer.Option(help="defer studies with files changed this recently (s): an export still being copied")] = 300.0,
+    engine: Annotated[Optional[str], typer.Option(help=ENGINE_HELP)] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help=SCHEDULER_HELP)] = None,
 ) -> None:
     """Register the nightly deployment with the Prefect server at PREFECT_API_URL (a worker of --pool runs it).
 
@@ -182,15 +184,16 @@ def deploy_nightly(
     """
     from pipeline.run.inputs import RunInputError, check_prefect_server
 
-    _check_run(export_dir, out, procedures, config, device, require_dicom=False)
+    _check_run(export_dir, out, procedures, config, device, require_dicom=False, engine=engine, scheduler=scheduler)
     try:
         url = check_prefect_server(pool)
     except RunInputError as exc:
         _fail(str(exc))
     from flows.assess import deploy_nightly as deploy
 
-    deployment_id = deploy(export_dir.resolve(), out.resolve(), cron, pool, procedures.resolve() if procedures else None,
-                           config.resolve() if config else None, workers, device, defer_seconds)
+    deployment_id = deploy(export_dir.resolve(), out.resolve(), cron, pool,
+                           procedures.resolve() if procedures else None, config.resolve() if config else None,
+                           workers, device, defer_seconds, engine, scheduler)
     console.print(f"deployment 'assess-export/nightly' ({deployment_id}) on {url}, work pool {pool!r}, cron {cron!r}; "
                   f"start a worker: prefect worker start --pool {pool}")
 

@@ -73,6 +73,24 @@ def test_outputs_of_the_contract_exist(run):
     assert "truncated" in errors.lower() or "not a dicom" in errors.lower()
 
 
+def test_every_step_of_every_study_is_timed(run):
+    """Issue 19: where a study's time goes is never a guess: the imaging steps, the image writes,
+    the registration to the baseline, the temporal difference, the key image and SEG/SR."""
+    _root, out, _truth, _summary = run
+    records = [json.loads(p.read_text()) for p in sorted(out.rglob("assessment.json"))]
+    assessed = [r for r in records if r["imaging"]["ok"]]
+    assert assessed
+    for record in assessed:
+        seconds = record["stage_seconds"]
+        steps = {"load", "register_intra", "subtract", "segment", "measure", "write_images", "key_image",
+                 "dicom_seg_sr"}
+        assert steps <= set(seconds) or "read_cache" in seconds, (record["study_instance_uid"], seconds)
+        assert all(isinstance(v, float) and v >= 0 for v in seconds.values())
+    follow_ups = [r for r in assessed if r["timepoint"] == "follow_up" and r["registration_to_baseline"]]
+    assert follow_ups and all("register_to_baseline" in r["stage_seconds"] for r in follow_ups)
+    assert any("temporal_difference" in r["stage_seconds"] for r in follow_ups)
+
+
 def test_rerun_reuses_every_study_and_gives_the_same_cohort(run):
     root, out, truth, summary = run
     from flows.assess import run_assessment

@@ -77,8 +77,8 @@ def test_a_scheduled_nightly_run_fires_on_a_prefect_server_and_does_only_what_is
             env=env, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stderr
         assert "nightly-test" in deployed.stdout
-        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "nightly-test", "--type", "process"],
-                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "nightly-test",
+                                   "--type", "process"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         processes.append(worker)
 
         def completed_run():

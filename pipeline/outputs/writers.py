@@ -9,6 +9,7 @@ write evidence is an :class:`ErrorRecord`, never a lost study or patient.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +94,18 @@ def write_study_outputs(record: AssessmentRecord, study: StudyRecord, evidence: 
     uid = record.study_instance_uid
     new: list[ErrorRecord] = []
     if outputs.write_key_image:
+        t0 = time.perf_counter()
         try:
             render_study_key_image(record, evidence, folder, outputs.key_image_dpi)
         except Exception as exc:  # noqa: BLE001 - evidence rendering must not lose the study
             new.append(ErrorRecord.from_exception(exc, "key_image", "key image not rendered",
                                                   patient_id=record.patient_id, study_instance_uid=uid))
+        record.stage_seconds["key_image"] = round(time.perf_counter() - t0, 3)
     # SEG/SR read nothing of the record's errors; their failure is a row of errors.csv, never a lost study.
+    t0 = time.perf_counter()
     new.extend(write_study_dicom(record, study, evidence.labels, folder, outputs)[1])
+    if outputs.write_dicom_seg or outputs.write_dicom_sr:
+        record.stage_seconds["dicom_seg_sr"] = round(time.perf_counter() - t0, 3)
     new = redact(new)
     record.errors = [vars(e) for e in [*earlier_errors, *new] if e.study_instance_uid == uid]
     write_assessment(Path(folder) / ASSESSMENT_NAME, record)

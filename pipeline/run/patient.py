@@ -11,6 +11,7 @@ follow-up's registration to its baseline (cached), the pure assessment
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class StudyState:
     to_baseline_key: str = ""
     transform: sitk.Transform | None = None
     to_baseline_error: str = ""
+    # Seconds of this run's steps on the study beyond its imaging (AssessmentRecord.stage_seconds).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def images(self) -> StudyImages | None:
         """The study's images; a reused study reads them from its output folder on first use."""
@@ -90,13 +93,17 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     store = StudyStore(out_dir)
     folder = store.folder(study)
     key = imaging_key(study, cfg.digest())
+    t0 = time.perf_counter()
     cached = store.cached_imaging(study, key)
     if cached is not None:
         imaging, errors = cached
-        return StudyState(study, imaging, None, key, folder, reused=True), errors
+        return StudyState(study, imaging, None, key, folder, reused=True,
+                          seconds={"read_cache": time.perf_counter() - t0}), errors
     analysis = analyse_study(study, cfg, device=device)
+    t0 = time.perf_counter()
     images = None if analysis.images is None else store.keep_images(study, analysis.images)
-    return StudyState(study, analysis.imaging, images, key, folder), analysis.errors
+    state = StudyState(study, analysis.imaging, images, key, folder, seconds={"write_images": time.perf_counter() - t0})
+    return state, analysis.errors
 
 
 def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, store: StudyStore) -> None:
@@ -135,13 +142,17 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
         if baseline is None or not baseline.imaging.ok or state.images() is None or baseline.images() is None:
             continue
         try:
+            t0 = time.perf_counter()
             _register_follow_up(state, baseline, cfg, store)
+            state.seconds["register_to_baseline"] = time.perf_counter() - t0
             if not state.to_baseline_failure:
                 # Follow-up subtraction minus the baseline's, brought onto this study's grid.
                 fu, base = state.images(), baseline.images()
+                t0 = time.perf_counter()
                 try:
                     store.keep_temporal_difference(entry.study, temporal_difference(
                         fu.subtraction, fu.pre_registered, base.subtraction, base.pre_registered, state.transform))
+                    state.seconds["temporal_difference"] = time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001 - supporting image: never lose the study
                     errors.append(ErrorRecord.from_exception(
                         exc, "temporal_difference", patient_id=entry.study.patient_id,
@@ -242,6 +253,8 @@ def _assess_patient(studies: list[StudyRecord], procedures: list[Procedure] | No
     for entry, record in zip(entries, records):
         state = states[entry.study.study_instance_uid]
         evidence = state.evidence(states.get(entry.baseline_study_instance_uid or ""))
+        computed = {} if state.reused else record.imaging.timings_s
+        record.stage_seconds = {k: round(v, 3) for k, v in {**computed, **state.seconds}.items()}
         result.errors.extend(write_study_outputs(record, entry.study, evidence, store.folder(entry.study), cfg.outputs,
                                                  result.errors, redact))
     if entries:
