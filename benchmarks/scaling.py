@@ -1,14 +1,17 @@
 """Studies per hour on the threads engine and on 1 and 2 Dask worker processes (issue 20).
 
-    .venv/bin/python benchmarks/scaling.py --patients 4 --seed 7 --profile default --runs threads:2,dask:1,dask:2
+    .venv/bin/python benchmarks/scaling.py --patients 4 --seed 7 --profile default \
+        --runs threads:2,dask:1x1,dask:2x1,dask:1
 
-Generates one cohort, then assesses it from scratch once per run (``engine:workers``; a fresh
-output folder each, so nothing is reused), with the real flow on the CPU. Prints per run: wall
-seconds of the flow, studies per hour, the summed per-study imaging seconds
-(``imaging.timings_s`` of every assessment.json: CPU-bound work, whichever process did it) and
-its rate, then the speedup from the first ``dask:1`` to each ``dask:N`` run (efficiency =
-speedup / N). Also checks that every run made the same calls (the engine changes no result).
-Wall time includes the start of the flow's Prefect server and of the local Dask cluster.
+Generates one cohort, then assesses it from scratch once per run (``engine:workers``, or
+``dask:NxT`` for N worker processes of T SimpleITK/torch threads each; plain ``dask:N`` shares
+the CPUs out, ``execution.threads_per_worker`` null; a fresh output folder each, so nothing is
+reused), with the real flow on the CPU. Prints per run: wall seconds of the flow, studies per
+hour and the summed per-study seconds of every step (``stage_seconds`` of every
+assessment.json: the work, whichever process did it), then the speedup from ``dask:1`` to each
+``dask:N`` run of the same thread setting (efficiency = speedup / N). Also checks that every
+run made the same calls (the engine changes no result). Wall time includes the start of the
+flow's Prefect server and of the local Dask cluster.
 """
 
 from __future__ import annotations
@@ -21,12 +24,18 @@ import time
 from pathlib import Path
 
 
-def _imaging_seconds(results: Path) -> float:
+def _study_seconds(results: Path) -> float:
     total = 0.0
     for path in results.rglob("assessment.json"):
-        timings = json.loads(path.read_text()).get("imaging", {}).get("timings_s", {}) or {}
+        timings = json.loads(path.read_text()).get("stage_seconds", {}) or {}
         total += sum(float(v) for v in timings.values())
     return total
+
+
+def _parse_run(item: str) -> tuple[str, int, int | None]:
+    engine, _, spec = item.partition(":")
+    workers, _, threads = spec.partition("x")
+    return engine, int(workers), int(threads) if threads else None
 
 
 def _calls(results: Path) -> dict[str, str]:
@@ -46,33 +55,42 @@ def main() -> None:
     from flows.assess import run_assessment
     from phantom import generate_export
 
-    runs = [(engine, int(n)) for engine, n in (item.split(":") for item in args.runs.split(","))]
+    runs = [_parse_run(item) for item in args.runs.split(",")]
     if args.out.exists():
         shutil.rmtree(args.out)
     data = args.out / "data"
     generate_export(data, args.patients, args.seed, profile=args.profile)
     rows = []
-    for engine, workers in runs:
-        results = args.out / f"{engine}-{workers}"
+    for engine, workers, threads in runs:
+        name = f"{engine}:{workers}" + (f"x{threads}" if threads else "")
+        results = args.out / name.replace(":", "-")
+        config = None
+        if threads:
+            config = args.out / f"threads-{threads}.yaml"
+            config.write_text(f"execution:\n  threads_per_worker: {threads}\n")
         t0 = time.perf_counter()
-        summary = run_assessment(data / "export", results, data / "procedures.csv", workers=workers, device="cpu",
-                                 engine=engine)
+        summary = run_assessment(data / "export", results, data / "procedures.csv", config=config, workers=workers,
+                                 device="cpu", engine=engine)
         wall = time.perf_counter() - t0
-        rows.append({"engine": engine, "workers": workers, "studies": summary["studies"], "wall_s": wall,
-                     "imaging_s": _imaging_seconds(results), "calls": _calls(results)})
+        rows.append({"name": name, "engine": engine, "workers": workers, "threads": threads,
+                     "studies": summary["studies"], "wall_s": wall, "study_s": _study_seconds(results),
+                     "calls": _calls(results)})
 
     print(f"cohort: {args.patients} patients, profile {args.profile}, seed {args.seed}; device cpu")
-    print(f"{'run':<10} {'studies':>7} {'wall s':>8} {'studies/h':>10} {'imaging s (sum)':>16}")
+    print(f"{'run':<10} {'studies':>7} {'wall s':>8} {'studies/h':>10} {'study steps s (sum)':>20}")
     for r in rows:
-        print(f"{r['engine'] + ':' + str(r['workers']):<10} {r['studies']:>7} {r['wall_s']:>8.1f} "
-              f"{3600 * r['studies'] / r['wall_s']:>10.1f} {r['imaging_s']:>16.1f}")
-    base = next((r for r in rows if r["engine"] == "dask" and r["workers"] == 1), None)
-    if base is not None:
-        for r in rows:
-            if r["engine"] == "dask" and r["workers"] > 1:
-                speedup = base["wall_s"] / r["wall_s"]
-                print(f"dask 1 -> {r['workers']} worker processes: speedup {speedup:.2f}x, "
-                      f"efficiency {speedup / r['workers']:.2f}")
+        print(f"{r['name']:<10} {r['studies']:>7} {r['wall_s']:>8.1f} "
+              f"{3600 * r['studies'] / r['wall_s']:>10.1f} {r['study_s']:>20.1f}")
+    for r in rows:
+        if r["engine"] != "dask" or r["workers"] == 1:
+            continue
+        # Against one process of the same thread setting (dask:2 shares 2 cores out as 1 thread
+        # each; dask:1 gives its one process both): the same thread count, or both shared out.
+        base = next((b for b in rows if b["engine"] == "dask" and b["workers"] == 1 and b["threads"] == r["threads"]),
+                    None)
+        if base is not None:
+            speedup = base["wall_s"] / r["wall_s"]
+            print(f"{base['name']} -> {r['name']}: speedup {speedup:.2f}x, efficiency {speedup / r['workers']:.2f}")
     same = all(r["calls"] == rows[0]["calls"] for r in rows)
     print(f"same calls in every run: {'yes' if same else 'NO'}")
 

@@ -19,9 +19,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.engine import ENGINES, placement, task_runner_for
+from flows.engine import ENGINES, placement, task_runner_for, worker_threads
 from pipeline.core.config import ExecutionConfig, PipelineConfig, load_config
-from pipeline.core.devices import resolve_device
+from pipeline.core.devices import limit_library_threads, resolve_device
 from pipeline.core.records import AssessmentRecord, StudyRecord
 from pipeline.ingest.index import IndexResult
 from pipeline.longitudinal.timeline import Procedure
@@ -70,19 +70,24 @@ def submitted_patient(studies: list[StudyRecord], procedures: list[Procedure] | 
 
 @task(name="assess-patient-remote", cache_policy=NO_CACHE)
 def remote_patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                        out_dir: Path, device: str, redactor=None) -> tuple[PatientResult, ReportedEvents]:
-    """One patient on another process (a Dask worker): its progress comes back with its result."""
+                        out_dir: Path, device: str, redactor=None,
+                        threads: int | None = None) -> tuple[PatientResult, ReportedEvents]:
+    """One patient on another process (a Dask worker), its libraries on ``threads`` threads
+    (None: as the worker is); its progress comes back with its result."""
+    if threads:
+        limit_library_threads(threads)
     events = ReportedEvents()
     return patient_task.fn(studies, procedures, cfg, out_dir, device, events, redactor), events
 
 
 def submitted_patient_remote(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
                              out_dir: Path, device: str, reporter: RunReporter | None = None,
-                             redactor=None, *, runner, gpu_resource: str | None = None) -> PatientResult:
+                             redactor=None, *, runner, gpu_resource: str | None = None,
+                             threads: int | None = None) -> PatientResult:
     """One patient as a task on ``runner`` (the run's DaskTaskRunner: a worker process; placed on a
     GPU worker when it runs on CUDA); its progress is written to the run's log when it returns."""
     parameters = {"studies": studies, "procedures": procedures, "cfg": cfg, "out_dir": out_dir, "device": device,
-                  "redactor": redactor}
+                  "redactor": redactor, "threads": threads}
     with placement(gpu_resource, device):
         future = runner.submit(remote_patient_task, parameters)
     result, events = future.result()
@@ -121,7 +126,8 @@ def assess_export(
                           defer_recent_seconds, patient_fn=submitted_patient, index_fn=index_task,
                           review_fn=review_task)
     with task_runner_for(execution, workers, resolve_device(device)) as runner:
-        patient_fn = partial(submitted_patient_remote, runner=runner, gpu_resource=execution.gpu_resource)
+        patient_fn = partial(submitted_patient_remote, runner=runner, gpu_resource=execution.gpu_resource,
+                             threads=worker_threads(execution, workers))
         return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress,
                           defer_recent_seconds, patient_fn=patient_fn, index_fn=index_task, review_fn=review_task)
 

@@ -20,6 +20,7 @@ from contextlib import nullcontext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.core.config import ExecutionConfig
+from pipeline.core.devices import usable_cpus
 
 ENGINES = ("threads", "dask")
 
@@ -45,6 +46,19 @@ def task_runner_for(execution: ExecutionConfig, workers: int, device: str = "cpu
     if execution.gpu_resource and device.startswith("cuda"):
         cluster["resources"] = {execution.gpu_resource: 1}
     return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def worker_threads(execution: ExecutionConfig, workers: int) -> int | None:
+    """SimpleITK/torch threads of each Dask worker process: ``execution.threads_per_worker``, or on
+    a local cluster this machine's CPUs shared out between its ``workers`` processes; None (the
+    worker's own setting) on an existing cluster, whose machines this process does not see."""
+    if execution.engine != "dask":
+        return None
+    if execution.threads_per_worker:
+        return execution.threads_per_worker
+    if execution.scheduler_address:
+        return None
+    return max(1, usable_cpus() // max(1, workers))
 
 
 def placement(gpu_resource: str | None, device: str):

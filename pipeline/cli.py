@@ -221,37 +221,59 @@ def serve_nightly(
     serve(export_dir, out, cron, procedures, config, workers, device, defer_seconds, engine, scheduler)
 
 
+def _checked_catalogue(catalogue: str, config: Path | None):
+    """The ingest section with ``catalogue_url`` set when ``catalogue`` is a database URL
+    (checked: the database answers), else as configured."""
+    from pipeline.core.config import load_config
+    from pipeline.ingest.catalogue import is_database_url
+    from pipeline.run.inputs import RunInputError, check_catalogue
+
+    ingest = load_config(config).ingest
+    if not is_database_url(catalogue):
+        return ingest.model_copy(update={"catalogue_url": None})
+    ingest = ingest.model_copy(update={"catalogue_url": catalogue, "pseudonymise_patient_ids": False})
+    try:
+        check_catalogue(ingest)
+    except RunInputError as exc:
+        _fail(str(exc).replace("ingest.catalogue_url", "--catalogue"))
+    return ingest
+
+
 @app.command()
 def index(
     export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="PACS export directory")],
-    catalogue: Annotated[Path, typer.Option(help="SQLite catalogue to create or update")] = Path("catalogue.sqlite"),
+    catalogue: Annotated[str, typer.Option(help="SQLite catalogue file, or a postgresql+psycopg:// URL, to create "
+                                                "or update")] = "catalogue.sqlite",
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="header-reading processes")] = None,
 ) -> None:
     """Index an export into the catalogue (only new or changed files are read) and summarise it."""
     _check_inputs(None, config)
-    from pipeline.core.config import load_config
+    from pipeline.ingest.catalogue import display_location
     from pipeline.ingest.catalogue_view import errors_table, index_summary_table
     from pipeline.ingest.index import index_export
 
-    res = index_export(export_dir, catalogue, load_config(config).ingest, workers=workers)
-    table_console.print(index_summary_table(res, export_dir, catalogue))
+    ingest = _checked_catalogue(catalogue, config)
+    res = index_export(export_dir, ingest.catalogue_url or Path(catalogue), ingest, workers=workers)
+    table_console.print(index_summary_table(res, export_dir, display_location(catalogue)))
     if res.errors:
         table_console.print(errors_table(res.errors))
 
 
 @app.command()
 def catalog(
-    catalogue: Annotated[Path, typer.Option(help="SQLite catalogue written by `index` or `assess`")] = Path("catalogue.sqlite"),
+    catalogue: Annotated[str, typer.Option(help="SQLite catalogue file, or a postgresql+psycopg:// URL, written by "
+                                                "`index` or `assess`")] = "catalogue.sqlite",
     config: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False)] = None,
 ) -> None:
     """Print the catalogue: patients, studies, series and their roles (no file is read)."""
     _check_inputs(None, config)
-    from pipeline.core.config import load_config
-    from pipeline.ingest.catalogue_view import CatalogueNotFound, catalogue_table, group_catalogue
+    from pipeline.ingest.catalogue import CatalogueNotFound
+    from pipeline.ingest.catalogue_view import catalogue_table, group_catalogue
 
+    ingest = _checked_catalogue(catalogue, config)
     try:
-        studies, _ = group_catalogue(catalogue, load_config(config).ingest)
+        studies, _ = group_catalogue(ingest.catalogue_url or Path(catalogue), ingest)
     except CatalogueNotFound as exc:
         _fail(str(exc))
     table_console.print(catalogue_table(studies))

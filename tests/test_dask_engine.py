@@ -1,8 +1,9 @@
 """The Dask engine (issue 20, docs/cluster.md): each patient a task on a Dask worker process.
 
 The cluster test runs the export of the shared ``assessed_run`` (2 patients, threads engine)
-again on a real local Dask cluster of 2 worker processes, kills one worker by its pid while the
-patients run, and checks that every study is in cohort.csv and that the outputs are those of the
+again on a real local Dask cluster of 2 worker processes (one patient's outputs removed first, so
+that it is assessed afresh there, the other reused), kills the worker computing by its pid mid-
+patient, and checks that every study is in cohort.csv and that the outputs are those of the
 threads engine (benchmarks/compare_runs.py: cohort and error tables, every assessment.json and
 timeline.json apart from timings, every label map exactly, subtraction within float32 noise).
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 
-from flows.engine import placement, task_runner_for
+from flows.engine import placement, task_runner_for, worker_threads
 from pipeline.core.config import ExecutionConfig, load_config
 from pipeline.run.log import ReportedEvents
 
@@ -53,6 +55,32 @@ def test_a_cuda_patient_asks_for_the_gpu_resource_and_a_cpu_patient_for_none():
         assert dask.get_annotations() == {}
 
 
+def test_worker_processes_share_the_cpus_out_and_a_given_count_wins(monkeypatch):
+    import flows.engine
+
+    monkeypatch.setattr(flows.engine, "usable_cpus", lambda: 8)
+    assert worker_threads(ExecutionConfig(engine="dask"), workers=2) == 4
+    assert worker_threads(ExecutionConfig(engine="dask"), workers=16) == 1
+    assert worker_threads(ExecutionConfig(engine="dask", threads_per_worker=3), workers=2) == 3
+    assert worker_threads(ExecutionConfig(engine="dask", scheduler_address="tcp://h:1"), workers=2) is None
+    assert worker_threads(ExecutionConfig(), workers=2) is None  # threads engine: nothing to share out
+
+
+def test_limiting_library_threads_reaches_simpleitk_and_torch():
+    import SimpleITK as sitk
+    import torch
+
+    from pipeline.core.devices import limit_library_threads
+
+    before = (sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads())
+    try:
+        limit_library_threads(1)
+        assert (sitk.ProcessObject.GetGlobalDefaultNumberOfThreads(), torch.get_num_threads()) == (1, 1)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before[0])
+        torch.set_num_threads(before[1])
+
+
 def test_the_engine_changes_no_cache_key():
     cfg = load_config()
     moved = cfg.model_copy(update={"execution": ExecutionConfig(engine="dask", scheduler_address="tcp://h:1")})
@@ -82,6 +110,11 @@ def test_a_local_dask_cluster_writes_the_threads_engines_outputs_even_when_a_wor
 
     root, threads_out, _truth, threads_summary = assessed_run
     out = root / "out_dask"  # beside the threads run: compare_runs neutralises the run folder
+    # One patient already assessed (the Dask task reuses it), the other assessed afresh on the
+    # cluster: half the suite's time, and the worker killed is the one computing.
+    shutil.copytree(threads_out, out)
+    recomputed = sorted(p for p in (out / "patients").iterdir() if p.is_dir())[0]
+    shutil.rmtree(recomputed)
     killed: dict[str, float | int] = {}
     finished = threading.Event()
 
@@ -90,7 +123,7 @@ def test_a_local_dask_cluster_writes_the_threads_engines_outputs_even_when_a_wor
         def kill_a_busy_worker():
             while not finished.is_set():
                 busy = [addr for addr, tasks in client.processing().items() if tasks]
-                if busy and any((out / "patients").glob("*/*/")):  # mid-patient: a study folder written
+                if busy and any(recomputed.glob("*/")):  # mid-patient: a study folder written
                     pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
                     os.kill(pid, signal.SIGKILL)
                     killed.update(pid=pid, at=time.monotonic())
@@ -108,6 +141,7 @@ def test_a_local_dask_cluster_writes_the_threads_engines_outputs_even_when_a_wor
         assert killed["pid"] not in client.run(os.getpid).values()
 
     assert (summary["patients"], summary["studies"]) == (threads_summary["patients"], threads_summary["studies"])
+    assert 0 < summary["studies_reused"] < summary["studies"]
     differences, compared = compare_runs.compare(threads_out, out, atol=1e-4)
     assert compared > 10
     assert not differences, "\n".join(differences)

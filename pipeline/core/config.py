@@ -52,6 +52,9 @@ class IngestConfig(_Section):
     # Catalogue and pseudonym mapping of a pseudonymised run (they hold raw IDs, so never in
     # the output folder); None: "<output folder>.private" beside it.
     private_dir: str | None = None
+    # The catalogue's database when several machines or flows share it
+    # (postgresql+psycopg://user@host/db; docs/cluster.md); None: OUT/catalogue.sqlite.
+    catalogue_url: str | None = None
 
 
 class RegistrationStageConfig(_Section):
@@ -228,6 +231,11 @@ class ExecutionConfig(_Section):
     # Two runs sharing an output folder: the second waits this long for a patient the first is
     # assessing (pipeline/outputs/locks.py), then lists it indeterminate.
     patient_lock_timeout_s: float = Field(default=7200.0, ge=0)
+    # dask: SimpleITK and torch threads of each worker process; null: on a local cluster, the
+    # CPUs this process may use shared out between its worker processes (2 processes on 2 cores:
+    # 1 each; their libraries would otherwise each take every core and contend), on an existing
+    # cluster what the worker was started with (docs/cluster.md).
+    threads_per_worker: int | None = Field(default=None, ge=1)
 
 
 class PipelineConfig(_Section):
@@ -244,11 +252,12 @@ class PipelineConfig(_Section):
 
     def digest(self) -> str:
         """Stable hash of the settings: a change invalidates cached study results."""
-        # Where verdicts are stored, where patients run, how long a run waits for files still
+        # Where verdicts and the catalogue are stored, where patients run, how long a run waits for files still
         # being copied and how many processes read headers change no study result: moving the
         # database or the run to a cluster, or the nightly run's deferral (300 s, where a manual
         # run uses 0), must not make the next run recompute everything.
-        operational = {"review": True, "execution": True, "ingest": {"defer_recent_seconds", "workers"}}
+        operational = {"review": True, "execution": True,
+                       "ingest": {"defer_recent_seconds", "workers", "catalogue_url"}}
         blob = json.dumps(self.model_dump(mode="json", exclude=operational), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,6 +1,24 @@
-"""Compute device selection (auto | cpu | cuda)."""
+"""Compute device selection (auto | cpu | cuda) and the threads a process's libraries use."""
 
 from __future__ import annotations
+
+import os
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def limit_library_threads(threads: int) -> None:
+    """Make SimpleITK's filters and torch's CPU kernels use ``threads`` threads in this process
+    (both default to every core, which several worker processes on one machine would share)."""
+    import SimpleITK as sitk
+    import torch
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def resolve_device(requested: str) -> str:

@@ -3,7 +3,6 @@ any file, and rich tables of it (patients, studies, series, roles; errors by rea
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from pathlib import Path
 
@@ -11,36 +10,15 @@ from rich.table import Table
 
 from pipeline.core.config import IngestConfig
 from pipeline.core.records import ErrorRecord, StudyRecord
-from pipeline.ingest.catalogue import Catalogue
+from pipeline.ingest.catalogue import Catalogue, CatalogueLocation, recorded_export_dir
 from pipeline.ingest.grouping import group_catalogue_rows
 from pipeline.ingest.index import IndexResult
 
 
-class CatalogueNotFound(FileNotFoundError):
-    """No catalogue at the given path (run ``ablation-response index EXPORT`` first)."""
-
-
-def export_dir_of(catalogue_path: Path) -> Path:
-    """The export directory a catalogue describes (stored in its ``meta`` table)."""
-    catalogue_path = Path(catalogue_path)
-    if not catalogue_path.is_file():
-        raise CatalogueNotFound(f"no catalogue at {catalogue_path} (run `ablation-response index EXPORT` first)")
-    con = sqlite3.connect(f"file:{catalogue_path}?mode=ro", uri=True)
-    try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'export_dir'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise CatalogueNotFound(f"{catalogue_path} is not an ingest catalogue: {exc}") from None
-    finally:
-        con.close()
-    if row is None:
-        raise CatalogueNotFound(f"{catalogue_path} is not an ingest catalogue (no export directory recorded)")
-    return Path(row[0])
-
-
-def group_catalogue(catalogue_path: Path, cfg: IngestConfig) -> tuple[list[StudyRecord], list[ErrorRecord]]:
+def group_catalogue(catalogue: CatalogueLocation, cfg: IngestConfig) -> tuple[list[StudyRecord], list[ErrorRecord]]:
     """Studies with their series roles, and the errors, from the catalogue alone (no file read)."""
-    export_dir = export_dir_of(catalogue_path)
-    with Catalogue(catalogue_path, export_dir) as cat:
+    export_dir = recorded_export_dir(catalogue)
+    with Catalogue(catalogue, export_dir) as cat:
         rows = list(cat.rows())
     errors = [ErrorRecord(str(export_dir / r["path"]), r["patient_id"] or "", r["study_uid"] or "",
                           r["series_uid"] or "", "ingest", r["reason"]) for r in rows if r["status"] == "error"]
@@ -49,9 +27,9 @@ def group_catalogue(catalogue_path: Path, cfg: IngestConfig) -> tuple[list[Study
     return studies, errors + group_errors
 
 
-def index_summary_table(res: IndexResult, export_dir: Path, catalogue_path: Path) -> Table:
+def index_summary_table(res: IndexResult, export_dir: Path, catalogue: str) -> Table:
     """Counts of one ``index`` run and the errors grouped by reason."""
-    table = Table(title=f"{export_dir}  ->  {catalogue_path}  ({res.seconds:.2f} s)")
+    table = Table(title=f"{export_dir}  ->  {catalogue}  ({res.seconds:.2f} s)")
     table.add_column("what")
     table.add_column("count", justify="right")
     n_series = sum(len(s.series) for s in res.studies)

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.core.config import IngestConfig
 from pipeline.core.records import ErrorRecord, StudyRecord
-from pipeline.ingest.catalogue import Catalogue
+from pipeline.ingest.catalogue import Catalogue, CatalogueLocation, is_database_url
 from pipeline.ingest.grouping import STAGE, group_catalogue_rows
 from pipeline.ingest.headers import read_header
 from pipeline.ingest.series_roles import SeriesHeaders
@@ -96,10 +96,10 @@ def _missing_from_dicomdir(export_dir: Path, listed: dict[str, list[str]], prese
 
 # --------------------------------------------------------------------------- entry point
 def index_export(
-    export_dir: Path, catalogue_path: Path, cfg: IngestConfig, *, workers: int | None = None,
+    export_dir: Path, catalogue: CatalogueLocation, cfg: IngestConfig, *, workers: int | None = None,
     skip_dirs: Iterable[Path] = (),
 ) -> IndexResult:
-    """Index ``export_dir`` into the SQLite catalogue at ``catalogue_path`` and group it.
+    """Index ``export_dir`` into ``catalogue`` (a SQLite file or a database URL) and group it.
 
     Only files that are new or whose (size, mtime_ns) changed are read; files gone from
     the export are dropped from the catalogue. Files modified less than
@@ -118,16 +118,17 @@ def index_export(
         workers = cfg.workers
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    catalogue_path = Path(catalogue_path).resolve()
+    # A catalogue file inside the export is never indexed itself (nor its -wal/-shm).
+    own_files = "\0" if is_database_url(catalogue) else str(Path(catalogue).resolve())
 
     hidden: list[str] = []
     found = walk(export_dir, skip_dirs, hidden)
     # Never index the catalogue itself if it lives inside the export.
-    found = [f for f in found if not str(export_dir / f[0]).startswith(str(catalogue_path))]
+    found = [f for f in found if not str(export_dir / f[0]).startswith(own_files)]
     deferred = recently_modified(found, cfg.defer_recent_seconds)
     deferred_set = set(deferred)
 
-    with Catalogue(catalogue_path, export_dir) as cat:
+    with Catalogue(catalogue, export_dir) as cat:
         known = cat.signatures()
         present = {rel for rel, _, _ in found}
         to_read = [(rel, size, mtime) for rel, size, mtime in found
@@ -154,7 +155,7 @@ def index_export(
     errors.extend(ErrorRecord(str(export_dir / rel), "", "", "", STAGE,
                               f"hidden {'folder' if (export_dir / rel).is_dir() else 'file'} skipped "
                               "(name starts with '.')")
-                  for rel in sorted(hidden) if not str(export_dir / rel).startswith(str(catalogue_path)))
+                  for rel in sorted(hidden) if not str(export_dir / rel).startswith(own_files))
     # Studies touched by a file still being written wait for the next run.
     deferred_studies = sorted({
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)

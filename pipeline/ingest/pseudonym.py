@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pipeline.core.files import atomic_write_bytes, atomic_write_text, csv_text
 from pipeline.core.records import ErrorRecord, StudyRecord
-from pipeline.ingest.catalogue import Catalogue
+from pipeline.ingest.catalogue import Catalogue, recorded_export_dir
 
 PREFIX = "PSN-"
 _KEY_BYTES = 64
@@ -130,26 +130,12 @@ class Pseudonymiser:
 
     def save(self) -> None:
         """Store the mapping in the catalogue and in the CSV beside it (merged with earlier runs)."""
-        with Catalogue(self.catalogue_path, _export_dir_of(self.catalogue_path)) as cat:
+        with Catalogue(self.catalogue_path, recorded_export_dir(self.catalogue_path)) as cat:
             cat.save_pseudonyms(self.mapping)
             everything = cat.pseudonyms()
         rows = [{"patient_id": pid, "pseudonym": psn} for pid, psn in sorted(everything.items())]
         atomic_write_text(mapping_csv_path(self.catalogue_path), csv_text(["patient_id", "pseudonym"], rows), mode=0o600)
         os.chmod(mapping_csv_path(self.catalogue_path), 0o600)
-
-
-def _export_dir_of(catalogue_path: Path) -> str:
-    """The export directory a catalogue was built for (opening it with another would empty it)."""
-    import sqlite3  # noqa: PLC0415
-
-    con = sqlite3.connect(catalogue_path)
-    try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'export_dir'").fetchone()
-    finally:
-        con.close()
-    if row is None:
-        raise ValueError(f"{catalogue_path} is not an ingest catalogue (no export_dir)")
-    return row[0]
 
 
 def _digest(key: bytes, kind: str, text: str) -> str:
@@ -259,13 +245,8 @@ class Redactor:
 
 def redactor_for(mapper: Pseudonymiser, export_dir: Path) -> Redactor:
     """The :class:`Redactor` of a run, from the catalogue's paths and PatientIDs."""
-    import sqlite3  # noqa: PLC0415
-
-    con = sqlite3.connect(mapper.catalogue_path)
-    try:
-        rows = con.execute("SELECT path, patient_id FROM files").fetchall()
-    finally:
-        con.close()
+    with Catalogue(mapper.catalogue_path, recorded_export_dir(mapper.catalogue_path)) as cat:
+        rows = cat.paths_and_patients()
     return Redactor(mapper.key, Path(export_dir).resolve(), [p for p, _ in rows],
                     {pid for _, pid in rows if pid}, mapper)
 
@@ -283,7 +264,7 @@ def pseudonymise_run(index, sessions: dict | None, catalogue_path: Path, key_fil
     """
     mapper = Pseudonymiser(catalogue_path, key_file)
     # Raw IDs met in reasons are pseudonymised (and remembered in the mapping) too.
-    redactor = redactor_for(mapper, Path(export_dir) if export_dir else Path(_export_dir_of(mapper.catalogue_path)))
+    redactor = redactor_for(mapper, Path(export_dir) if export_dir else recorded_export_dir(mapper.catalogue_path))
     index = replace(index, studies=mapper.studies(index.studies),
                     errors=[redactor.error(e) for e in mapper.errors(index.errors)])
     if sessions is not None:

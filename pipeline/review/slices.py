@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from PIL import Image
 from pipeline.core.geometry import resample_to
 from pipeline.core.records import Label, SeriesRecord
 from pipeline.imaging.volumes import load_series
+from pipeline.ingest.catalogue import CatalogueLocation, is_database_url, series_paths
 from pipeline.outputs.key_image import orientation_letters
 
 VIEWS = ("baseline", "current")
@@ -103,23 +103,20 @@ def case_key(out_dir: Path, study_folder: str, baseline_folder: str | None, post
 # --------------------------------------------------------------------------- loading
 def _series_files(out_dir: Path, series_uid: str) -> list[Path]:
     """The catalogued files of one series (read-only: the catalogue belongs to the batch flow)."""
-    catalogue = Path(out_dir) / CATALOGUE_NAME
-    if not catalogue.exists():  # a pseudonymised run keeps it in its private folder
+    catalogue: CatalogueLocation = Path(out_dir) / CATALOGUE_NAME
+    if not Path(catalogue).exists():
+        # A pseudonymised run keeps it in its private folder, a shared one is a database URL
+        # (its password never written: libpq's ~/.pgpass or PGPASSWORD supplies it).
         try:
-            catalogue = Path(json.loads((Path(out_dir) / "run_summary.json").read_text())["catalogue"])
+            recorded = json.loads((Path(out_dir) / "run_summary.json").read_text())["catalogue"]
+            catalogue = recorded if is_database_url(recorded) else Path(recorded)
         except (OSError, ValueError, KeyError):
             pass
-    if not catalogue.exists():
+    if not is_database_url(catalogue) and not Path(catalogue).exists():
         raise FileNotFoundError(f"no catalogue at {catalogue}")
-    con = sqlite3.connect(f"{catalogue.as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
-        row = con.execute("SELECT value FROM meta WHERE key = 'export_dir'").fetchone()
-        rels = [r[0] for r in con.execute("SELECT path FROM files WHERE series_uid = ? AND status = 'ok'", (series_uid,))]
-    finally:
-        con.close()
-    if row is None or not rels:
+    export_dir, rels = series_paths(catalogue, series_uid)
+    if not rels:
         raise FileNotFoundError(f"series {series_uid} is not in the catalogue")
-    export_dir = Path(row[0])
     return [resolve_under(export_dir, rel) for rel in rels]
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 from pipeline.core.config import PipelineConfig, load_config
 from pipeline.core.devices import resolve_device
 from pipeline.core.records import AssessmentRecord, ErrorRecord, StudyRecord
+from pipeline.ingest.catalogue import CatalogueLocation, display_location, is_database_url
 from pipeline.ingest.index import IndexResult, index_export
 from pipeline.longitudinal.indeterminate import indeterminate_records
 from pipeline.longitudinal.timeline import Procedure, read_procedures
@@ -37,16 +38,17 @@ CATALOGUE_NAME = "catalogue.sqlite"
 # (studies of one patient, its sessions, config, output folder, device, reporter, redactor) -> result
 PatientFn = Callable[[list[StudyRecord], "list[Procedure] | None", PipelineConfig, Path, str,
                       "RunReporter | None", object], PatientResult]
-# (export folder, catalogue path, config, output folder) -> the index of the export
-IndexFn = Callable[[Path, Path, PipelineConfig, Path], IndexResult]
+# (export folder, catalogue file or URL, config, output folder) -> the index of the export
+IndexFn = Callable[[Path, CatalogueLocation, PipelineConfig, Path], IndexResult]
 # (output folder, records, config) -> the records with reviewed_category filled
 ReviewFn = Callable[[Path, list[AssessmentRecord], PipelineConfig], list[AssessmentRecord]]
 
 
-def index_run(export_dir: Path, catalogue_path: Path, cfg: PipelineConfig, out_dir: Path) -> IndexResult:
+def index_run(export_dir: Path, catalogue: CatalogueLocation, cfg: PipelineConfig, out_dir: Path) -> IndexResult:
     """Index the export; the outputs (catalogue, SEG/SR) are never inputs, even where the output
     folder lies inside the export."""
-    return index_export(export_dir, catalogue_path, cfg.ingest, skip_dirs=[out_dir, catalogue_path.parent])
+    skip = [out_dir] if is_database_url(catalogue) else [out_dir, Path(catalogue).parent]
+    return index_export(export_dir, catalogue, cfg.ingest, skip_dirs=skip)
 
 
 def review_worklist(out_dir: Path, records: list[AssessmentRecord], cfg: PipelineConfig) -> list[AssessmentRecord]:
@@ -208,7 +210,7 @@ def run_export(
         write_errors_csv(out, errors)
         log.stage("review worklist and cohort tables", time.perf_counter() - t0)
         summary = {
-            "export_dir": str(export_dir), "out_dir": str(out), "catalogue": str(catalogue), "device": resolved_device,
+            "export_dir": str(export_dir), "out_dir": str(out), "catalogue": display_location(catalogue), "device": resolved_device,
             "patients": len(by_patient), "studies": len(records), "studies_reused": n_reused,
             "flagged": sum(r.decision.flagged for r in records), "errors": len(errors),
             "files_seen": index.n_files_seen, "files_read": index.n_files_read, "files_cached": index.n_files_cached,
@@ -220,15 +222,19 @@ def run_export(
     return summary
 
 
-def private_places(out: Path, cfg: PipelineConfig) -> tuple[Path, Path | None]:
-    """(catalogue path, pseudonym key file) of a run.
+def private_places(out: Path, cfg: PipelineConfig) -> tuple[CatalogueLocation, Path | None]:
+    """(catalogue, pseudonym key file) of a run.
 
-    Without pseudonymisation the catalogue lives in the output folder (no key). With it, the
+    ``ingest.catalogue_url``, when set, names the catalogue's database (shared by several
+    machines or flows; run/inputs.py refuses it with pseudonymisation). Otherwise, without
+    pseudonymisation the catalogue lives in the output folder (no key). With it, the
     catalogue (raw IDs and paths) and the mapping go to ``ingest.private_dir`` (default
     ``<out>.private``), the key to ``ingest.pseudonym_key_file``, neither inside the outputs;
     what an earlier run left in the output folder (catalogue, mapping, key) is moved out or
     removed.
     """
+    if cfg.ingest.catalogue_url and not cfg.ingest.pseudonymise_patient_ids:
+        return cfg.ingest.catalogue_url, None
     if not cfg.ingest.pseudonymise_patient_ids:
         return out / CATALOGUE_NAME, None
     from pipeline.ingest.pseudonym import check_key_place, default_key_file, key_path, mapping_csv_path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.core.config import ConfigFileError, PipelineConfig, describe_config_error, load_config
+from pipeline.core.config import ConfigFileError, IngestConfig, PipelineConfig, describe_config_error, load_config
 
 
 class RunInputError(ValueError):
@@ -143,12 +143,52 @@ def check_export_has_dicom(export_dir: Path, out: Path | None = None) -> None:
         raise RunInputError(f"no DICOM file found in {export_dir} (nothing to assess)")
 
 
+def check_catalogue(ingest: IngestConfig, timeout_s: int = 5) -> None:
+    """``ingest.catalogue_url``: a PostgreSQL or SQLite URL whose database answers within
+    ``timeout_s`` (a typo or a server down must not surface after the export was walked); not
+    with pseudonymisation (the mapping and the key are kept beside a catalogue file)."""
+    url = ingest.catalogue_url
+    if not url:
+        return
+    import sqlalchemy as sa
+
+    from pipeline.ingest.catalogue import display_location
+
+    shown = "ingest.catalogue_url"
+    if ingest.pseudonymise_patient_ids:
+        raise RunInputError(f"{shown} cannot be used with ingest.pseudonymise_patient_ids (the catalogue of a "
+                            "pseudonymised run stays in its private folder)")
+    try:
+        parsed = sa.engine.make_url(url)
+    except (sa.exc.ArgumentError, ValueError):  # the text may quote a password: not repeated
+        raise RunInputError(f"{shown}: not a database URL (expected postgresql+psycopg://user@host:port/database)") from None
+    shown = f"{shown} {display_location(url)}"
+    if parsed.get_backend_name() not in ("postgresql", "sqlite"):
+        raise RunInputError(f"{shown}: only postgresql+psycopg:// and sqlite:/// catalogues are supported")
+    args = {"connect_timeout": timeout_s} if parsed.get_backend_name() == "postgresql" else {}
+    try:
+        engine = sa.create_engine(parsed, connect_args=args)
+    except ModuleNotFoundError as exc:
+        raise RunInputError(f"{shown}: the database driver is not installed ({exc.name}); "
+                            "pip install 'ablation-response[postgres]'") from None
+    try:
+        with engine.connect() as con:
+            con.execute(sa.text("SELECT 1"))
+    except sa.exc.DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise RunInputError(f"{shown}: the database does not answer ({reason})") from None
+    finally:
+        engine.dispose()
+
+
 def check_run_inputs(export_dir: Path, out: Path, procedures: Path | None, config: Path | None,
                      device: str, engine: str | None = None, scheduler_address: str | None = None) -> str:
     """Every check of a run, cheapest first; returns the resolved device. ``engine`` and
     ``scheduler_address`` (the command line's) default to the config's ``execution`` section."""
-    execution = check_config(config).execution
+    cfg = check_config(config)
+    execution = cfg.execution
     check_procedures(procedures)
+    check_catalogue(cfg.ingest)
     check_output_folder(export_dir, out)
     resolved = check_device(device)
     if scheduler_address is None and (engine or execution.engine) == "dask":
