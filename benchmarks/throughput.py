@@ -13,7 +13,10 @@ into a fresh output folder (nothing reused). Prints per device:
 - category accuracy and axis errors (``phantom.evaluation.evaluate_run``) and the end-to-end
   follow-up -> baseline TRE: each follow-up's written ``to_baseline.tfm`` (+ field) maps the
   baseline's landmarks (post-contrast pose, truth.json) into the follow-up, compared with the
-  follow-up's own landmarks (so it includes both studies' pre -> post registration error).
+  follow-up's own landmarks, both in the pose of the last post-contrast phase (truth.json has
+  no other post pose). It includes both studies' pre -> post registration error and any
+  motion between the last phase and the phase the pipeline registered on, so it compares runs
+  and devices with each other, not with ``registration_tre.py``'s pre -> pre figures.
 
 A figure never comes from a timed test; speed never silently costs accuracy: the two are printed
 from the same run.
