@@ -338,7 +338,7 @@ class AssessmentRecord(BaseModel):
     cache_keys: dict[str, str] = Field(default_factory=dict)
     # Seconds of every step the run that wrote this file spent on the study
     # (docs/output-contract.md): the imaging steps of ``imaging.timings_s`` when computed in that
-    # run (else ``read_cache``), the writes
-    # of the cached images, the registration to the baseline, the temporal difference, the key
-    # image and the DICOM SEG/SR. ``assessment.json``'s own write is the one step not in it.
+    # run (else ``read_cache``), the writes of the cached images, the registration to the
+    # baseline, the temporal difference, the key image and the DICOM SEG/SR.
+    # ``assessment.json``'s own write is the one step not in it.
     stage_seconds: dict[str, float] = Field(default_factory=dict)
