@@ -4,6 +4,10 @@
 flow, once per test session. The end-to-end checks and the tests of the outputs built on it
 (DICOM SEG/SR, report, review) share it: the flow's ephemeral server starts once and CI pays for
 one run. Tests must not modify its output folder; copy it when they need to write.
+
+``postgres``: one throw-away PostgreSQL server for the session (tests/review_support.py), shared
+by the review database and catalogue tests; its ``url`` is None, and ``why_not`` says why, where
+none can start (each test then skips).
 """
 
 from __future__ import annotations
@@ -21,3 +25,13 @@ def assessed_run(tmp_path_factory):
     out = root / "out"
     summary = run_assessment(root / "data" / "export", out, root / "data" / "procedures.csv", workers=2, device="cpu")
     return root, out, truth, summary
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from tests.review_support import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()

@@ -23,17 +23,8 @@ import sqlalchemy as sa
 from pipeline.core.config import load_config
 from pipeline.ingest.catalogue import Catalogue
 from pipeline.ingest.index import index_export
-from tests.review_support import PostgresServer
 
 _COUNT = iter(range(1000))
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -28,15 +28,7 @@ from pipeline.review.db import (
     reviewed_categories,
     sync_worklist,
 )
-from tests.review_support import PostgresServer, flagged
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.stop()
+from tests.review_support import flagged
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

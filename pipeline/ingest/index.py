@@ -118,13 +118,17 @@ def index_export(
         workers = cfg.workers
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    # A catalogue file inside the export is never indexed itself (nor its -wal/-shm).
-    own_files = "\0" if is_database_url(catalogue) else str(Path(catalogue).resolve())
+    # A catalogue file inside the export is never indexed itself (nor its -wal/-shm); a
+    # database has no files there.
+    own_files = None if is_database_url(catalogue) else str(Path(catalogue).resolve())
+
+    def is_catalogue_file(rel: str) -> bool:
+        return own_files is not None and str(export_dir / rel).startswith(own_files)
 
     hidden: list[str] = []
     found = walk(export_dir, skip_dirs, hidden)
     # Never index the catalogue itself if it lives inside the export.
-    found = [f for f in found if not str(export_dir / f[0]).startswith(own_files)]
+    found = [f for f in found if not is_catalogue_file(f[0])]
     deferred = recently_modified(found, cfg.defer_recent_seconds)
     deferred_set = set(deferred)
 
@@ -155,7 +159,7 @@ def index_export(
     errors.extend(ErrorRecord(str(export_dir / rel), "", "", "", STAGE,
                               f"hidden {'folder' if (export_dir / rel).is_dir() else 'file'} skipped "
                               "(name starts with '.')")
-                  for rel in sorted(hidden) if not str(export_dir / rel).startswith(own_files))
+                  for rel in sorted(hidden) if not is_catalogue_file(rel))
     # Studies touched by a file still being written wait for the next run.
     deferred_studies = sorted({
         r["study_uid"] for r in (read_header(str(export_dir / rel)) for rel in deferred)
