@@ -10,6 +10,9 @@ enhancing body (kidney, spleen, large vessel, a bowel loop filled with its conte
 evidence, not suspicious, and only what protrudes from it is judged. Its thickness is at most
 the diameter of the largest disc its half-maximum core holds on one slice
 (``foci.thickness_holds_ball``): a thin wall crossed obliquely by the margin normals is not a nodule.
+A local piece called vessel-like is fitted with one tube (``pipeline.measurement.tubes``) and
+what the tube does not explain is judged on its own (a nodule merged with the vessel it lies
+on, ``foci.vessel_residual_margin_mm``); the vessel test looks at tissue outside organ bodies.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.core.config import FociConfig
 from pipeline.core.records import AxisMeasurement, Focus, RimMetrics
 from pipeline.measurement.focus_context import enclosed_contents, inscribed_disc_mm, organ_bodies
 from pipeline.measurement.rim import angular_extent_deg, az_surface_samples, focus_margin_metrics
+from pipeline.measurement.tubes import fit_tube
 from pipeline.segmentation.classical import SegmentationResult, ball_zyx, spacing_zyx
 
 
@@ -153,7 +157,6 @@ def analyse_foci(
     # merges with the rim into a compact-looking blob, but beyond the shell it runs on as a tube.
     shell = ndi.binary_dilation(seg.az, structure=ball_zyx(benign_rim_max_mm, spacing))
     beyond = seg.enhancing & ~shell
-    beyond_lab, _ = ndi.label(beyond)
     shapes: dict[int, tuple[float, float]] = {}
     foci: list[Focus] = []
     masks: list[np.ndarray] = []
@@ -168,9 +171,21 @@ def analyse_foci(
         bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
                               fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm,
                               fc.organ_lobe_depth_mm, fc.organ_lobe_max_mm)
+    # The vessel test looks at the enhancing tissue outside the organ bodies: an organ is
+    # anatomy already (candidates are split at its surface below), and its length would make a
+    # nodule protruding from it "vessel-like" (development seed 61: an 11 mm LTP nodule on a bowel
+    # loop, dismissed as 3.3:1, 118 mm, the loop's own shape).
+    free = seg.enhancing if bodies is None or not bodies.found else seg.enhancing & ~bodies.zone
+    beyond_lab, _ = ndi.label(beyond & free)
     min_part_vox = max(1, int(np.ceil((np.pi / 6 * min_component_mm ** 3) / np.prod(spacing))))
 
-    def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str) -> tuple[Focus, bool] | None:
+    def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str,
+                 alone: bool = False) -> tuple[Focus, bool, bool] | None:
+        """(the focus, suspicious, vessel-like) of one part; None beyond the search distance.
+
+        ``alone``: the part is what a fitted tube does not explain, judged on its own shape (the
+        vessel it lies on would otherwise call it vessel-like again).
+        """
         # Distance from the AZ surface: voxel-centre distance minus half a voxel.
         distance = max(0.0, float(dist_to_az[outside].min()) - 0.5 * in_plane)
         if distance > fc.new_lesion_search_mm:
@@ -210,11 +225,11 @@ def analyse_foci(
         elongation, length = _elongation(points)
         # A vessel whose calibre hovers around the focus threshold breaks into short, compact-
         # looking pieces: look at the enhancing tissue within a ball around the piece as well.
-        local_e, local_len = _local_shape(seg.enhancing, outside, zyx.mean(0), grid, spacing, _LOCAL_BALL_MM)
+        local_e, local_len = (1.0, 0.0) if alone else _local_shape(
+            free, outside, zyx.mean(0), grid, spacing, _LOCAL_BALL_MM)
         if local_len > length and local_e >= fc.vessel_min_elongation:
             elongation, length = local_e, local_len
-        touching = np.unique(beyond_lab[ndi.binary_dilation(outside) & (beyond_lab > 0)])
-        for label in touching:
+        for label in ([] if alone else touching_beyond(outside)):
             if label not in shapes:
                 shapes[label] = _elongation(voxels_to_lps(grid, np.argwhere(beyond_lab == label)))
             if shapes[label][1] > length and shapes[label][0] >= fc.vessel_min_elongation:
@@ -284,7 +299,25 @@ def analyse_foci(
             measured_thickness_mm=round(measured, 2), thickness_search_stopped=search_stopped,
             distance_to_az_surface_mm=round(distance, 2), mean_relative_enhancement=round(mean_re, 3),
             angular_extent_deg=round(extent, 1), pattern=pattern, local=local, suspicious=suspicious,
-            reason=reason, organ_extent_mm=organ_mm), suspicious
+            reason=reason, organ_extent_mm=organ_mm), suspicious, vessel and local and not anatomy_reason
+
+    def touching_beyond(region: np.ndarray) -> np.ndarray:
+        """Labels of the enhancing components beyond the benign-rim shell that ``region`` touches."""
+        return np.unique(beyond_lab[ndi.binary_dilation(region) & (beyond_lab > 0)])
+
+    def off_the_tube(part: np.ndarray) -> list[np.ndarray]:
+        """The pieces of ``part`` that one tube fitted to it (and to the vessel it joins) leaves out."""
+        structure = part | np.isin(beyond_lab, touching_beyond(part))
+        zyx = np.argwhere(structure)
+        fit = fit_tube(zyx * spacing, float(np.max(spacing)), float(np.prod(spacing)))
+        if fit is None:
+            return []
+        off = np.zeros_like(part)
+        off[tuple(zyx[fit.unexplained(fc.vessel_residual_margin_mm)].T)] = True
+        off &= part
+        lab, n = ndi.label(off)
+        sizes = ndi.sum_labels(off, lab, index=np.arange(1, n + 1)) if n else []
+        return [lab == i + 1 for i, size in enumerate(sizes) if size >= min_part_vox]
 
     for mask in seg.focus_candidates:
         outside = mask & ~seg.az
@@ -308,7 +341,17 @@ def analyse_foci(
             described = describe(part, part_organ_mm, anatomy_reason)
             if described is None:
                 continue
-            foci.append(described[0])
-            if described[1]:
+            focus, suspicious, vessel_like = described
+            if vessel_like and fc.vessel_residual_margin_mm is not None:
+                # A nodule merged with the vessel: what the vessel's tube does not explain is
+                # judged on its own, the rest stays in the evidence as the vessel.
+                for residual in off_the_tube(part):
+                    alone = describe(residual, part_organ_mm, "", alone=True)
+                    if alone is not None and alone[1]:
+                        foci.append(alone[0].model_copy(update={
+                            "reason": f"{alone[0].reason}; lies off a vessel's tube ({focus.reason})"}))
+                        masks.append(residual)
+            foci.append(focus)
+            if suspicious:
                 masks.append(part)
     return foci, masks

@@ -109,6 +109,15 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
             hollow[idx] = contents is not None and bool(
                 contents[sl][body].sum() > 0.1 * body.sum())
     lab[~np.isin(lab, list(extents))] = 0
+    if contents is not None and any(hollow.values()):
+        # A solid organ the filled loop touches joins its body in the opening; it is an organ
+        # body of its own (it holds the ball over the organ length without the contents) and
+        # is kept when the loop is cut back to its wall (development seed 61: a 34 mm thick
+        # organ left over from a loop's body was read as a residual tumour 134 mm across).
+        solid_organs = organ_scale(open_with_ball(enhancing, min_radius_mm, spacing), spacing, min_extent_mm)
+        for idx, is_hollow in hollow.items():
+            if is_hollow:
+                trim_to_wall(lab, idx, contents, spacing, keep=solid_organs)
     if extents and lobe_depth_mm is not None and lobe_max_mm is not None:
         lobes = split_lobes(solid, lab > 0, spacing, lobe_depth_mm)
         for idx, sl in enumerate(ndi.find_objects(lobes), 1):
@@ -121,6 +130,40 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
     if extents:
         zone = ndi.distance_transform_edt(lab == 0, sampling=spacing) <= contact_margin_mm
     return OrganBodies(lab, hollow, zone, extents)
+
+
+def organ_scale(opened: np.ndarray, spacing: np.ndarray, min_extent_mm: float) -> np.ndarray:
+    """The connected parts of ``opened`` (bool) at least ``min_extent_mm`` long (bool)."""
+    lab, _ = ndi.label(opened)
+    keep = [idx for idx, sl in enumerate(ndi.find_objects(lab), 1)
+            if principal_length_mm(np.argwhere(lab[sl] == idx) + [s.start for s in sl], spacing) >= min_extent_mm]
+    return np.isin(lab, keep)
+
+
+def trim_to_wall(lab: np.ndarray, idx: int, contents: np.ndarray, spacing: np.ndarray,
+                 keep: np.ndarray | None = None) -> None:
+    """Cut hollow body ``idx`` of ``lab`` (in place) back to its contents and its own wall.
+
+    The ball rolling inside a filled loop reaches through its thin wall into a nodule pressed
+    against it, so the opening makes the nodule part of the loop (development seed 61: an 11 mm
+    LTP nodule between the zone and a bowel loop, discounted as bowel). A loop is its contents
+    and a wall of one thickness: the body keeps what lies
+    within the wall's typical thickness of them (the median distance of the wall's outer surface
+    from the contents, in 3D so that a slice cutting the wall tangentially does not thicken it,
+    plus half a pixel); what is thicker is not the wall and is judged.
+    ``keep`` (bool): voxels never cut (solid organs the loop touches).
+    """
+    body = lab == idx
+    inner = contents & body
+    if not inner.any():
+        return
+    depth = ndi.distance_transform_edt(~inner, sampling=spacing)
+    outer = body & ~inner & ~ndi.binary_erosion(body)
+    wall_mm = float(np.median(depth[outer])) + 0.5 * float(np.min(spacing[1:]))
+    cut = body & (depth > wall_mm)
+    if keep is not None:
+        cut &= ~keep
+    lab[cut] = 0
 
 
 def split_lobes(solid: np.ndarray, opened: np.ndarray, spacing: np.ndarray, depth_mm: float) -> np.ndarray:
