@@ -147,11 +147,11 @@ def trim_to_wall(lab: np.ndarray, idx: int, contents: np.ndarray, spacing: np.nd
     The ball rolling inside a filled loop reaches through its thin wall into a nodule pressed
     against it, so the opening makes the nodule part of the loop (development seed 61: an 11 mm
     LTP nodule between the zone and a bowel loop, discounted as bowel). A loop is its contents
-    and a wall of one thickness: the body keeps what lies
-    within the wall's typical thickness of them (the median distance of the wall's outer surface
-    from the contents, in 3D so that a slice cutting the wall tangentially does not thicken it,
-    plus half a pixel); what is thicker is not the wall and is judged.
-    ``keep`` (bool): voxels never cut (solid organs the loop touches).
+    and a wall of one thickness: the body keeps what lies within the wall's typical thickness of
+    them (the median distance of the wall's outer surface from the contents, in 3D so that a
+    slice cutting the wall tangentially does not thicken it, plus half a pixel); what is thicker
+    is not the wall and is judged. ``keep`` (bool): voxels never cut (solid organs the loop
+    touches). The body's recorded length stays the uncut one (the organ the reader sees).
     """
     body = lab == idx
     inner = contents & body
