@@ -165,6 +165,7 @@ class FociConfig(_Section):
     vessel_min_elongation: float = Field(gt=1)
     vessel_min_length_mm: float = Field(gt=0)
     vessel_residual_margin_mm: float | None = Field(default=None, gt=0)
+    vessel_tube_leaving_zone: bool = False
     focal_max_deg: float
     crescentic_max_deg: float
     # Organ-scale enhancing structures (pipeline/measurement/focus_context.py); organ_min_radius_mm null: off.

@@ -21,10 +21,11 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 from scipy.spatial import ConvexHull, QhullError
+from skimage.morphology import skeletonize
 
 from pipeline.core.config import FociConfig
 from pipeline.core.records import AxisMeasurement, Focus, RimMetrics
-from pipeline.measurement.focus_context import enclosed_contents, inscribed_disc_mm, organ_bodies
+from pipeline.measurement.focus_context import enclosed_contents, inscribed_disc_mm, open_with_ball, organ_bodies
 from pipeline.measurement.rim import angular_extent_deg, az_surface_samples, focus_margin_metrics
 from pipeline.measurement.tubes import fit_tube
 from pipeline.segmentation.classical import SegmentationResult, ball_zyx, spacing_zyx
@@ -180,8 +181,12 @@ def analyse_foci(
     min_part_vox = max(1, int(np.ceil((np.pi / 6 * min_component_mm ** 3) / np.prod(spacing))))
 
     def describe(outside: np.ndarray, organ_mm: float | None, anatomy_reason: str,
-                 alone: bool = False) -> tuple[Focus, bool, bool] | None:
-        """(the focus, suspicious, vessel-like) of one part; None beyond the search distance.
+                 alone: bool = False) -> tuple[Focus, bool, str] | None:
+        """(the focus, suspicious, vessel kind) of one part; None beyond the search distance.
+
+        The vessel kind of a local vessel-like part: "straight" (elongated along one axis: one
+        straight tube is fitted to it), "curved" (long for its calibre and leaving the zone: it
+        bends or branches), "" when it is not a local vessel.
 
         ``alone``: the part is what a fitted tube does not explain, judged on its own shape (the
         vessel it lies on would otherwise call it vessel-like again).
@@ -244,6 +249,18 @@ def analyse_foci(
         thick = (along_normals >= fc.min_thickness_mm
                  and along_normals >= fc.min_thickness_ratio_to_rim * rim_median
                  and (disc is None or disc >= fc.min_thickness_mm))
+        curved = False
+        if (not vessel and thick and local and not alone and fc.vessel_tube_leaving_zone and disc
+                and float(dist_to_az[outside].max()) - 0.5 * in_plane >= fc.vessel_min_length_mm):
+            # A vessel that bends or branches beside the zone is not elongated along one axis
+            # (a 7 mm vessel on a 30 mm radius reads 2:1), yet it is long for its calibre
+            # (volume / the cross-section of its disc) and it leaves the zone: it reaches farther
+            # than vessel_min_length_mm from the surface. A crescent of tumour is long for its
+            # thickness too but hugs the margin; a nodule is neither long nor reaching away.
+            # Asked only of a part that would otherwise be a nodule (thick).
+            tube_length = volume_ml * 1000.0 / (np.pi / 4 * disc ** 2)
+            if tube_length >= fc.vessel_min_elongation * disc and tube_length >= fc.vessel_min_length_mm:
+                vessel, curved, elongation, length = True, True, tube_length / disc, tube_length
         # Rule 9: a nodular focus (thick) is suspicious, and strongly so when > 10 mm across. Size
         # alone is not enough: a stretch of patchy rim is long (and, with 3 mm slices, an oblique
         # 2.5 mm rim reads up to ~4.5 mm along its normals). The rule's "or coverage under 90 deg"
@@ -257,7 +274,12 @@ def analyse_foci(
             tube_length = volume_ml * 1000.0 / (np.pi / 4 * thickness ** 2)
             if tube_length >= fc.vessel_min_elongation * max(thickness, 1.0) and tube_length >= fc.vessel_min_length_mm:
                 elongation, length = max(elongation, tube_length / thickness), max(length, tube_length)
-        if vessel:
+        if curved:
+            suspicious, reason = False, (
+                f"enhancing structure long for its calibre and leaving the zone (vessel-like: ~{length:.0f} mm of "
+                f"a {disc:.1f} mm calibre, reaching >= {fc.vessel_min_length_mm:g} mm from the zone): a bending or "
+                f"branching vessel, not a nodule")
+        elif vessel:
             suspicious, reason = False, f"elongated enhancing structure (vessel-like: {elongation:.1f}:1, {length:.0f} mm)"
         elif weak_distant:
             suspicious, reason = False, (f"distant and weakly enhancing (mean RE {mean_re:.2f} < "
@@ -299,21 +321,34 @@ def analyse_foci(
             measured_thickness_mm=round(measured, 2), thickness_search_stopped=search_stopped,
             distance_to_az_surface_mm=round(distance, 2), mean_relative_enhancement=round(mean_re, 3),
             angular_extent_deg=round(extent, 1), pattern=pattern, local=local, suspicious=suspicious,
-            reason=reason, organ_extent_mm=organ_mm), suspicious, vessel and local and not anatomy_reason
+            reason=reason, organ_extent_mm=organ_mm), suspicious, (
+                ("curved" if curved else "straight") if vessel and local and not anatomy_reason else "")
 
     def touching_beyond(region: np.ndarray) -> np.ndarray:
         """Labels of the enhancing components beyond the benign-rim shell that ``region`` touches."""
         return np.unique(beyond_lab[ndi.binary_dilation(region) & (beyond_lab > 0)])
 
-    def off_the_tube(part: np.ndarray) -> list[np.ndarray]:
-        """The pieces of ``part`` that one tube fitted to it (and to the vessel it joins) leaves out."""
+    def off_the_tube(part: np.ndarray, kind: str) -> list[np.ndarray]:
+        """The pieces of ``part`` that the vessel it is (with the vessel it joins) does not explain.
+
+        A straight vessel: what lies off one tube fitted to it. A curved or branching one: what
+        holds a ball wider than the vessel's calibre (the median inscribed radius along its
+        skeleton) plus the margin; a vessel of that calibre cannot, whatever its course.
+        """
         structure = part | np.isin(beyond_lab, touching_beyond(part))
-        zyx = np.argwhere(structure)
-        fit = fit_tube(zyx * spacing, float(np.max(spacing)), float(np.prod(spacing)))
-        if fit is None:
-            return []
-        off = np.zeros_like(part)
-        off[tuple(zyx[fit.unexplained(fc.vessel_residual_margin_mm)].T)] = True
+        if kind == "curved":
+            skeleton = skeletonize(structure)
+            if not skeleton.any():
+                return []
+            radius = float(np.median(ndi.distance_transform_edt(structure, sampling=spacing)[skeleton]))
+            off = open_with_ball(structure, radius + fc.vessel_residual_margin_mm, spacing)
+        else:
+            zyx = np.argwhere(structure)
+            fit = fit_tube(zyx * spacing, float(np.max(spacing)), float(np.prod(spacing)))
+            if fit is None:
+                return []
+            off = np.zeros_like(part)
+            off[tuple(zyx[fit.unexplained(fc.vessel_residual_margin_mm)].T)] = True
         off &= part
         lab, n = ndi.label(off)
         sizes = ndi.sum_labels(off, lab, index=np.arange(1, n + 1)) if n else []
@@ -341,11 +376,11 @@ def analyse_foci(
             described = describe(part, part_organ_mm, anatomy_reason)
             if described is None:
                 continue
-            focus, suspicious, vessel_like = described
-            if vessel_like and fc.vessel_residual_margin_mm is not None:
+            focus, suspicious, vessel_kind = described
+            if vessel_kind and fc.vessel_residual_margin_mm is not None:
                 # A nodule merged with the vessel: what the vessel's tube does not explain is
                 # judged on its own, the rest stays in the evidence as the vessel.
-                for residual in off_the_tube(part):
+                for residual in off_the_tube(part, vessel_kind):
                     alone = describe(residual, part_organ_mm, "", alone=True)
                     if alone is not None and alone[1]:
                         foci.append(alone[0].model_copy(update={
