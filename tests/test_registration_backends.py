@@ -22,7 +22,7 @@ from pipeline.imaging.registration import (
     register_to_baseline,
     split_affine_and_deformable,
 )
-from pipeline.imaging.registration.torch_backend import voxel_to_lps
+from pipeline.imaging.registration.torch_backend import adam_keeping_best, voxel_to_lps
 from tests.test_registration import Phantom, _rot, body_points, euler, make_grid, render, tre_mm
 
 SMALL_SIZE, SMALL_SPACING = (64, 64, 24), (3.2, 3.2, 4.5)
@@ -69,6 +69,34 @@ def test_voxel_to_lps_keeps_direction():
     for idx in ([0, 0, 0], [19, 0, 9], [3.5, 17.25, 6.0]):
         expected = img.TransformContinuousIndexToPhysicalPoint(idx)
         assert np.allclose(m @ np.r_[idx, 1.0], np.r_[expected, 1.0], atol=1e-9)
+
+
+def test_optimiser_never_returns_worse_than_its_start():
+    """Adam's first steps move a parameter by the learning rate whatever the gradient's size:
+    from the bottom of a narrow well (the right pose) beside a wide, shallower one (a wrong
+    pose, as a short slab along z offers), it walks out and settles in the wide one. The
+    optimiser must hand back the lowest loss it saw (issue 15: a follow-up 30 mm off along z)."""
+    import torch
+
+    def loss_fn():
+        x = p[0]
+        return -torch.exp(-x ** 2 / (2 * 0.3 ** 2)) - 0.5 * torch.exp(-(x - 10.0) ** 2 / (2 * 4.0 ** 2))
+
+    p = torch.nn.Parameter(torch.tensor([0.0]))
+    before = float(loss_fn())
+    n, why, _ = adam_keeping_best([p], loss_fn, 2.0, 100, lambda b: float((p.detach() - b[0]).abs().max()))
+    with torch.no_grad():
+        assert float(loss_fn()) <= before
+    assert abs(float(p)) < 0.3 and "kept iteration 0" in why
+    # The walk itself does leave the well (what the test guards against).
+    q = torch.nn.Parameter(torch.tensor([0.0]))
+    opt = torch.optim.Adam([q], lr=2.0)
+    for _ in range(20):
+        opt.zero_grad()
+        x = q[0]
+        (-torch.exp(-x ** 2 / 0.18) - 0.5 * torch.exp(-(x - 10.0) ** 2 / 32.0)).backward()
+        opt.step()
+    assert float(q) > 2.0
 
 
 # --------------------------------------------------------------------------- both backends
