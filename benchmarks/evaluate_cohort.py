@@ -4,7 +4,7 @@
 
 Generates a cohort with a seed and settings the tests do not use, runs the real flow, compares
 cohort.csv with truth.json and prints category accuracy, viable-tumour sensitivity/specificity,
-axis errors and seconds per study (wall clock of the flow / number of studies).
+axis errors, follow-up -> baseline TRE and seconds per study (wall clock of the flow / number of studies).
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def main() -> None:
               f"mean e {s['mean_signed']}")
     cf = report["clean_studies_flagged"]
     print(f"clean flagged       {cf['flagged']}/{cf['n']}  false new lesions {report['false_new_lesions']}")
+    tre = report["follow_up_tre"]
+    print(f"follow-up TRE       {tre['with_transform']}/{tre['pairs']} pairs with a transform; median "
+          f"{tre['median_mm']} mm, p90 {tre['p90_mm']} mm, worst pair mean {tre['worst_pair_mean_mm']} mm")
     for group, g in report["accuracy_by_group"].items():
         print(f"  {group:<28}{g['correct']}/{g['n']}")
     print(f"time                {report['seconds_per_study']} s/study (flow {summary['seconds']} s, "

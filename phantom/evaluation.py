@@ -18,8 +18,53 @@ def _rate(num: int, den: int) -> float | None:
     return None if den == 0 else num / den
 
 
+def _study_folders(out_dir: Path) -> dict[str, Path]:
+    """study_instance_uid -> the study's output folder (where its assessment.json lies)."""
+    folders = {}
+    for path in (Path(out_dir) / "patients").glob("*/*/assessment.json"):
+        folders[json.loads(path.read_text())["study_instance_uid"]] = path.parent
+    return folders
+
+
+def follow_up_tre(out_dir: Path, truth: dict) -> dict:
+    """Target registration error of the pipeline's own follow-up -> baseline transforms.
+
+    ``to_baseline.tfm`` (+ field) maps a baseline point to the follow-up point, both in the pose
+    of their post-contrast series (the pipeline registers the pre-contrast resampled onto the
+    post-contrast grid, ``pre_registered``); the generator's 20 landmarks in that pose give
+    TRE_i = |T(baseline_i) - follow_up_i|.
+    Over the pairs whose registration passed QC (a failed one has no transform: it is counted,
+    its study is `indeterminate`). Not the same as ``benchmarks/registration_tre.py``, which
+    registers without the ablation-zone hint the pipeline gives.
+    """
+    from pipeline.imaging.registration.files import TRANSFORM_FILE, read_to_baseline
+
+    folders = _study_folders(out_dir)
+    tre, pair_means, failed = [], [], []
+    for patient in truth["patients"]:
+        baselines = {s["session"]: s for s in patient["studies"] if s["timepoint"] == "baseline"}
+        for study in patient["studies"]:
+            base = baselines.get(study["session"])
+            if study["timepoint"] != "follow_up" or base is None or not study.get("landmarks_post_lps"):
+                continue
+            folder = folders.get(study["study_instance_uid"])
+            if folder is None or not (folder / TRANSFORM_FILE).exists():
+                failed.append(f"{patient['patient_id']} {study['study_date']}")
+                continue
+            tx = read_to_baseline(folder)
+            mapped = np.array([tx.TransformPoint([float(v) for v in p]) for p in base["landmarks_post_lps"]])
+            errors = np.linalg.norm(mapped - np.asarray(study["landmarks_post_lps"]), axis=1)
+            tre.extend(errors.tolist())
+            pair_means.append(float(errors.mean()))
+    a = np.asarray(tre, float)
+    return {"pairs": len(pair_means) + len(failed), "with_transform": len(pair_means), "without": failed,
+            "median_mm": round(float(np.median(a)), 2) if len(a) else None,
+            "p90_mm": round(float(np.percentile(a, 90)), 2) if len(a) else None,
+            "worst_pair_mean_mm": round(max(pair_means), 2) if pair_means else None}
+
+
 def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
-    """Category accuracy, viable-tumour sensitivity/specificity, axis errors, missing studies."""
+    """Category accuracy, viable-tumour sensitivity/specificity, axis errors, registration TRE, missing studies."""
     with (Path(out_dir) / "cohort.csv").open() as handle:
         rows = {r["study_instance_uid"]: r for r in csv.DictReader(handle)}
     truth = json.loads(Path(truth_path).read_text())
@@ -92,6 +137,7 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         "volume_error_pct": stats(vol_err),
         "clean_studies_flagged": {"n": clean_n, "flagged": clean_flagged, "rate": _rate(clean_flagged, clean_n)},
         "false_new_lesions": false_new,
+        "follow_up_tre": follow_up_tre(out_dir, truth),
         "accuracy_by_group": {g: {"n": c["n"], "correct": c["correct"], "accuracy": _rate(c["correct"], c["n"])}
                               for g, c in sorted(by_group.items())},
         "confusion": {f"{t} -> {p}": n for (t, p), n in sorted(confusion.items())},
