@@ -32,7 +32,7 @@ TRUE = euler((3.0, -2.5, 2.0), (6.0, -5.0, 5.0), centre=(3.0, -2.0, 1.0))
 def _cfg(backend: str, deformable: str = "none", deformable_iterations: int | None = None) -> RegistrationConfig:
     reg = load_config().registration
     # The backend under test runs both stages, without N4 unless a test asks for it.
-    inter = {"deformable": deformable, "backend": None, "bias_correction": "none"}
+    inter = {"deformable": deformable, "backend": None, "bias_correction": "none", "transforms": ["rigid", "affine"]}
     if deformable_iterations is not None:  # fewer iterations keep the CPU test short
         inter["deformable_iterations"] = deformable_iterations
     return reg.model_copy(update={
@@ -84,7 +84,7 @@ def test_optimiser_never_returns_worse_than_its_start():
 
     p = torch.nn.Parameter(torch.tensor([0.0]))
     before = float(loss_fn())
-    n, why, _ = adam_keeping_best([p], loss_fn, 2.0, 100, lambda b: float((p.detach() - b[0]).abs().max()))
+    _, why, _ = adam_keeping_best([p], loss_fn, 2.0, 100, lambda b: float((p.detach() - b[0]).abs().max()))
     with torch.no_grad():
         assert float(loss_fn()) <= before
     assert abs(float(p)) < 0.3 and "kept iteration 0" in why
