@@ -29,49 +29,40 @@ def main() -> None:
 
     import SimpleITK as sitk
 
+    from phantom.evaluation import follow_up_pairs, landmark_tre_mm
     from pipeline.core.config import load_config
+    from pipeline.core.files import read_image
     from pipeline.imaging.registration import register_to_baseline
+    from pipeline.outputs.store import IMAGE_FILES
 
     cfg = load_config(args.config)
     truth = json.loads((args.run / "data" / "truth.json").read_text())
-    folders = {}
-    for path in (args.run / "results" / "patients").glob("*/*/assessment.json"):
-        folders[json.loads(path.read_text())["study_instance_uid"]] = path.parent
 
     def centroid(folder: Path):
         zone = json.loads((folder / "assessment.json").read_text())["imaging"].get("ablation_zone")
         return None if zone is None else zone["centroid_lps"]
 
     tre, pair_means, passed, seconds, pairs = [], [], 0, [], 0
-    for patient in truth["patients"]:
-        baselines = {s["session"]: s for s in patient["studies"] if s["timepoint"] == "baseline"}
-        for study in patient["studies"]:
-            base = baselines.get(study["session"])
-            if study["timepoint"] != "follow_up" or base is None:
-                continue
-            fu_dir, base_dir = folders.get(study["study_instance_uid"]), folders.get(base["study_instance_uid"])
-            if fu_dir is None or base_dir is None or not (fu_dir / "pre_registered.nii.gz").exists() \
-                    or not (base_dir / "pre_registered.nii.gz").exists():
-                continue
-            pairs += 1
-            a, b = centroid(base_dir), centroid(fu_dir)
-            hint = None if a is None or b is None else [x - y for x, y in zip(b, a)]
-            t0 = time.perf_counter()
-            tx, qc = register_to_baseline(sitk.ReadImage(str(base_dir / "pre_registered.nii.gz"), sitk.sitkFloat32),
-                                          sitk.ReadImage(str(fu_dir / "pre_registered.nii.gz"), sitk.sitkFloat32),
-                                          cfg.registration, hint_shift_lps=hint)
-            seconds.append(time.perf_counter() - t0)
-            name = f"{patient['patient_id']} {study['study_date']}"
-            if not qc.ok:
-                print(f"  failed QC  {name}: {qc.reason}")
-                continue
-            passed += 1
-            mapped = np.array([tx.TransformPoint([float(v) for v in p]) for p in base["landmarks_post_lps"]])
-            errors = np.linalg.norm(mapped - np.asarray(study["landmarks_post_lps"]), axis=1)
-            tre.extend(errors.tolist())
-            pair_means.append(float(errors.mean()))
-            if errors.mean() > 2.0:
-                print(f"  TRE {errors.mean():.2f} mm  {name}: {qc.method}; {qc.stop_condition[-120:]}")
+    for pair in follow_up_pairs(args.run / "results", truth):
+        folders = (pair.baseline_dir, pair.follow_up_dir)
+        if None in folders or not all((f / IMAGE_FILES["pre_registered"]).exists() for f in folders):
+            continue
+        pairs += 1
+        a, b = centroid(pair.baseline_dir), centroid(pair.follow_up_dir)
+        hint = None if a is None or b is None else [x - y for x, y in zip(b, a)]
+        fixed, moving = (read_image(f / IMAGE_FILES["pre_registered"], sitk.sitkFloat32) for f in folders)
+        t0 = time.perf_counter()
+        tx, qc = register_to_baseline(fixed, moving, cfg.registration, hint_shift_lps=hint)
+        seconds.append(time.perf_counter() - t0)
+        if not qc.ok:
+            print(f"  failed QC  {pair.name}: {qc.reason}")
+            continue
+        passed += 1
+        errors = landmark_tre_mm(tx, pair)
+        tre.extend(errors.tolist())
+        pair_means.append(float(errors.mean()))
+        if errors.mean() > 2.0:
+            print(f"  TRE {errors.mean():.2f} mm  {pair.name}: {qc.method}; {qc.stop_condition[-120:]}")
     a = np.asarray(tre, float)
     summary = {"run": str(args.run), "config": str(args.config), "pairs": pairs, "passed_qc": passed,
                "tre_median_mm": round(float(np.median(a)), 2) if len(a) else None,

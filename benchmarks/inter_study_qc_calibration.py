@@ -29,45 +29,39 @@ def main() -> None:
 
     import SimpleITK as sitk
 
+    from phantom.evaluation import follow_up_pairs
+    from pipeline.core.files import read_image
     from pipeline.core.geometry import body_mask
     from pipeline.imaging.registration.files import TRANSFORM_FILE, read_to_baseline
     from pipeline.imaging.registration.metric import bias_corrected, interior_mask, registration_ncc
+    from pipeline.outputs.store import IMAGE_FILES
 
     rows = []
     for run in args.runs:
         truth = json.loads((run / "data" / "truth.json").read_text())
-        folders = {}
-        for path in (run / "results" / "patients").glob("*/*/assessment.json"):
-            folders[json.loads(path.read_text())["study_instance_uid"]] = path.parent
-        for patient in truth["patients"]:
-            baselines = {s["session"]: s for s in patient["studies"] if s["timepoint"] == "baseline"}
-            for study in patient["studies"]:
-                base = baselines.get(study["session"])
-                if study["timepoint"] != "follow_up" or base is None:
-                    continue
-                fu_dir, base_dir = folders.get(study["study_instance_uid"]), folders.get(base["study_instance_uid"])
-                if fu_dir is None or base_dir is None or not (fu_dir / TRANSFORM_FILE).exists():
-                    continue
-                fixed = sitk.ReadImage(str(base_dir / "pre_registered.nii.gz"), sitk.sitkFloat32)
-                moving = sitk.ReadImage(str(fu_dir / "pre_registered.nii.gz"), sitk.sitkFloat32)
-                fixed_body = body_mask(fixed)
-                fixed = bias_corrected(fixed, fixed_body, 1)
-                moving = bias_corrected(moving, body_mask(moving), 1)
-                inner = interior_mask(fixed_body, 1)
-                tx = read_to_baseline(fu_dir)
-                aligned = registration_ncc(fixed, moving, tx, inner)[:2]
-                moved = {}
-                for d in OFFSETS_MM:
-                    values = []
-                    for axis in range(3):
-                        for sign in (-1.0, 1.0):
-                            shift = sitk.TranslationTransform(3, [sign * d if k == axis else 0.0 for k in range(3)])
-                            values.append(registration_ncc(fixed, moving, sitk.CompositeTransform([tx, shift]),
-                                                           inner)[:2])
-                    moved[d] = (max(v[0] for v in values), max(v[1] for v in values))
-                rows.append((f"{run.name} {patient['patient_id']} {study['study_date']}", aligned, moved))
-                print(f"{rows[-1][0]:<34} aligned ncc {aligned[0]:.3f} gncc {aligned[1]:.3f}  " + "  ".join(
-                    f"{d:g} mm: {m[0]:.3f} / {m[1]:.3f}" for d, m in moved.items()), flush=True)
+        for pair in follow_up_pairs(run / "results", truth):
+            if pair.baseline_dir is None or pair.follow_up_dir is None \
+                    or not (pair.follow_up_dir / TRANSFORM_FILE).exists():
+                continue
+            fixed = read_image(pair.baseline_dir / IMAGE_FILES["pre_registered"], sitk.sitkFloat32)
+            moving = read_image(pair.follow_up_dir / IMAGE_FILES["pre_registered"], sitk.sitkFloat32)
+            fixed_body = body_mask(fixed)
+            fixed = bias_corrected(fixed, fixed_body, 1)
+            moving = bias_corrected(moving, body_mask(moving), 1)
+            inner = interior_mask(fixed_body, 1)
+            tx = read_to_baseline(pair.follow_up_dir)
+            aligned = registration_ncc(fixed, moving, tx, inner)[:2]
+            moved = {}
+            for d in OFFSETS_MM:
+                values = []
+                for axis in range(3):
+                    for sign in (-1.0, 1.0):
+                        shift = sitk.TranslationTransform(3, [sign * d if k == axis else 0.0 for k in range(3)])
+                        values.append(registration_ncc(fixed, moving, sitk.CompositeTransform([tx, shift]), inner)[:2])
+                moved[d] = (max(v[0] for v in values), max(v[1] for v in values))
+            rows.append((f"{run.name} {pair.name}", aligned, moved))
+            print(f"{rows[-1][0]:<34} aligned ncc {aligned[0]:.3f} gncc {aligned[1]:.3f}  " + "  ".join(
+                f"{d:g} mm: {m[0]:.3f} / {m[1]:.3f}" for d, m in moved.items()), flush=True)
     if not rows:
         raise SystemExit("no registered follow-up found")
     a = np.array([r[1] for r in rows])

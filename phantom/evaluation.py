@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,44 +20,60 @@ def _rate(num: int, den: int) -> float | None:
     return None if den == 0 else num / den
 
 
-def _study_folders(out_dir: Path) -> dict[str, Path]:
-    """study_instance_uid -> the study's output folder (where its assessment.json lies)."""
+class FollowUpPair(NamedTuple):
+    """A follow-up of the truth with its session's baseline and their output folders (None: absent)."""
+
+    name: str  # "patient_id study_date"
+    baseline: dict  # the baseline study of truth.json
+    follow_up: dict  # the follow-up study of truth.json
+    baseline_dir: Path | None
+    follow_up_dir: Path | None
+
+
+def follow_up_pairs(out_dir: Path, truth: dict) -> Iterator[FollowUpPair]:
+    """Every follow-up of ``truth`` with a baseline in its session, in truth order."""
     folders = {}
     for path in (Path(out_dir) / "patients").glob("*/*/assessment.json"):
         folders[json.loads(path.read_text())["study_instance_uid"]] = path.parent
-    return folders
+    for patient in truth["patients"]:
+        baselines = {s["session"]: s for s in patient["studies"] if s["timepoint"] == "baseline"}
+        for study in patient["studies"]:
+            base = baselines.get(study["session"])
+            if study["timepoint"] == "follow_up" and base is not None:
+                yield FollowUpPair(f"{patient['patient_id']} {study['study_date']}", base, study,
+                                   folders.get(base["study_instance_uid"]), folders.get(study["study_instance_uid"]))
+
+
+def landmark_tre_mm(transform, pair: FollowUpPair) -> np.ndarray:
+    """TRE_i = |T(baseline_i) - follow_up_i| (mm) of a follow-up -> baseline transform.
+
+    ``to_baseline.tfm`` (+ field) maps a baseline point to the follow-up point, both in the pose
+    of their post-contrast series (the pipeline registers the pre-contrast resampled onto the
+    post-contrast grid, ``pre_registered``): the generator's 20 landmarks in that pose.
+    """
+    mapped = np.array([transform.TransformPoint([float(v) for v in p]) for p in pair.baseline["landmarks_post_lps"]])
+    return np.linalg.norm(mapped - np.asarray(pair.follow_up["landmarks_post_lps"]), axis=1)
 
 
 def follow_up_tre(out_dir: Path, truth: dict) -> dict:
     """Target registration error of the pipeline's own follow-up -> baseline transforms.
 
-    ``to_baseline.tfm`` (+ field) maps a baseline point to the follow-up point, both in the pose
-    of their post-contrast series (the pipeline registers the pre-contrast resampled onto the
-    post-contrast grid, ``pre_registered``); the generator's 20 landmarks in that pose give
-    TRE_i = |T(baseline_i) - follow_up_i|.
     Over the pairs whose registration passed QC (a failed one has no transform: it is counted,
     its study is `indeterminate`). Not the same as ``benchmarks/registration_tre.py``, which
     registers without the ablation-zone hint the pipeline gives.
     """
     from pipeline.imaging.registration.files import TRANSFORM_FILE, read_to_baseline
 
-    folders = _study_folders(out_dir)
     tre, pair_means, failed = [], [], []
-    for patient in truth["patients"]:
-        baselines = {s["session"]: s for s in patient["studies"] if s["timepoint"] == "baseline"}
-        for study in patient["studies"]:
-            base = baselines.get(study["session"])
-            if study["timepoint"] != "follow_up" or base is None or not study.get("landmarks_post_lps"):
-                continue
-            folder = folders.get(study["study_instance_uid"])
-            if folder is None or not (folder / TRANSFORM_FILE).exists():
-                failed.append(f"{patient['patient_id']} {study['study_date']}")
-                continue
-            tx = read_to_baseline(folder)
-            mapped = np.array([tx.TransformPoint([float(v) for v in p]) for p in base["landmarks_post_lps"]])
-            errors = np.linalg.norm(mapped - np.asarray(study["landmarks_post_lps"]), axis=1)
-            tre.extend(errors.tolist())
-            pair_means.append(float(errors.mean()))
+    for pair in follow_up_pairs(out_dir, truth):
+        if not pair.follow_up.get("landmarks_post_lps"):
+            continue
+        if pair.follow_up_dir is None or not (pair.follow_up_dir / TRANSFORM_FILE).exists():
+            failed.append(pair.name)
+            continue
+        errors = landmark_tre_mm(read_to_baseline(pair.follow_up_dir), pair)
+        tre.extend(errors.tolist())
+        pair_means.append(float(errors.mean()))
     a = np.asarray(tre, float)
     return {"pairs": len(pair_means) + len(failed), "with_transform": len(pair_means), "without": failed,
             "median_mm": round(float(np.median(a)), 2) if len(a) else None,
