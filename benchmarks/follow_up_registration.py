@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/follow_up_registration.py bench_out/ab61 --config my_registration.yaml
 
 Re-registers every follow-up of an ``evaluate_cohort.py`` run exactly as the pipeline does
-(its ``pre_registered.nii.gz`` onto the baseline's, with the ablation-zone hint from the two
-``assessment.json``) and scores the transforms with the generator's landmarks, like the
+(its ``pre_registered.nii.gz`` onto the baseline's, with the ablation-zone hint and region from
+the two ``assessment.json``) and scores the transforms with the generator's landmarks, like the
 ``follow-up TRE`` line of ``evaluate_cohort.py``: a registration change is compared on the same
 images in minutes instead of a whole cohort run. Prints one line per pair that fails QC or has a
 mean TRE above 2 mm, then the summary (QC passes, TRE median / p90, worst pair, s/pair).
@@ -32,15 +32,17 @@ def main() -> None:
     from phantom.evaluation import follow_up_pairs, landmark_tre_mm
     from pipeline.core.config import load_config
     from pipeline.core.files import read_image
+    from pipeline.core.records import AxisMeasurement
     from pipeline.imaging.registration import register_to_baseline
+    from pipeline.run.patient import zone_guidance
     from pipeline.outputs.store import IMAGE_FILES
 
     cfg = load_config(args.config)
     truth = json.loads((args.run / "data" / "truth.json").read_text())
 
-    def centroid(folder: Path):
-        zone = json.loads((folder / "assessment.json").read_text())["imaging"].get("ablation_zone")
-        return None if zone is None else zone["centroid_lps"]
+    def zone(folder: Path) -> AxisMeasurement | None:
+        found = json.loads((folder / "assessment.json").read_text())["imaging"].get("ablation_zone")
+        return None if found is None else AxisMeasurement.model_validate(found)
 
     tre, pair_means, passed, seconds, pairs = [], [], 0, [], 0
     for pair in follow_up_pairs(args.run / "results", truth):
@@ -48,14 +50,14 @@ def main() -> None:
         if None in folders or not all((f / IMAGE_FILES["pre_registered"]).exists() for f in folders):
             continue
         pairs += 1
-        a, b = centroid(pair.baseline_dir), centroid(pair.follow_up_dir)
-        hint = None if a is None or b is None else [x - y for x, y in zip(b, a)]
+        hint, region = zone_guidance(zone(pair.baseline_dir), zone(pair.follow_up_dir),
+                                     cfg.foci.local_max_distance_mm)
         fixed, moving = (read_image(f / IMAGE_FILES["pre_registered"], sitk.sitkFloat32) for f in folders)
         t0 = time.perf_counter()
-        tx, qc = register_to_baseline(fixed, moving, cfg.registration, hint_shift_lps=hint)
+        tx, qc = register_to_baseline(fixed, moving, cfg.registration, hint_shift_lps=hint, zone_region_lps=region)
         seconds.append(time.perf_counter() - t0)
         if not qc.ok:
-            print(f"  failed QC  {pair.name}: {qc.reason}")
+            print(f"  failed QC  {pair.name}: {qc.reason}", flush=True)
             continue
         passed += 1
         errors = landmark_tre_mm(tx, pair)

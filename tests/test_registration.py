@@ -22,6 +22,16 @@ from pipeline.imaging.registration import (
     register_intra_study,
     register_to_baseline,
 )
+from pipeline.imaging.registration.checks import MIN_OVERLAP, MIN_ZONE_COVERAGE, PairContext, quality
+from pipeline.imaging.registration.common import BackendResult
+from pipeline.imaging.registration.metric import (
+    evaluate_metric,
+    interior_mask,
+    metric_mask,
+    similarity_peak_offsets_mm,
+    similarity_peak_vertex_mm,
+    sphere_mask,
+)
 
 
 # --------------------------------------------------------------------------- phantom
@@ -277,6 +287,85 @@ def test_intra_study_pair_of_another_patient_fails_on_its_edges_too(cfg, baselin
     wrong = render(other, make_grid(FIXED_SIZE, FIXED_SPACING), scale=1.3, noise=0.02, seed=4)
     _, qc = register_intra_study(baseline, wrong, cfg)
     assert not qc.ok and f"< {cfg.intra_study.min_gradient_ncc_after})" in qc.reason, qc.reason  # edges disagree
+
+
+def _shifted(tx: sitk.Transform, shift_lps) -> sitk.Transform:
+    """``tx`` preceded by a translation in the fixed space: a registration ``shift_lps`` mm off."""
+    return sitk.CompositeTransform([tx, sitk.TranslationTransform(3, [float(v) for v in shift_lps])])
+
+
+def test_peak_offset_tells_right_from_misregistered(baseline, followup):
+    # The pair's similarity peaks at the true pose (within a voxel); 8 mm off along an axis its
+    # peak lies at least a few mm away along that axis, whatever the absolute NCC says.
+    inner = interior_mask(body_mask(baseline), 1)
+    right = similarity_peak_offsets_mm(baseline, followup, TRUE_INTER, inner, 4.0)
+    assert np.abs(right).max() < 1.5, right
+    for axis in range(3):
+        shift = [8.0 if k == axis else 0.0 for k in range(3)]
+        off = similarity_peak_offsets_mm(baseline, followup, _shifted(TRUE_INTER, shift), inner, 4.0)
+        assert np.abs(off[1, axis]) > 3.0, (shift, off)
+
+
+def test_parabola_vertex_of_a_known_peak():
+    # A parabola peaking 1.2 mm above the centre, sampled at -4, 0, +4 mm; and a slope.
+    peak = lambda x: 1.0 - 0.01 * (x - 1.2) ** 2  # noqa: E731
+    assert similarity_peak_vertex_mm(peak(-4.0), peak(0.0), peak(4.0), 4.0) == pytest.approx(1.2)
+    assert similarity_peak_vertex_mm(0.2, 0.5, 0.9, 4.0) == np.inf
+    assert similarity_peak_vertex_mm(0.9, 0.5, 0.2, 4.0) == -np.inf
+
+
+def test_misregistered_pose_fails_qc_on_the_peak_test(cfg, baseline, followup):
+    # What a converged but wrong optimisation would hand the QC: the right pose moved 8 mm.
+    # The absolute NCC of the body interior cannot tell (the same anatomy, slightly off); the
+    # peak test does. The right pose passes both.
+    stage = cfg.inter_study
+    assert stage.max_peak_offset_mm is not None
+    fixed_body = body_mask(baseline)
+    mask = metric_mask(fixed_body, 1)
+    before = evaluate_metric(baseline, followup, mask, sitk.Euler3DTransform(), 0.2, 1)
+    pair = PairContext(name="followup_to_baseline", fixed=baseline, moving=followup, fixed_body=fixed_body,
+                       metric_mask=mask, fixed_eval=baseline, moving_eval=followup, eval_frac=0.2,
+                       metric_before=before, max_scale_change=None, max_motion_mm=None, threads=1,
+                       t0=time.perf_counter())
+    _, qc = quality(BackendResult(TRUE_INTER, 1, "", True), "truth", stage, "test", pair)
+    assert qc.ok, qc.reason
+    assert qc.peak_offset_mm is not None and qc.peak_offset_mm <= stage.max_peak_offset_mm
+    tx, qc = quality(BackendResult(_shifted(TRUE_INTER, [0, 0, 8.0]), 1, "", True), "truth+8mm", stage, "test", pair)
+    assert not qc.ok and "edges agree best" in qc.reason and "along z" in qc.reason, qc.reason
+    assert "ncc of the body interior" not in qc.reason and qc.ncc_after >= stage.min_ncc_after, qc.reason
+    assert np.allclose(tx.TransformPoint((10.0, 20.0, 30.0)), (10.0, 20.0, 30.0))  # identity returned
+
+
+def test_other_field_of_view_is_not_a_failure_when_the_zone_is_imaged(cfg, phantom, baseline):
+    # A follow-up of a 36 mm slab: right, but only ~35 % of the baseline's body interior overlaps.
+    # Without the zone that cannot be told from a failure; with the zone's region inside the
+    # slab it passes and is accurate there; with the zone outside it fails, saying why.
+    slab = render(phantom, make_grid((140, 140, 12), (1.45, 1.45, 3.0), centre=(4.0, -3.0, 30.0)), TRUE_INTER,
+                  scale=1.8, noise=0.025, seed=2)
+    inside, outside = ((0.0, 0.0, 23.0), 15.0), ((0.0, 0.0, -30.0), 15.0)
+    tx, qc = register_to_baseline(baseline, slab, cfg, zone_region_lps=inside)
+    assert qc.ok, qc.reason
+    assert qc.overlap < MIN_OVERLAP and qc.zone_coverage >= MIN_ZONE_COVERAGE
+    assert "another field of view" in qc.stop_condition
+    pts = body_points(baseline, 200)
+    near = pts[np.abs(pts[:, 2] - 23.0) < 10.0]
+    assert tre_mm(tx, TRUE_INTER, near).mean() < 1.0
+
+    fixed_body = body_mask(baseline)
+    mask = metric_mask(fixed_body, 1)
+    before = evaluate_metric(baseline, slab, mask, sitk.Euler3DTransform(), 0.2, 1)
+    for region, passes in ((None, False), (inside, True), (outside, False)):
+        pair = PairContext(name="followup_to_baseline", fixed=baseline, moving=slab, fixed_body=fixed_body,
+                           metric_mask=mask, fixed_eval=baseline, moving_eval=slab, eval_frac=0.2,
+                           metric_before=before, max_scale_change=None, max_motion_mm=None, threads=1,
+                           t0=time.perf_counter(),
+                           zone_region=None if region is None else sphere_mask(baseline, *region))
+        _, qc = quality(BackendResult(TRUE_INTER, 1, "", True), "truth", cfg.inter_study, "test", pair)
+        assert qc.ok is passes, (region, qc.reason)
+        if region is None:
+            assert "no ablation zone to tell another field of view" in qc.reason
+        elif not passes:
+            assert qc.zone_coverage == 0.0 and "0% of the ablation zone's region" in qc.reason
 
 
 @pytest.mark.parametrize("seed,semi_axes", [(7, (80.0, 88.0)), (11, (92.0, 75.0))])

@@ -67,6 +67,11 @@ class RegistrationStageConfig(_Section):
     # A pair under min_ncc_after passes that check all the same when its gradient-magnitude
     # correlation reaches this (enhancement changes intensities, not edges); None: NCC only.
     min_gradient_ncc_after: float | None = Field(default=None, ge=-1, le=1)
+    # The pair's own edge agreement (gradient NCC) must peak within max_peak_offset_mm of the
+    # registered pose along every grid axis, estimated from the pose and its neighbours
+    # peak_probe_mm away (registration.metric.similarity_peak_offsets_mm); None: not checked.
+    max_peak_offset_mm: float | None = Field(default=None, gt=0)
+    peak_probe_mm: float = Field(default=4.0, gt=0)
     # Sanity bounds (not clinical thresholds): None disables the check for that stage.
     max_motion_mm: float | None = Field(default=None, gt=0)
     max_scale_change: float | None = Field(default=None, gt=0, lt=1)

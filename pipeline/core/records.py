@@ -146,13 +146,20 @@ class RegistrationQC(BaseModel):
     # Optional QC figures (None when not measured): inverse-consistency residual, the mean
     # round-trip displacement |T_back(T(x)) - x| over the body (mm); NCC of the body interior
     # before/after; Jacobian determinant range of a deformable transform over the body and the
-    # largest displacement its deformable part adds to the affine (mm).
+    # largest displacement its deformable part adds to the affine (mm); how far from the pose
+    # the pair's gradient NCC peaks along the worst grid axis (peak_offset_mm, mm; 99: beyond
+    # the probed neighbour);
+    # the fraction of the fixed body interior that overlaps the moving image (overlap) and, when
+    # that is low, of the ablation zone's region (zone_coverage): another field of view.
     residual_mm: float | None = None
     ncc_before: float | None = None
     ncc_after: float | None = None
     jacobian_min: float | None = None
     jacobian_max: float | None = None
     deformation_max_mm: float | None = None
+    peak_offset_mm: float | None = None
+    overlap: float | None = None
+    zone_coverage: float | None = None
 
 
 class AxisMeasurement(BaseModel):

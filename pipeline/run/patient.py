@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from pipeline.core.config import PipelineConfig
 from pipeline.core.records import (
     AssessmentRecord,
+    AxisMeasurement,
     ErrorRecord,
     RegistrationQC,
     StudyImaging,
@@ -106,6 +107,23 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     return state, analysis.errors
 
 
+def zone_guidance(baseline_zone: AxisMeasurement | None, follow_up_zone: AxisMeasurement | None,
+                  local_max_distance_mm: float
+                  ) -> tuple[list[float] | None, tuple[list[float], float] | None]:
+    """What the two studies' ablation zones tell the follow-up -> baseline registration.
+
+    ``(hint_shift_lps, zone_region_lps)``: the shift between the zones' centroids (the one
+    structure both studies are centred on: a start within the optimiser's capture range, one
+    candidate among others), and the baseline zone with the margin in which a focus is local
+    (rule 4) as ``(centre, radius_mm)``: where the comparison matters, so a follow-up of another
+    field of view that images it is not a failed registration. None where a zone is missing.
+    """
+    a, b = baseline_zone, follow_up_zone
+    hint = None if a is None or b is None else [fu - base for fu, base in zip(b.centroid_lps, a.centroid_lps)]
+    region = None if a is None else (list(a.centroid_lps), a.max_3d_diameter_mm / 2.0 + local_max_distance_mm)
+    return hint, region
+
+
 def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, store: StudyStore) -> None:
     """Follow-up -> baseline registration (cached by both studies' keys)."""
     key = to_baseline_key(state.imaging_key, baseline.imaging_key)
@@ -116,14 +134,10 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
         state.transform = store.read_to_baseline(state.study)
         return
     # ITK convention, baseline fixed: the transform maps a baseline point to this study's point.
-    # The ablation zone is the one structure both studies are centred on: its centroids
-    # give the optimiser a start within its capture range (one candidate among others).
-    hint = None
-    a, b = baseline.imaging.ablation_zone, state.imaging.ablation_zone
-    if a is not None and b is not None:
-        hint = [fu - base for fu, base in zip(b.centroid_lps, a.centroid_lps)]
+    hint, zone_region = zone_guidance(baseline.imaging.ablation_zone, state.imaging.ablation_zone,
+                                      cfg.foci.local_max_distance_mm)
     transform, qc = register_to_baseline(baseline.images().pre_registered, state.images().pre_registered,
-                                         cfg.registration, hint_shift_lps=hint)
+                                         cfg.registration, hint_shift_lps=hint, zone_region_lps=zone_region)
     state.to_baseline, state.transform = qc, transform
     if qc.ok:
         store.keep_to_baseline(state.study, transform, baseline.images().pre_registered)

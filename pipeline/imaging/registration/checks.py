@@ -1,9 +1,11 @@
 """Registration layer 4: the quality checks of one registration result (the failure policy).
 
 :func:`quality` turns a backend's result into ``(transform, RegistrationQC)``: the metric must
-not get worse, the body interior must overlap and correlate (NCC, or its edges: gradient NCC),
-the affine must stay plausible (scaling, rotation, motion bounds) and a deformable part must
-neither fold nor move the body too far; the identity transform when any check fails.
+not get worse, the body interior must overlap (or, for another field of view, image the
+ablation zone's region) and correlate (NCC, or its edges: gradient NCC), the pair's own edge
+agreement must peak near the pose (not a few mm beside it), the affine must stay plausible
+(scaling, rotation, motion bounds) and a deformable part must neither fold nor move the body
+too far; the identity transform when any check fails.
 :func:`check_inverse_consistency` registers the pair the other way and bounds the round trip.
 :class:`PairContext` holds what every check of one pair needs. Imports ``pipeline.core`` and the
 layers before (``common``, ``transforms``, ``metric``); a backend is passed in, never imported.
@@ -26,7 +28,9 @@ from pipeline.imaging.registration.metric import (
     evaluate_metric,
     interior_mask,
     metric_mask,
+    covered_fraction,
     registration_ncc,
+    similarity_peak_offsets_mm,
 )
 from pipeline.imaging.registration.transforms import (
     deformation_max_mm,
@@ -42,6 +46,16 @@ from pipeline.imaging.registration.transforms import (
 # correlation to mean anything (studies cover different slabs; a pair that barely overlaps
 # cannot be checked).
 MIN_OVERLAP = 0.5
+# Studies of another field of view (a shorter slab, another station) overlap less, and that is
+# not a failure when the ablation zone's region is imaged in both: with the zone known, the pair
+# passes on MIN_ZONE_COVERAGE of that region mapping inside the follow-up and at least
+# MIN_OVERLAP_WITH_ZONE of the body interior to check the correlations on (ENG-DEFAULT: a
+# few slices of overlap cannot be checked).
+MIN_ZONE_COVERAGE = 0.95
+MIN_OVERLAP_WITH_ZONE = 0.2
+# What qc.peak_offset_mm reads when the pair's similarity is not concave about the pose along
+# an axis (its peak lies beyond the probed neighbour): a finite stand-in for infinity in JSON.
+PEAK_BEYOND_PROBE_MM = 99.0
 # Tolerance when comparing the metric before/after (Mattes MI is negative, lower is better).
 _METRIC_WORSE_TOL = 1e-4
 
@@ -55,7 +69,9 @@ class PairContext:
     ``fixed_eval``/``moving_eval``/``eval_frac``: the pyramid level and sampling fraction the
     metric is compared on, ``metric_before`` its value under the identity; ``max_scale_change``
     (unitless) and ``max_motion_mm`` (mm): plausibility bounds, None when unchecked; ``t0``:
-    ``time.perf_counter()`` when the registration of the pair began (for ``qc.seconds``).
+    ``time.perf_counter()`` when the registration of the pair began (for ``qc.seconds``);
+    ``zone_region``: a mask on the fixed grid of the ablation zone and its margin, None when
+    unknown (then a pair that overlaps too little cannot be told from a failure).
     """
 
     name: str
@@ -71,6 +87,7 @@ class PairContext:
     max_motion_mm: float | None
     threads: int
     t0: float
+    zone_region: sitk.Image | None = None
 
 
 def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, method: str,
@@ -85,20 +102,43 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
     metric_before = pair.metric_before
     metric_after = evaluate_metric(pair.fixed_eval, pair.moving_eval, pair.metric_mask, tx, pair.eval_frac, threads)
     motion = motion_magnitude_mm(tx, pair.fixed_body)
-    ncc, gncc, overlap = registration_ncc(pair.fixed, pair.moving, tx, interior_mask(pair.fixed_body, threads))
+    interior = interior_mask(pair.fixed_body, threads)
+    ncc, gncc, overlap = registration_ncc(pair.fixed, pair.moving, tx, interior)
     scales = scale_factors(tx)
 
     reasons = []
     if not np.isfinite(metric_after) or metric_after > metric_before + _METRIC_WORSE_TOL:
         reasons.append(f"metric got worse ({metric_before:.4f} -> {metric_after:.4f})")
+    zone_coverage = None
     if overlap < MIN_OVERLAP:
-        reasons.append(f"only {overlap:.0%} of the body interior overlaps after registration "
-                       f"(< {MIN_OVERLAP:.0%})")
+        if pair.zone_region is None:
+            reasons.append(f"only {overlap:.0%} of the body interior overlaps after registration "
+                           f"(< {MIN_OVERLAP:.0%}), and no ablation zone to tell another field of view "
+                           "from a failed registration")
+        else:
+            zone_coverage = covered_fraction(pair.moving, tx, pair.zone_region)
+            if zone_coverage < MIN_ZONE_COVERAGE or overlap < MIN_OVERLAP_WITH_ZONE:
+                reasons.append(f"the follow-up images {zone_coverage:.0%} of the ablation zone's region "
+                               f"(needs {MIN_ZONE_COVERAGE:.0%}) and {overlap:.0%} of the body interior "
+                               f"(needs {MIN_OVERLAP_WITH_ZONE:.0%} with the zone covered): another "
+                               "field of view, or a failed registration")
+            else:
+                stop += (f"; another field of view: {overlap:.0%} of the body interior overlaps, the "
+                         f"ablation zone's region is imaged ({zone_coverage:.0%}), checked on the overlap")
     edges_agree = stage.min_gradient_ncc_after is not None and gncc >= stage.min_gradient_ncc_after
     if ncc < stage.min_ncc_after and not edges_agree:
         gate = "" if stage.min_gradient_ncc_after is None else f" < {stage.min_gradient_ncc_after}"
         reasons.append(f"ncc of the body interior {ncc:.3f} < {stage.min_ncc_after} "
                        f"(gradient ncc {gncc:.3f}{gate})")
+    peak = None
+    if stage.max_peak_offset_mm is not None and overlap > 0:
+        offsets = similarity_peak_offsets_mm(pair.fixed, pair.moving, tx, interior, stage.peak_probe_mm)[1]
+        axis = int(np.argmax(np.abs(offsets)))
+        peak = min(float(np.abs(offsets[axis])), PEAK_BEYOND_PROBE_MM)
+        if peak > stage.max_peak_offset_mm:
+            where = "beyond its neighbour" if peak == PEAK_BEYOND_PROBE_MM else f"{peak:.1f} mm away"
+            reasons.append(f"the pair's edges agree best {where} along {'xyz'[axis]} "
+                           f"(> {stage.max_peak_offset_mm} mm from the registered pose)")
     max_scale_change, max_motion_mm = pair.max_scale_change, pair.max_motion_mm
     if max_scale_change is not None and np.abs(scales - 1.0).max() > max_scale_change:
         reasons.append(f"implausible affine scaling {np.round(scales, 3).tolist()} "
@@ -128,7 +168,9 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
         seconds=round(time.perf_counter() - pair.t0, 3), ncc_after=round(ncc, 4),
         jacobian_min=None if jac_min is None else round(jac_min, 4),
         jacobian_max=None if jac_max is None else round(jac_max, 4),
-        deformation_max_mm=None if deform_max is None else round(deform_max, 3))
+        deformation_max_mm=None if deform_max is None else round(deform_max, 3),
+        peak_offset_mm=None if peak is None else round(peak, 2), overlap=round(overlap, 3),
+        zone_coverage=None if zone_coverage is None else round(zone_coverage, 3))
     if not ok:
         return identity(), qc
     return tx, qc
@@ -169,4 +211,5 @@ def check_inverse_consistency(outcome: tuple[sitk.Transform, RegistrationQC], pa
     return identity(), qc.model_copy(update=update)
 
 
-__all__ = ["MIN_OVERLAP", "PairContext", "check_inverse_consistency", "quality"]
+__all__ = ["MIN_OVERLAP", "MIN_OVERLAP_WITH_ZONE", "MIN_ZONE_COVERAGE", "PEAK_BEYOND_PROBE_MM", "PairContext",
+           "check_inverse_consistency", "quality"]

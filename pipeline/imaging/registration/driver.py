@@ -62,6 +62,7 @@ from pipeline.imaging.registration.metric import (
     interior_mask,
     metric_mask,
     registration_ncc,
+    sphere_mask,
 )
 from pipeline.imaging.registration.sitk_backend import register_simpleitk
 from pipeline.imaging.registration.transforms import identity
@@ -131,6 +132,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
               stage: RegistrationStageConfig, name: str, intra: bool,
               max_motion_mm: float | None, max_scale_change: float | None,
               hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
+              zone_region_lps: tuple[Sequence[float], float] | None = None,
               ) -> tuple[sitk.Transform, RegistrationQC]:
     t0 = time.perf_counter()
     threads = int(cfg.threads)
@@ -218,7 +220,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     pair = PairContext(name=name, fixed=fixed, moving=moving, fixed_body=fixed_body, metric_mask=fixed_mask,
                        fixed_eval=fixed_eval, moving_eval=moving_eval, eval_frac=eval_frac,
                        metric_before=metric_before, max_scale_change=max_scale_change,
-                       max_motion_mm=max_motion_mm, threads=threads, t0=t0)
+                       max_motion_mm=max_motion_mm, threads=threads, t0=t0,
+                       zone_region=None if zone_region_lps is None else sphere_mask(fixed, *zone_region_lps))
     max_step_mm = _MAX_STEP_MM["intra" if intra else "inter"]
     first_failure = None
     for init_name, init in starts:
@@ -266,6 +269,7 @@ def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: Re
 def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image,
                          cfg: RegistrationConfig, name: str = "followup_to_baseline",
                          hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
+                         zone_region_lps: tuple[Sequence[float], float] | None = None,
                          ) -> tuple[sitk.Transform, RegistrationQC]:
     """Register a follow-up (moving) to the session's baseline (fixed); both pre-contrast.
 
@@ -279,11 +283,14 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     ``1 +- cfg.inter_study.max_scale_change`` along any axis (unitless) fails; identity transform
     when not ok. With ``cfg.inter_study.deformable`` set the transform is a CompositeTransform
     (affine, then the deformable part acting first; see :func:`split_affine_and_deformable`) and
-    a folding Jacobian fails the QC.
+    a folding Jacobian fails the QC. ``zone_region_lps``: ``(centre, radius_mm)`` of the baseline's
+    ablation zone and its margin (LPS, mm); with it a follow-up of another field of view passes
+    when that region is imaged in both (``checks.MIN_ZONE_COVERAGE``), and the reason says so
+    when it is not.
     """
     return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
                      max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change,
-                     hint_shift_lps=hint_shift_lps, device=device)
+                     hint_shift_lps=hint_shift_lps, device=device, zone_region_lps=zone_region_lps)
 
 
 __all__ = ["register_intra_study", "register_to_baseline"]
