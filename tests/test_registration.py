@@ -282,6 +282,34 @@ def test_intra_study_pair_whose_enhancement_inverts_the_contrast_passes_on_its_e
     assert not qc_off.ok and "ncc of the body interior" in qc_off.reason
 
 
+def test_intra_study_pose_off_by_a_few_mm_fails_rule_5(cfg, phantom, baseline):
+    # Rule 5: residual misregistration above 2 mm makes a phase unusable. The residual is
+    # estimated by where the pre/post pair's edges agree best: the true pose passes, the same
+    # pose 4 mm off along y does not (the enhancement changes the intensities, not the edges).
+    stage = cfg.intra_study
+    assert stage.max_peak_offset_mm == 2.0 and stage.max_residual_mm is None
+    true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2), centre=(0.0, 0.0, 0.0))
+
+    def enhance(pts, vals):
+        out = vals.copy()
+        for c, rad in phantom.blobs:
+            out[((pts - c) ** 2).sum(axis=1) < rad * rad] *= 1.8
+        return out
+
+    post = render(phantom, make_grid(FIXED_SIZE, FIXED_SPACING), true, scale=1.3, noise=0.02, seed=3,
+                  enhance=enhance)
+    fixed_body = body_mask(baseline)
+    mask = metric_mask(fixed_body, 1)
+    before = evaluate_metric(baseline, post, mask, sitk.Euler3DTransform(), 0.2, 1)
+    pair = PairContext(name="post_to_pre", fixed=baseline, moving=post, fixed_body=fixed_body, metric_mask=mask,
+                       fixed_eval=baseline, moving_eval=post, eval_frac=0.2, metric_before=before,
+                       max_scale_change=None, max_motion_mm=stage.max_motion_mm, threads=1, t0=time.perf_counter())
+    _, qc = quality(BackendResult(true, 1, "", True), "truth", stage, "test", pair)
+    assert qc.ok and qc.peak_offset_mm <= 1.0, (qc.peak_offset_mm, qc.reason)
+    _, qc = quality(BackendResult(_shifted(true, [0, 4.0, 0]), 1, "", True), "truth+4mm", stage, "test", pair)
+    assert not qc.ok and "edges agree best" in qc.reason and "along y" in qc.reason, qc.reason
+
+
 def test_intra_study_pair_of_another_patient_fails_on_its_edges_too(cfg, baseline):
     other = Phantom(seed=7, semi_axes=(92.0, 75.0))
     wrong = render(other, make_grid(FIXED_SIZE, FIXED_SPACING), scale=1.3, noise=0.02, seed=4)

@@ -124,13 +124,18 @@ def test_backends_agree(inter_results, small_baseline):
 def test_torch_intra_study_residual(phantom, small_baseline):
     true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.3, noise=0.02, seed=3)
-    tx, qc = register_intra_study(small_baseline, post, _cfg("torch"))
+    cfg = _cfg("torch")
+    # Both residual estimates: the peak test (the default) and inverse consistency (selectable).
+    cfg = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"max_residual_mm": 2.0})})
+    tx, qc = register_intra_study(small_baseline, post, cfg)
     err = tre_mm(tx, true, body_points(small_baseline, 20))
-    print(f"\ntorch intra: error mean {err.mean():.2f} mm; residual {qc.residual_mm} mm; {qc.stop_condition}")
+    print(f"\ntorch intra: error mean {err.mean():.2f} mm; residual {qc.residual_mm} mm; peak {qc.peak_offset_mm} mm; "
+          f"{qc.stop_condition}")
     assert qc.ok, qc.reason
     assert isinstance(tx, sitk.Euler3DTransform)
     assert err.mean() <= 0.8
     assert qc.residual_mm is not None and 0.0 <= qc.residual_mm < 1.0
+    assert qc.peak_offset_mm is not None and qc.peak_offset_mm <= cfg.intra_study.max_peak_offset_mm
 
 
 def test_torch_wrong_patient_flagged(small_baseline):
@@ -203,6 +208,8 @@ def test_inconsistent_round_trip_fails_qc(phantom, small_baseline, monkeypatch):
     true = euler((0.5, -0.5, 0.5), (1.0, -1.0, 0.5))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.2, noise=0.02, seed=7)
     cfg = _cfg("simpleitk")
+    # The inverse-consistency check, selectable (the default estimates the residual by the peak test).
+    cfg = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"max_residual_mm": 2.0})})
     # The measured residual of this pair is ~0.1-0.4 mm (test_torch_intra_study_residual checks a
     # real one); here the round trip is made to read 2.6 mm to check the policy.
     # Patched where check_inverse_consistency looks it up (checks imports it from transforms).
