@@ -36,7 +36,7 @@ from pipeline.outputs.store import (
     imaging_key,
     to_baseline_key,
 )
-from tests.helpers import DAY0, classify_sections, focus, imaging, study
+from tests.helpers import DAY0, az, classify_sections, focus, imaging, study
 
 CFG = load_config()
 
@@ -215,3 +215,19 @@ def test_the_nightly_deferral_and_the_header_readers_change_no_cache_key():
     assert nightly.digest() == CFG.digest()
     roles = CFG.model_copy(update={"ingest": CFG.ingest.model_copy(update={"series_roles_file": "other.yaml"})})
     assert roles.digest() != CFG.digest()  # what decides the series roles still counts
+
+
+def test_zone_guidance_for_the_follow_up_registration():
+    # The hint is the shift between the zones' centroids; the region is the baseline zone with
+    # rule 4's local margin. Without a baseline zone there is neither; without a follow-up zone
+    # there is no hint, but the region (the baseline's) still tells another field of view apart.
+    from pipeline.run.patient import zone_guidance
+
+    base = az(30.0).model_copy(update={"centroid_lps": [10.0, -20.0, 5.0]})
+    follow = az(28.0).model_copy(update={"centroid_lps": [13.0, -18.0, 9.0]})
+    hint, region = zone_guidance(base, follow, 10.0)
+    assert hint == pytest.approx([3.0, 2.0, 4.0])
+    assert region[0] == pytest.approx([10.0, -20.0, 5.0]) and region[1] == pytest.approx(25.0)
+    assert zone_guidance(None, follow, 10.0) == (None, None)
+    hint, region = zone_guidance(base, None, 10.0)
+    assert hint is None and region[1] == pytest.approx(25.0)

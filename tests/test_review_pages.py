@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.core.records import AssessmentRecord, Category, Decision
+from pipeline.core.records import AssessmentRecord, Category, Decision, RegistrationQC
 from pipeline.outputs.contract import write_assessment
 from pipeline.review import auth
 from pipeline.review.app import create_app
@@ -40,7 +40,12 @@ def client(tmp_path):
                           flagged=True, flag_reasons=["local_tumour_progression: nodular focus"],
                           values={"az_long_axis_mm": 35.2149, "rim_max_thickness_mm": 2.98741,
                                   "rim_benign_pattern": False, "focus_max_thickness_mm": 10.0},
-                          thresholds={"min_thickness_mm": 5.0}))
+                          thresholds={"min_thickness_mm": 5.0}),
+        # A follow-up of another field of view whose registration passed on the zone's region.
+        registration_to_baseline=RegistrationQC(
+            name="followup_to_baseline", method="torch:rigid+field", metric="mattes_mi", metric_before=-0.3,
+            metric_after=-1.6, iterations=80, stop_condition="", motion_corrected_mm=12.0, ok=True,
+            overlap=0.35, zone_coverage=1.0, peak_offset_mm=0.4))
     write_assessment(folder / "assessment.json", record)
     users = tmp_path / "users.txt"
     auth.add_user(users, "alice", PASSWORD)
@@ -84,3 +89,9 @@ def test_the_confidence_is_a_heuristic_on_the_case_and_off_the_worklist(client):
     assert "heuristic confidence 0.95" in c.get(f"/case/{item_id}").text
     worklist = c.get("/").text
     assert "confidence" not in worklist and "0.95" not in worklist
+
+
+def test_another_field_of_view_is_said_on_the_case_page(client):
+    c, item_id = client
+    html = c.get(f"/case/{item_id}").text
+    assert "Registration to the baseline: passed QC; another field of view: 35 % of the baseline's body" in html
