@@ -25,10 +25,10 @@ from pipeline.core.records import RegistrationQC
 from pipeline.imaging.registration.common import Backend, BackendResult, mask_centroid_lps
 from pipeline.imaging.registration.metric import (
     METRIC_NAME,
+    covered_fraction,
     evaluate_metric,
     interior_mask,
     metric_mask,
-    covered_fraction,
     registration_ncc,
     similarity_peak_offsets_mm,
 )
@@ -113,8 +113,8 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
     if overlap < MIN_OVERLAP:
         if pair.zone_region is None:
             reasons.append(f"only {overlap:.0%} of the body interior overlaps after registration "
-                           f"(< {MIN_OVERLAP:.0%}), and no ablation zone to tell another field of view "
-                           "from a failed registration")
+                           f"(< {MIN_OVERLAP:.0%}; with no ablation zone to check, another field of view "
+                           "cannot be told from a failed registration)")
         else:
             zone_coverage = covered_fraction(pair.moving, tx, pair.zone_region)
             if zone_coverage < MIN_ZONE_COVERAGE or overlap < MIN_OVERLAP_WITH_ZONE:

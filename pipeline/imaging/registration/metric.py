@@ -129,16 +129,23 @@ def _correlation(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
 
 
 def sphere_mask(reference: sitk.Image, centre_lps, radius_mm: float) -> sitk.Image:
-    """UInt8 mask on ``reference``'s grid: the voxels within ``radius_mm`` of ``centre_lps`` (LPS, mm)."""
-    size = reference.GetSize()
-    k, j, i = np.meshgrid(*[np.arange(n, dtype=float) for n in size[::-1]], indexing="ij")
+    """UInt8 mask on ``reference``'s grid: the voxels within ``radius_mm`` of ``centre_lps`` (LPS, mm).
+
+    Slice by slice, so that a 512 x 512 x 200 grid never holds more than one slice of coordinates.
+    """
+    nx, ny, nz = reference.GetSize()
     direction = np.array(reference.GetDirection()).reshape(3, 3)
+    spacing = np.array(reference.GetSpacing())
     offset = np.asarray(reference.GetOrigin()) - np.asarray(centre_lps, dtype=float)
-    idx = np.stack([i, j, k], axis=-1) * np.array(reference.GetSpacing())
-    points = idx @ direction.T + offset
-    out = sitk.GetImageFromArray(((points ** 2).sum(axis=-1) <= radius_mm ** 2).astype(np.uint8))
-    out.CopyInformation(reference)
-    return out
+    j, i = np.meshgrid(np.arange(ny, dtype=float), np.arange(nx, dtype=float), indexing="ij")
+    in_plane = np.stack([i, j, np.zeros_like(i)], axis=-1) * spacing @ direction.T + offset
+    out = np.zeros((nz, ny, nx), np.uint8)
+    for k in range(nz):
+        points = in_plane + k * spacing[2] * direction[:, 2]
+        out[k] = (points ** 2).sum(axis=-1) <= radius_mm ** 2
+    image = sitk.GetImageFromArray(out)
+    image.CopyInformation(reference)
+    return image
 
 
 def covered_fraction(moving: sitk.Image, transform: sitk.Transform, region: sitk.Image) -> float:
