@@ -286,8 +286,8 @@ def test_intra_study_pose_off_by_a_few_mm_fails_rule_5(cfg, phantom, baseline):
     # Rule 5: residual misregistration above 2 mm makes a phase unusable. The residual is
     # estimated by where the pre/post pair's edges agree best: the true pose passes, the same
     # pose 4 mm off along y does not (the enhancement changes the intensities, not the edges).
-    stage = cfg.intra_study
-    assert stage.max_peak_offset_mm == 2.0 and stage.max_residual_mm is None
+    # The peak test within a study is selectable (off by default, docs/registration.md).
+    stage = cfg.intra_study.model_copy(update={"max_peak_offset_mm": 2.0, "max_residual_mm": None})
     true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2), centre=(0.0, 0.0, 0.0))
 
     def enhance(pts, vals):

@@ -125,8 +125,9 @@ def test_torch_intra_study_residual(phantom, small_baseline):
     true = euler((1.0, -1.5, 0.8), (1.5, -2.0, 1.2))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.3, noise=0.02, seed=3)
     cfg = _cfg("torch")
-    # Both residual estimates: the peak test (the default) and inverse consistency (selectable).
-    cfg = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"max_residual_mm": 2.0})})
+    # Both residual estimates: inverse consistency (the default) and the peak test (selectable).
+    cfg = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(
+        update={"max_residual_mm": 2.0, "max_peak_offset_mm": 2.0})})
     tx, qc = register_intra_study(small_baseline, post, cfg)
     err = tre_mm(tx, true, body_points(small_baseline, 20))
     print(f"\ntorch intra: error mean {err.mean():.2f} mm; residual {qc.residual_mm} mm; peak {qc.peak_offset_mm} mm; "
@@ -208,7 +209,6 @@ def test_inconsistent_round_trip_fails_qc(phantom, small_baseline, monkeypatch):
     true = euler((0.5, -0.5, 0.5), (1.0, -1.0, 0.5))
     post = render(phantom, make_grid(SMALL_SIZE, SMALL_SPACING), true, scale=1.2, noise=0.02, seed=7)
     cfg = _cfg("simpleitk")
-    # The inverse-consistency check, selectable (the default estimates the residual by the peak test).
     cfg = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"max_residual_mm": 2.0})})
     # The measured residual of this pair is ~0.1-0.4 mm (test_torch_intra_study_residual checks a
     # real one); here the round trip is made to read 2.6 mm to check the policy.
