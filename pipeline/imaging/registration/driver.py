@@ -258,7 +258,7 @@ def register_intra_study(fixed_pre: sitk.Image, moving_post: sitk.Image, cfg: Re
     the body interior (body mask eroded by 10 mm) is below ``cfg.intra_study.min_ncc_after`` or the corrected motion exceeds
     ``cfg.intra_study.max_motion_mm`` (mm; sanity bound, not a clinical threshold). Never raises on a failed
     optimisation. ``qc.stop_condition`` also carries the NCC values. The residual
-    misregistration of rule 5: with ``cfg.intra_study.max_peak_offset_mm`` set (off by default),
+    misregistration of rule 5: with ``cfg.intra_study.max_peak_offset_mm`` set (the default),
     the pair's edge agreement peaking farther than that from the pose fails the QC
     (``qc.peak_offset_mm``); with ``cfg.intra_study.max_residual_mm`` set, the pair is also
     registered the other way and a round-trip residual (``qc.residual_mm``, mm, mean over the
