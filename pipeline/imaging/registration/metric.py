@@ -99,21 +99,32 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     Correlations are in [-1, 1]; 0.0 when undefined (constant images or no overlap).
     """
     mov = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
-    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(moving)
-    inside = sitk.GetArrayFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
     mask = sitk.GetArrayFromImage(fixed_mask) > 0
-    m = mask & inside
+    m = mask & _inside_field_of_view(moving, fixed, transform)
     overlap = float(m.sum() / max(int(mask.sum()), 1))
     if not m.any():
         return 0.0, 0.0, 0.0
     fix = as_float32(fixed)
     ncc = _correlation(sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(mov), m)
+    gncc = _correlation(_gradient_magnitude(fix), _gradient_magnitude(mov), m)
+    return ncc, gncc, overlap
+
+
+def _inside_field_of_view(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Boolean array on ``reference``'s grid: the voxels ``transform`` maps inside ``moving``."""
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    return sitk.GetArrayFromImage(resample_to(ones, reference, transform, sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def _gradient_magnitude(image: sitk.Image) -> np.ndarray:
+    """Gradient magnitude (Gaussian derivative, ``_GRADIENT_SIGMA_MM``) as an array.
+
+    GetArrayFromImage (a copy), not a view: a view of a temporary image dangles.
+    """
     g = sitk.GradientMagnitudeRecursiveGaussianImageFilter()
     g.SetSigma(_GRADIENT_SIGMA_MM)
-    # GetArrayFromImage (a copy), not a view: a view of a temporary image dangles.
-    gncc = _correlation(sitk.GetArrayFromImage(g.Execute(fix)), sitk.GetArrayFromImage(g.Execute(mov)), m)
-    return ncc, gncc, overlap
+    return sitk.GetArrayFromImage(g.Execute(image))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray, m: np.ndarray) -> float:
@@ -151,9 +162,7 @@ def sphere_mask(reference: sitk.Image, centre_lps, radius_mm: float) -> sitk.Ima
 def covered_fraction(moving: sitk.Image, transform: sitk.Transform, region: sitk.Image) -> float:
     """Fraction of the voxels of ``region`` (a mask on the fixed grid) that ``transform`` maps
     inside ``moving``'s field of view; 0.0 for an empty region."""
-    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(moving)
-    inside = sitk.GetArrayFromImage(resample_to(ones, region, transform, sitk.sitkNearestNeighbor, 0)) > 0
+    inside = _inside_field_of_view(moving, region, transform)
     r = sitk.GetArrayFromImage(region) > 0
     return float((inside & r).sum() / r.sum()) if r.any() else 0.0
 
@@ -178,14 +187,10 @@ def similarity_peak_offsets_mm(fixed: sitk.Image, moving: sitk.Image, transform:
     the centre.
     """
     warped = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
-    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(moving)
-    inside = sitk.GetArrayFromImage(resample_to(ones, fixed, transform, sitk.sitkNearestNeighbor, 0)) > 0
-    g = sitk.GradientMagnitudeRecursiveGaussianImageFilter()
-    g.SetSigma(_GRADIENT_SIGMA_MM)
+    inside = _inside_field_of_view(moving, fixed, transform)
     fix = as_float32(fixed)
-    fixed_arrays = (sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(g.Execute(fix)))
-    warped_arrays = (sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(g.Execute(warped)))
+    fixed_arrays = (sitk.GetArrayFromImage(fix), _gradient_magnitude(fix))
+    warped_arrays = (sitk.GetArrayFromImage(warped), _gradient_magnitude(warped))
     mask = sitk.GetArrayFromImage(fixed_mask) > 0
     centre = [_correlation(f, w, mask & inside) for f, w in zip(fixed_arrays, warped_arrays)]
     offsets = np.zeros((2, 3))
