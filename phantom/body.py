@@ -55,6 +55,7 @@ class Vessel:
     z_dir: float = 1.0
     touch_dir: np.ndarray | None = None
     touch_h: float = 0.0
+    venous: bool = False  # a portal or hepatic vein (``intensities``: enhances from the portal phase)
 
     def centre_xy(self, z: np.ndarray, shift_xy: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         f = np.float32
@@ -84,7 +85,8 @@ class Vessel:
 class Organ:
     """An ellipsoidal organ: ``kidney`` (cortex + medulla = inner ellipsoid x ``inner``),
     ``fluid`` (fluid-filled, dark on T1 and bright on T2, non-enhancing), ``spleen`` (solid,
-    homogeneous) or ``bowel`` (a loop: fluid contents inside an enhancing wall ``wall_mm`` thick).
+    homogeneous), ``bowel`` (a loop: fluid contents inside an enhancing wall ``wall_mm`` thick)
+    or ``liver`` (parenchyma around the ablation zone, the ``liver`` profile).
     ``beside_zone``: placed against the ablation zone (the ``abdomen`` profile)."""
 
     kind: str

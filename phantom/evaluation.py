@@ -112,6 +112,8 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         false_new += row["new_lesion"] == "true"  # the generator draws no new lesion
         groups = [f"scenario:{patient.get('scenario')}"]
         groups += [f"organ:{o}" for o in sorted(set(patient.get("organs_beside_zone") or []))]
+        if patient.get("zone_site", "muscle") != "muscle":
+            groups.append(f"site:{patient['zone_site']}")
         for g in groups:
             by_group.setdefault(g, Counter())["n"] += 1
             by_group[g]["correct"] += t == p

@@ -25,7 +25,8 @@ def t1_tissue_values(anatomy: Anatomy, lesion: LesionState, phase_seconds: int |
     pre = {"air": 0.0, "fat": 60.0, "muscle": m, "bone": 150.0, "vessel": 120.0,
            "az": lesion.az_t1_ratio * m, "rim": m, "nodule": 1.05 * m, "tumour": 1.05 * m,
            "septum": 60.0, "disc": 0.35 * m, "canal": 0.25 * m, "kidney_cortex": 0.95 * m,
-           "kidney_medulla": 0.72 * m, "fluid": 0.2 * m, "bowel_wall": 0.95 * m, "spleen": 0.85 * m}
+           "kidney_medulla": 0.72 * m, "fluid": 0.2 * m, "bowel_wall": 0.95 * m, "spleen": 0.85 * m,
+           "liver": 1.2 * m, "vein": 120.0}
     if phase_seconds is None:
         return pre
     p = {20: 0, 70: 1, 180: 2}[phase_seconds]
@@ -49,6 +50,14 @@ def t1_tissue_values(anatomy: Anatomy, lesion: LesionState, phase_seconds: int |
         "fluid": 0.0,
         "bowel_wall": 0.02,
         "spleen": 0.02,
+        # Liver and its veins (the ``liver`` profile only, always with abdominal physiology):
+        # the parenchyma takes ~75 % of its blood from the portal vein, so it enhances little in
+        # the arterial phase and most in the portal-venous phase, then plateaus; the portal and
+        # hepatic veins fill from the portal phase (the usual description of dynamic liver MRI
+        # with an extracellular agent; LI-RADS v2018 names arterial hyper-enhancement of the
+        # tumour against this parenchyma as its major feature). Engineering values, not measured.
+        "liver": (0.25, 0.75, 0.6)[p],
+        "vein": (0.4, 1.8, 1.4)[p],
     }
     if abdominal:
         # Dynamic-contrast physiology as abdominal MRI texts describe it (engineering values in
@@ -72,7 +81,7 @@ def t2_tissue_values(lesion: LesionState) -> dict[str, float]:
     return {"air": 0.0, "fat": 80.0, "muscle": 100.0, "bone": 30.0, "vessel": 40.0,
             "az": lesion.az_t2, "rim": 115.0, "nodule": 200.0, "tumour": 180.0,
             "septum": 80.0, "disc": 150.0, "canal": 230.0, "kidney_cortex": 120.0, "kidney_medulla": 150.0,
-            "fluid": 250.0, "bowel_wall": 110.0, "spleen": 150.0}
+            "fluid": 250.0, "bowel_wall": 110.0, "spleen": 150.0, "liver": 110.0, "vein": 40.0}
 
 
 def intensity(r: Rendered, values: dict[str, float], texture_amp: float = 0.05) -> np.ndarray:

@@ -271,11 +271,13 @@ def generate_patient(plan: PatientPlan, rng: np.random.Generator, prof: Profile,
 
     for session, abl in enumerate(plan.ablation_dates, 1):
         tgt = baseline_target.get(session, [float("nan")] * 3)
-        procedures.append({"patient_id": pid, "ablation_date": abl.isoformat(), "organ": "soft_tissue",
+        organ = "liver" if any(o.kind == "liver" for o in anatomy.organs) else "soft_tissue"
+        procedures.append({"patient_id": pid, "ablation_date": abl.isoformat(), "organ": organ,
                            "target_x": tgt[0], "target_y": tgt[1], "target_z": tgt[2]})
     patient = {
         "patient_id": pid, "scenario": plan.scenario, "vendor": plan.vendor,
         "organs_beside_zone": [o.kind for o in anatomy.organs if o.beside_zone],
+        "zone_site": "liver" if any(o.kind == "liver" for o in anatomy.organs) else "muscle",
         "ablation_dates": [d.isoformat() for d in plan.ablation_dates],
         "intensities": {"muscle_t1_pre": round(anatomy.muscle_t1, 3), "muscle_re": round(anatomy.muscle_re, 4),
                         "noise_sigma": round(sigma, 3)},

@@ -37,9 +37,10 @@ from .partial_volume import ellipse_frac, ellipsoid, frac, frac_inplane, tube
 
 # Tissue order is also the precedence order inside the body interior: a tissue earlier in
 # the list displaces later ones (a nodule replaces necrosis, a vessel pushes the rim aside).
-LESION_TISSUES = ("nodule", "tumour", "az", "vessel", "rim", "bone")
+LESION_TISSUES = ("nodule", "tumour", "az", "vessel", "vein", "rim", "bone")
 # Then the other interior structures, before muscle (septa = intermuscular fat, fat-suppressed).
-ANATOMY_TISSUES = ("canal", "disc", "kidney_medulla", "kidney_cortex", "fluid", "bowel_wall", "spleen", "septum")
+ANATOMY_TISSUES = ("canal", "disc", "kidney_medulla", "kidney_cortex", "fluid", "bowel_wall", "spleen", "liver",
+                   "septum")
 
 
 @dataclass
@@ -125,6 +126,7 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
     del left, vx, vy
 
     raw_v = np.zeros_like(X)
+    raw_vein = np.zeros_like(X)  # stays zero unless the anatomy has veins (the ``liver`` profile)
     d_vessel = np.full_like(X, np.inf)
     for v in anatomy.vessels:
         cx, cy = v.centre_xy(Z, v.touch_shift(lesion))
@@ -133,11 +135,12 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
             dz = (Z - f32(v.z_start)) * f32(v.z_dir)
             f_v *= np.clip(f32(0.5) + dz / wz, 0.0, 1.0)
             d_v[dz < 0] = np.inf
-        np.maximum(raw_v, f_v, out=raw_v)
+        np.maximum(raw_vein if v.venous else raw_v, f_v, out=raw_vein if v.venous else raw_v)
         np.minimum(d_vessel, d_v, out=d_vessel)
     raw["vessel"] = raw_v
+    raw["vein"] = raw_vein
 
-    for name in ("kidney_cortex", "kidney_medulla", "fluid", "bowel_wall", "spleen"):
+    for name in ("kidney_cortex", "kidney_medulla", "fluid", "bowel_wall", "spleen", "liver"):
         raw[name] = np.zeros_like(X)
 
     def put(name: str, box, f: np.ndarray) -> None:  # organs may share a box: keep the larger share
@@ -159,8 +162,8 @@ def render(grid: Grid, pose: Pose, anatomy: Anatomy, lesion: LesionState) -> Ren
             f_c = frac(d_o + np.float32(o.wall_mm), n_o, axes)  # contents: the wall's inner surface
             put("fluid", box, f_c)
             put("bowel_wall", box, np.clip((f_o - f_c) / np.maximum(1 - f_c, 1e-6), 0, 1))
-        elif o.kind == "spleen":
-            put("spleen", box, f_o)
+        elif o.kind in ("spleen", "liver"):
+            put(o.kind, box, f_o)
         else:
             put("fluid", box, f_o)
 

@@ -26,7 +26,7 @@ import numpy as np
 from .body import Anatomy, random_anatomy
 from .lesion import LesionState, random_lesion_orientation, surface_point
 from .profiles import Profile
-from .zone_contact import organs_beside_zone, touching_vessel
+from .zone_contact import liver_around_zone, organs_beside_zone, touching_vessel
 
 SCENARIOS = ("complete", "ltp", "residual", "growth", "vessel", "asymmetric_rim", "missing_post", "reablation")
 VENDORS = ("SIEMENS", "Philips Medical Systems", "GE MEDICAL SYSTEMS", "CANON_MEC")
@@ -101,8 +101,12 @@ def plan_patient(index: int, rng: np.random.Generator, profile: Profile) -> Pati
     if profile.organs_beside_zone:  # draws only for such profiles: the others' cohorts are unchanged
         anatomy = organs_beside_zone(rng, anatomy, centre, az_rot, semi0, nod_dir)
         vessel_touching = vessel_touching or bool(rng.random() < profile.touching_vessel_fraction)
+    if profile.zone_in_liver:  # draws only for such profiles: the others' cohorts are unchanged
+        anatomy = liver_around_zone(rng, anatomy, centre, reach)
+        vessel_touching = vessel_touching or bool(rng.random() < profile.touching_vessel_fraction)
     if vessel_touching:
-        anatomy = replace(anatomy, vessels=anatomy.vessels + (touching_vessel(rng, centre, az_rot, semi0, nod_dir),))
+        anatomy = replace(anatomy, vessels=anatomy.vessels + (
+            touching_vessel(rng, centre, az_rot, semi0, nod_dir, venous=profile.zone_in_liver),))
 
     rim0 = rng.uniform(*profile.rim_thickness_mm)
     rim_re = rng.uniform(*profile.rim_re)

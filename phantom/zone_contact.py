@@ -28,7 +28,7 @@ from .partial_volume import ellipsoid
 
 
 def touching_vessel(rng: np.random.Generator, az_centre: np.ndarray, az_rot: np.ndarray,
-                    semi_axes: np.ndarray, avoid_dir: np.ndarray | None = None) -> Vessel:
+                    semi_axes: np.ndarray, avoid_dir: np.ndarray | None = None, *, venous: bool = False) -> Vessel:
     """A vessel running S-I whose wall is tangent to the AZ surface at the AZ's mid-level.
 
     The support function of the ellipsoid in the in-plane direction ``n`` is
@@ -45,7 +45,7 @@ def touching_vessel(rng: np.random.Generator, az_centre: np.ndarray, az_rot: np.
     h = float(np.sqrt(n @ m @ n))
     base = az_centre[:2] + n[:2] * (h + r)
     return Vessel(base, n[:2] * rng.uniform(3, 6), 2 * np.pi / rng.uniform(150, 300),
-                  float(az_centre[2]), r, touching=True, touch_dir=n[:2].copy(), touch_h=h)
+                  float(az_centre[2]), r, touching=True, touch_dir=n[:2].copy(), touch_h=h, venous=venous)
 
 
 def _support(rot: np.ndarray, semi: np.ndarray, n: np.ndarray) -> float:
@@ -147,3 +147,47 @@ def organs_beside_zone(rng: np.random.Generator, anatomy: Anatomy, az_centre: np
             placed.append(Organ(kind, c, rot, semi, wall_mm=wall, beside_zone=True))
             break
     return replace(anatomy, organs=anatomy.organs + tuple(placed), physiology="abdominal")
+
+
+def liver_around_zone(rng: np.random.Generator, anatomy: Anatomy, az_centre: np.ndarray, reach_mm: float) -> Anatomy:
+    """The anatomy with a liver holding the ablation zone and 2-4 intrahepatic veins (``liver`` profile).
+
+    The liver is an ellipsoid (semi-axes 20-45 mm beyond the lesion's largest reach in-plane,
+    40-70 mm along S-I) placed off-centre about the zone so that the zone lies >= 12 mm inside
+    it whatever it becomes (growth, nodule: ``reach_mm``). It is not shrunk to the body: the
+    renderer clips it to the body interior (``render``'s precedence: bone, spinal canal and the
+    organs already there keep their place, as the kidney indents the liver), so the liver
+    reaches the body wall as it does in practice. The veins (portal and hepatic branches,
+    radius 2.5-6 mm) run roughly S-I through the liver and stay >= 4 mm clear of the lesion's
+    reach: a vein touching the zone is the profile's ``touching_vessel``.
+    """
+    semi = np.array([reach_mm + rng.uniform(20, 45), reach_mm + rng.uniform(20, 45), reach_mm + rng.uniform(40, 70)])
+    rot = random_rotation_small(rng, 15.0)
+    # An offset whose ellipsoid-normalised length leaves the reach's sphere inside (semi - 12 mm).
+    offset = rng.uniform(-1, 1, 3)
+    offset *= 0.9 * (1.0 - reach_mm / float(np.min(semi - 12.0))) / max(1.0, float(np.linalg.norm(offset)))
+    liver = Organ("liver", az_centre - rot @ (offset * (semi - 12.0)), rot, semi)
+    veins: list[Vessel] = []
+    n_veins = int(rng.integers(2, 5))
+    for _ in range(200):
+        if len(veins) >= n_veins:
+            break
+        r = rng.uniform(2.5, 6.0)
+        ang = rng.uniform(0, 2 * np.pi)
+        radial = rng.uniform(reach_mm + r + 4.0, reach_mm + r + 30.0)
+        base = az_centre[:2] + radial * np.array([np.cos(ang), np.sin(ang)])
+        dang = rng.uniform(0, 2 * np.pi)
+        v = Vessel(base, np.zeros(2), 0.0, 0.0, r,
+                   drift_xy=rng.uniform(0.0, 0.2) * np.array([np.cos(dang), np.sin(dang)]),
+                   zref=float(az_centre[2]), venous=True)
+        zs = np.arange(az_centre[2] - reach_mm - 20, az_centre[2] + reach_mm + 20.1, 2.0)
+        cx, cy = v.centre_xy(zs.astype(np.float32))
+        clear = np.hypot(cx - az_centre[0], cy - az_centre[1]) >= reach_mm + r + 4.0
+        inside = [np.sum((((np.array([x, y, z]) - liver.centre) @ liver.rot) / liver.semi) ** 2) < 1
+                  for x, y, z in zip(cx, cy, zs)]
+        apart = all(np.min(np.hypot(cx - w.centre_xy(zs.astype(np.float32))[0],
+                                    cy - w.centre_xy(zs.astype(np.float32))[1])) >= r + w.radius + 4 for w in veins)
+        if clear.all() and np.mean(inside) > 0.6 and apart:
+            veins.append(v)
+    return replace(anatomy, organs=anatomy.organs + (liver,), vessels=anatomy.vessels + tuple(veins),
+                   physiology="abdominal")

@@ -146,7 +146,6 @@ def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
         beside = [o for o in plan.anatomy.organs if o.beside_zone]
         assert beside, plan.scenario
         les = next(s.lesion for s in plan.studies if s.timepoint == "baseline")
-        surf = les.az_centre + (u * les.az_semi_axes) @ les.az_rot.T
         for organ in beside:
             kinds.add(organ.kind)
             # Points of the organ's surface against the AZ's implicit function: the nearest is
@@ -164,6 +163,53 @@ def test_abdomen_profile_puts_enhancing_organs_against_the_zone():
     plan = plan_patient(0, np.random.default_rng([SEED, 0]), get_profile("default"))
     assert not any(o.beside_zone for o in plan.anatomy.organs) and plan.anatomy.physiology == "mild"
     assert isinstance(les, LesionState)
+
+
+def test_liver_profile_puts_the_zone_inside_enhancing_liver_with_veins_around_it():
+    """Issue 15 item 1: a zone of the liver profile lies >= 12 mm inside a liver (its whole reach:
+    growth, nodule), with 2-4 veins through the liver clear of the zone; the parenchyma enhances
+    less than a tumour nodule in the arterial phase and most in the portal phase, the veins from
+    the portal phase."""
+    from phantom.intensities import t1_tissue_values
+    from phantom.render import render
+
+    prof = get_profile("liver")
+    u = np.random.default_rng(0).standard_normal((20000, 3))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    for i in range(8):
+        plan = plan_patient(i, np.random.default_rng([SEED, i]), prof)
+        livers = [o for o in plan.anatomy.organs if o.kind == "liver"]
+        assert len(livers) == 1 and plan.anatomy.physiology == "abdominal"
+        liver = livers[0]
+        for st in plan.studies:
+            les = st.lesion
+            pts = [les.az_centre + (u * les.az_semi_axes) @ les.az_rot.T] if les.az_semi_axes is not None else []
+            if les.nodule_centre is not None:
+                pts.append(les.nodule_centre + u * les.nodule_radius)
+            for p in pts:  # inside the liver shrunk by 12 mm
+                q = np.sum((((p - liver.centre) @ liver.rot) / (liver.semi - 12.0)) ** 2, axis=1)
+                assert q.max() < 1.0, (plan.scenario, st.timepoint, float(q.max()))
+        veins = [v for v in plan.anatomy.vessels if v.venous and not v.touching]
+        assert 1 <= len(veins) <= 4
+        les = next(s.lesion for s in plan.studies if s.timepoint == "baseline")
+        pre = t1_tissue_values(plan.anatomy, les, None)
+        re = {t: {k: v / pre[k] - 1 for k, v in t1_tissue_values(plan.anatomy, les, t).items() if pre[k]}
+              for t in (20, 70, 180)}
+        assert re[20]["liver"] < 0.5 * re[20]["nodule"] and re[70]["liver"] == max(re[t]["liver"] for t in re)
+        assert re[20]["vein"] < re[70]["vein"]
+    # A rendered study holds liver around the zone on the zone's own slice.
+    from phantom.geometry import Deformation, Pose, axial_direction, make_grid
+
+    plan = plan_patient(0, np.random.default_rng([SEED, 0]), prof)
+    les = next(s.lesion for s in plan.studies if s.timepoint == "baseline")
+    grid = make_grid(les.az_centre, axial_direction(), (96, 96, 3), (1.5, 1.5, 3.0), 3.0)
+    r = render(grid, Pose(np.eye(3), np.zeros(3), Deformation.identity()), plan.anatomy, les)
+    assert r.fractions["liver"][1].sum() > 0.3 * 96 * 96 and r.fractions["az"][1].sum() > 50
+    # The other profiles draw no liver and no vein.
+    for name in ("default", "abdomen"):
+        plan = plan_patient(0, np.random.default_rng([SEED, 0]), get_profile(name))
+        assert not any(o.kind == "liver" for o in plan.anatomy.organs)
+        assert not any(v.venous for v in plan.anatomy.vessels)
 
 
 def test_growth_rescaling_rule():
