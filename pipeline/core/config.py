@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 def _config_dir() -> Path:
@@ -124,6 +124,16 @@ class EnhancementConfig(_Section):
     relative_enhancement_threshold: float = Field(gt=0, lt=5)
     min_component_mm: float = Field(ge=0)
     phase: Literal["latest"] | int
+    # Inner and outer distance (mm) from the zone of the shell whose median RE is the zone's
+    # surroundings (pipeline/segmentation/surroundings.py); None: rule 6 alone.
+    surroundings_shell_mm: tuple[float, float] | None = None
+
+    @field_validator("surroundings_shell_mm")
+    @classmethod
+    def _shell_ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1]:
+            raise ValueError(f"surroundings_shell_mm must be [inner, outer] with 0 <= inner < outer, got {list(v)}")
+        return v
 
 
 class SegmentationConfig(_Section):

@@ -248,6 +248,11 @@ class StudyImaging(BaseModel):
     device: str = "cpu"
     key_slice_index: int | None = None
     timings_s: dict[str, float] = Field(default_factory=dict)
+    # Median relative enhancement of the body 10-25 mm around the zone, by phase index
+    # (enhancement.surroundings_shell_mm); when it reaches rule 6's threshold (a zone inside
+    # enhancing parenchyma) rim and foci were read above it (``enhancement_above_surroundings``).
+    surroundings_re: dict[str, float] = Field(default_factory=dict)
+    enhancement_above_surroundings: bool = False
 
 
 # --------------------------------------------------------------------------- decisions and records

@@ -27,6 +27,7 @@ from pipeline.core.records import (
     StudyRecord,
     label_map,
 )
+from pipeline.imaging.phases import relative_enhancement_on_grid
 from pipeline.imaging.registration import register_intra_study
 from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
 from pipeline.imaging.volumes import SeriesGeometryError, load_series
@@ -34,7 +35,8 @@ from pipeline.measurement.axes import measure_ablation_zone
 from pipeline.measurement.foci import analyse_foci
 from pipeline.measurement.rim import rim_metrics, rim_thickness_profile
 from pipeline.measurement.supporting import enhancement_by_phase, t2_ratios
-from pipeline.segmentation.classical import segment
+from pipeline.segmentation.classical import SegmentationResult, segment, spacing_zyx
+from pipeline.segmentation.surroundings import enhances_like_parenchyma, read_above_surroundings, surroundings_of_zone
 
 
 @dataclass
@@ -139,6 +141,14 @@ def analyse_study(
                                                                       target_hint_lps, device)
     timings["segment"] = time.perf_counter() - t0
 
+    # A zone inside enhancing parenchyma: rim and foci read above the surroundings.
+    t0 = time.perf_counter()
+    rel_for_foci, surroundings_re, above = rel, {}, False
+    if seg.found and cfg.enhancement.surroundings_shell_mm is not None:
+        seg, rel_for_foci, surroundings_re, above = _read_above_surroundings(
+            study, seg, pre, post_series, post, transform, rel, body, cfg)
+    timings["surroundings"] = time.perf_counter() - t0
+
     t0 = time.perf_counter()
     labels_a = np.zeros(seg.az.shape, np.uint8)
     az_measure = rim = None
@@ -152,7 +162,7 @@ def analyse_study(
         rim = rim_metrics(profile, rim_volume_ml, cfg.rim.benign_max_thickness_mm,
                           cfg.rim.benign_min_coverage_deg, cfg.rim.benign_max_cv)
         rim_typical = float(np.median(profile.thickness_mm)) if profile.n else 0.0
-        foci, focus_masks = analyse_foci(seg, rel, post, az_measure, rim, cfg.foci, cfg.enhancement.min_component_mm,
+        foci, focus_masks = analyse_foci(seg, rel_for_foci, post, az_measure, rim, cfg.foci, cfg.enhancement.min_component_mm,
                                           cfg.rim.benign_max_thickness_mm, rim_typical)
         timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -176,9 +186,39 @@ def analyse_study(
         az_found=seg.found and az_measure is not None, ablation_zone=az_measure, rim=rim, foci=foci,
         segmentation_method=seg_method, segmentation_note=seg_note, segmentation_uncertainty=seg_uncertainty,
         device=seg_device, key_slice_index=key_slice, timings_s=timings,
+        surroundings_re=surroundings_re, enhancement_above_surroundings=above,
         reason="" if seg.found else seg.reason)
     images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
     return StudyAnalysis(imaging, images, errors)
+
+
+def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: sitk.Image, post_series: SeriesRecord,
+                             post: sitk.Image, transform: sitk.Transform, rel: sitk.Image, body: sitk.Image,
+                             cfg: PipelineConfig) -> tuple[SegmentationResult, sitk.Image, dict[str, float], bool]:
+    """(segmentation, RE map the foci are judged on, the surroundings' median RE by phase, applied).
+
+    ``pipeline.segmentation.surroundings.read_above_surroundings`` on the phase segmented and,
+    only when its surroundings enhance like parenchyma, the study's earliest post-contrast phase
+    (registered to the pre-contrast like any phase, rule 5; skipped when unreadable or failing QC).
+    """
+    spacing = spacing_zyx(post)
+    body_a = sitk.GetArrayFromImage(body) > 0
+    shell = tuple(cfg.enhancement.surroundings_shell_mm)
+    phases = {str(post_series.phase_index): sitk.GetArrayFromImage(rel)}
+    chosen = surroundings_of_zone(seg.az, phases[str(post_series.phase_index)], body_a, spacing, shell)
+    earlier = [s for s in study.with_role(SeriesRole.T1_POST)
+               if s.phase_index is not None and post_series.phase_index is not None
+               and s.phase_index < post_series.phase_index]
+    if earlier and enhances_like_parenchyma(chosen, cfg.enhancement):
+        earliest = min(earlier, key=lambda s: s.phase_index)
+        re_early = relative_enhancement_on_grid(earliest, pre, post, transform, cfg.registration)
+        if re_early is not None:
+            phases[str(earliest.phase_index)] = sitk.GetArrayFromImage(re_early)
+    seg, excess, read = read_above_surroundings(seg, phases, body_a, spacing, cfg.enhancement, shell,
+                                                cfg.segmentation.rim_search_mm, cfg.foci.min_thickness_mm)
+    if excess is None:
+        return seg, rel, read, False
+    return seg, _like(np.nan_to_num(excess, nan=0.0), post), read, True
 
 
 def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, device: str):

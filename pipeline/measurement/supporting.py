@@ -9,10 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.core.config import RegistrationConfig
-from pipeline.core.geometry import body_mask, resample_to
+from pipeline.core.geometry import resample_to
 from pipeline.core.records import SeriesRecord, SeriesRole, StudyRecord
-from pipeline.imaging.registration import register_intra_study
-from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement
+from pipeline.imaging.phases import relative_enhancement_on_grid
 from pipeline.imaging.volumes import SeriesGeometryError, load_series
 
 
@@ -26,8 +25,8 @@ def enhancement_by_phase(
 ) -> list[dict[str, float]]:
     """Mean relative enhancement of each focus mask (on the chosen grid) in every usable phase.
 
-    Each other phase is registered to the pre-contrast like the chosen one; its RE map is brought
-    onto the chosen grid through chosen -> pre -> that phase. Keys are phase indices as text.
+    Each other phase is read by ``pipeline.imaging.phases.relative_enhancement_on_grid``. Keys are
+    phase indices as text.
     """
     out = [{} for _ in masks]
     re_chosen = sitk.GetArrayFromImage(chosen_re)
@@ -38,22 +37,10 @@ def enhancement_by_phase(
     for series in study.with_role(SeriesRole.T1_POST):
         if series is chosen or not masks:
             continue
-        try:
-            post = load_series(series)
-        except (SeriesGeometryError, OSError, ValueError):
+        re_here = relative_enhancement_on_grid(series, pre, chosen_grid, chosen_to_pre, registration)
+        if re_here is None:
             continue
-        to_pre, qc = register_intra_study(post, pre, registration, name=f"pre_to_post_phase{series.phase_index}")
-        if not qc.ok:
-            continue
-        pre_here = resample_to(pre, post, to_pre)
-        body = body_mask(pre_here)
-        post_norm, _ = normalise_post_to_pre(pre_here, post, body)
-        re_here = relative_enhancement(pre_here, post_norm, body)
-        # ITK applies the last transform added first: chosen grid -> pre -> this phase.
-        chain = sitk.CompositeTransform(3)
-        chain.AddTransform(to_pre.GetInverse())
-        chain.AddTransform(chosen_to_pre)
-        re_on_chosen = sitk.GetArrayFromImage(resample_to(re_here, chosen_grid, chain))
+        re_on_chosen = sitk.GetArrayFromImage(re_here)
         for values, mask in zip(out, masks):
             mean = _mean(re_on_chosen, mask)
             if mean is not None:

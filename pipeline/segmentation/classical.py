@@ -71,7 +71,7 @@ def component_nearest(labels: np.ndarray, n: int, point_zyx: np.ndarray | None, 
     return best
 
 
-def _enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray,
+def enhancing_mask(re_a: np.ndarray, body_a: np.ndarray, spacing: np.ndarray,
                     enhancement: EnhancementConfig) -> np.ndarray:
     """Rule 6: RE >= threshold inside the body, specks under the minimum component size dropped."""
     enhancing = body_a & (re_a >= enhancement.relative_enhancement_threshold)
@@ -87,7 +87,7 @@ def enhancing_tissue(relative_enhancement: sitk.Image, body: sitk.Image, enhance
     """Rule 6's enhancing tissue (bool, z/y/x) as :func:`segment` defines it; shared with
     pipeline/segmentation/network.py."""
     re_a = smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement))
-    return _enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), enhancement)
+    return enhancing_mask(re_a, sitk.GetArrayFromImage(body) > 0, spacing_zyx(relative_enhancement), enhancement)
 
 
 def segment(
@@ -114,7 +114,7 @@ def segment(
     ref = tissue_reference_level(pre_a, body_a)
     if ref is None:
         return SegmentationResult(empty, empty.astype(np.float32), empty, empty, [], False, "no body found")
-    enhancing = _enhancing_mask(re_a, body_a, spacing, enhancement)
+    enhancing = enhancing_mask(re_a, body_a, spacing, enhancement)
 
     lab, n = t1_bright_components(pre_a, re_a, body_a, spacing, ref, segmentation, enhancement)
     hint = None
