@@ -77,7 +77,8 @@ def assess(images, cfg=CFG, phases=("3", "1")):
     excess, read = None, {}
     if cfg.enhancement.surroundings_shell_mm is not None:
         seg, excess, read = read_above_surroundings(
-            seg, {p: sitk.GetArrayFromImage(images[p]) for p in phases}, sitk.GetArrayFromImage(body) > 0, spacing,
+            seg, {p: sitk.GetArrayFromImage(images[p]) for p in phases}, sitk.GetArrayFromImage(pre),
+            sitk.GetArrayFromImage(body) > 0, spacing,
             cfg.enhancement, cfg.enhancement.surroundings_shell_mm, cfg.segmentation.rim_search_mm,
             cfg.foci.min_thickness_mm)
     judged_on = rel
@@ -143,7 +144,8 @@ def test_a_zone_in_muscle_is_read_by_rule_6_alone():
     pre, body, rel = images["pre"], images["body"], images["3"]
     seg = segment(pre, rel, body, CFG.segmentation, CFG.enhancement, CFG.foci.min_thickness_mm)
     out, excess, read = read_above_surroundings(
-        seg, {"3": sitk.GetArrayFromImage(rel)}, sitk.GetArrayFromImage(body) > 0, np.array(SPACING[::-1]),
+        seg, {"3": sitk.GetArrayFromImage(rel)}, sitk.GetArrayFromImage(pre), sitk.GetArrayFromImage(body) > 0,
+        np.array(SPACING[::-1]),
         CFG.enhancement, (10.0, 25.0), CFG.segmentation.rim_search_mm, CFG.foci.min_thickness_mm)
     assert excess is None and out is seg and read["3"] < 0.15
 

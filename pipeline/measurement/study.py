@@ -146,7 +146,7 @@ def analyse_study(
     rel_for_foci, surroundings_re, above = rel, {}, False
     if seg.found and cfg.enhancement.surroundings_shell_mm is not None:
         seg, rel_for_foci, surroundings_re, above = _read_above_surroundings(
-            study, seg, pre, post_series, post, transform, rel, body, cfg)
+            study, seg, pre, pre_on_post, post_series, post, transform, rel, body, cfg)
     timings["surroundings"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -192,9 +192,9 @@ def analyse_study(
     return StudyAnalysis(imaging, images, errors)
 
 
-def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: sitk.Image, post_series: SeriesRecord,
-                             post: sitk.Image, transform: sitk.Transform, rel: sitk.Image, body: sitk.Image,
-                             cfg: PipelineConfig) -> tuple[SegmentationResult, sitk.Image, dict[str, float], bool]:
+def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: sitk.Image, pre_on_post: sitk.Image,
+                             post_series: SeriesRecord, post: sitk.Image, transform: sitk.Transform, rel: sitk.Image,
+                             body: sitk.Image, cfg: PipelineConfig) -> tuple[SegmentationResult, sitk.Image, dict[str, float], bool]:
     """(segmentation, RE map the foci are judged on, the surroundings' median RE by phase, applied).
 
     ``pipeline.segmentation.surroundings.read_above_surroundings`` on the phase segmented and,
@@ -214,7 +214,8 @@ def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: s
         re_early = relative_enhancement_on_grid(earliest, pre, post, transform, cfg.registration)
         if re_early is not None:
             phases[str(earliest.phase_index)] = sitk.GetArrayFromImage(re_early)
-    seg, excess, read = read_above_surroundings(seg, phases, body_a, spacing, cfg.enhancement, shell,
+    pre_a = sitk.GetArrayFromImage(pre_on_post).astype(np.float32)
+    seg, excess, read = read_above_surroundings(seg, phases, pre_a, body_a, spacing, cfg.enhancement, shell,
                                                 cfg.segmentation.rim_search_mm, cfg.foci.min_thickness_mm)
     if excess is None:
         return seg, rel, read, False
