@@ -35,7 +35,8 @@ def client(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"{name}.nii.gz"))
     record = AssessmentRecord(
         patient_id="P-001", study_instance_uid="7.1", study_date="2026-03-01", timepoint="follow_up", session=1,
-        ablation_date="2025-09-02", days_since_ablation=180, baseline_study_instance_uid=None, imaging=imaging(35.2149, [focus(diameter=16.27, thickness=10.0)]),
+        ablation_date="2025-09-02", days_since_ablation=180, baseline_study_instance_uid=None, imaging=imaging(35.2149, [focus(diameter=16.27, thickness=10.0)]).model_copy(
+            update={"surroundings_re": {"3": 0.6, "1": 0.25}, "enhancement_above_surroundings": True}),
         decision=Decision(category=Category.LOCAL_TUMOUR_PROGRESSION, rule_id="R2", rule="r", confidence=0.95,
                           flagged=True, flag_reasons=["local_tumour_progression: nodular focus"],
                           values={"az_long_axis_mm": 35.2149, "rim_max_thickness_mm": 2.98741,
@@ -95,3 +96,10 @@ def test_another_field_of_view_is_said_on_the_case_page(client):
     c, item_id = client
     html = c.get(f"/case/{item_id}").text
     assert "Registration to the baseline: passed QC; another field of view: 35 % of the baseline's body" in html
+
+
+def test_a_zone_in_enhancing_parenchyma_is_said_on_the_case_page(client):
+    c, item_id = client
+    html = c.get(f"/case/{item_id}").text
+    assert ("The zone lies in enhancing parenchyma (median enhancement 10-25 mm around it: phase 3 +60 %, "
+            "phase 1 +25 %): rim and foci are read as enhancement above it.") in html
