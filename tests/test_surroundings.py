@@ -155,3 +155,34 @@ def test_the_shell_must_be_ordered(tmp_path):
     text.write_text("enhancement:\n  surroundings_shell_mm: [25, 10]\n")
     with pytest.raises(ValidationError, match="surroundings_shell_mm"):
         load_config(text)
+
+
+@pytest.mark.parametrize("where", ["liver_edge", "zone"])
+def test_a_network_zone_that_is_not_t1_bright_and_non_enhancing_is_not_the_ablation_zone(where, monkeypatch):
+    """Development liver seed 81: out of its distribution the network labelled a sliver of
+    enhancing liver 80 mm from the zone; the definition (T1-bright, non-enhancing) overrules it."""
+    import pipeline.segmentation.network as network
+    from models.infer import NetworkPrediction
+    from pipeline.core.records import Label
+
+    images = build()
+    pre, body, rel = images["pre"], images["body"], images["3"]
+    z, y, x = np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij")
+    x, y = x * SPACING[0] - 75.0, y * SPACING[1] - 75.0
+    if where == "zone":
+        labelled = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + ((z * SPACING[2] - 36.0) / 12.0) ** 2) <= 0.9
+    else:
+        labelled = (x > 50.0) & (np.abs(y) < 15.0) & (np.abs(z - 12) < 4)
+    labels = np.where(labelled, int(Label.ABLATION_ZONE), 0).astype(np.uint8)
+    probabilities = np.stack([(labels == k).astype(np.float32) for k in range(4)])
+    prediction = NetworkPrediction(labels, probabilities, np.zeros(SHAPE, np.float32), 0.0, "cpu", 1)
+    monkeypatch.setattr(network, "predict_study", lambda *a, **k: prediction)
+    seg, _ = network.segment_network(pre, images["3"], rel, body, CFG.segmentation, CFG.enhancement,
+                                     CFG.foci.min_thickness_mm, model=None)
+    if where == "zone":
+        assert seg.found and seg.az.sum() > 0.8 * labelled.sum()
+    else:
+        assert not seg.found and seg.reason == network.NOT_AN_ABLATION_ZONE
+        # The classical method, which the study driver then runs, finds the zone itself.
+        classical = segment(pre, rel, body, CFG.segmentation, CFG.enhancement, CFG.foci.min_thickness_mm)
+        assert classical.found and abs(float(np.mean(x[classical.az]))) < 3.0

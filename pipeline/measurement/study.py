@@ -227,7 +227,13 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
     configured and its weights load and run, else the classical method with the reason in the note."""
     note = ""
     if cfg.segmentation.method == "network":
-        from pipeline.segmentation.network import WeightsError, load_model, resolve_weights, segment_network
+        from pipeline.segmentation.network import (
+            NOT_AN_ABLATION_ZONE,
+            WeightsError,
+            load_model,
+            resolve_weights,
+            segment_network,
+        )
 
         weights = resolve_weights(cfg.segmentation.network_weights)
         # CPU fallback: a CUDA failure (out of memory, driver) is retried on the CPU.
@@ -236,6 +242,10 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
                 seg, pred = segment_network(pre_on_post, sub, rel, body, cfg.segmentation, cfg.enhancement,
                                             cfg.foci.min_thickness_mm, load_model(weights, run_on), target_hint_lps)
                 fell_back = f"ran on cpu after {note}" if run_on != device else ""
+                if seg.reason == NOT_AN_ABLATION_ZONE:
+                    # The definition overrules the network; the classical method finds the zone.
+                    note = f"{fell_back + '; ' if fell_back else ''}{seg.reason}"
+                    break
                 return seg, "network", fell_back, pred.case_uncertainty, pred.device
             except WeightsError as exc:
                 note = str(exc)

@@ -35,8 +35,8 @@ from pipeline.segmentation.classical import (
     tissue_reference_level,
 )
 
-__all__ = ["CleanedPrediction", "WeightsError", "clean_prediction", "load_model", "pipeline_foci", "place_az_edge",
-           "resolve_weights", "segment_network"]
+__all__ = ["NOT_AN_ABLATION_ZONE", "CleanedPrediction", "WeightsError", "clean_prediction", "load_model",
+           "pipeline_foci", "place_az_edge", "resolve_weights", "segment_network"]
 
 
 @dataclass
@@ -160,12 +160,43 @@ def segment_network(pre_on_post: sitk.Image, subtraction: sitk.Image, relative_e
         empty = np.zeros(pred.labels.shape, bool)
         return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
                                   "the network found no ablation zone"), pred
+    if not _zone_is_bright_and_non_enhancing(cleaned.az, pre_on_post, relative_enhancement, body_a, spacing,
+                                             segmentation, enhancement):
+        empty = np.zeros(pred.labels.shape, bool)
+        return SegmentationResult(empty, empty.astype(np.float32), enhancing, empty, [], False,
+                                  NOT_AN_ABLATION_ZONE), pred
     if segmentation.network_az_edge == "half_max":
         cleaned = place_az_edge(cleaned, sitk.GetArrayFromImage(pre_on_post).astype(np.float32),
                                 sitk.GetArrayFromImage(relative_enhancement), enhancing, body_a, spacing,
                                 segmentation, enhancement)
     enhancing, foci = pipeline_foci(cleaned, enhancing, spacing, focus_min_thickness_mm)
     return SegmentationResult(cleaned.az, cleaned.az_soft, enhancing, cleaned.rim, foci, True, ""), pred
+
+
+# The reason ``segment_network`` gives for a zone that fails the definition; the study driver then
+# segments with the classical method (pipeline/measurement/study.py).
+NOT_AN_ABLATION_ZONE = "the network's zone overlaps no T1-bright non-enhancing region (not an ablation zone)"
+
+
+def _zone_is_bright_and_non_enhancing(az: np.ndarray, pre_on_post: sitk.Image, relative_enhancement: sitk.Image,
+                                      body_a: np.ndarray, spacing: np.ndarray, segmentation: SegmentationConfig,
+                                      enhancement: EnhancementConfig) -> bool:
+    """The network's zone overlaps a T1-bright non-enhancing region, or the study holds none.
+
+    The ablation zone is T1-bright and non-enhancing by definition (criteria.md); the network
+    proposes which zone it is, the definition checks it. Out of its training distribution it
+    can label something else: development liver seed 81, a follow-up whose network zone was a
+    55 mm sliver of enhancing liver edge 80 mm from the real zone, which the classical candidates
+    show plainly. A study holding no bright non-enhancing region at all (a zone whose T1 signal
+    has faded) keeps the network's zone: the classical method would find nothing either.
+    """
+    pre_a = sitk.GetArrayFromImage(pre_on_post).astype(np.float32)
+    ref = tissue_reference_level(pre_a, body_a)
+    if ref is None:
+        return True
+    bright, n = t1_bright_components(pre_a, smooth_relative_enhancement(sitk.GetArrayFromImage(relative_enhancement)),
+                                     body_a, spacing, ref, segmentation, enhancement)
+    return n == 0 or bool((bright[az] > 0).any())
 
 
 def pipeline_foci(cleaned: CleanedPrediction, enhancing: np.ndarray, spacing_zyx: np.ndarray,
