@@ -186,3 +186,38 @@ def test_a_network_zone_that_is_not_t1_bright_and_non_enhancing_is_not_the_ablat
         # The classical method, which the study driver then runs, finds the zone itself.
         classical = segment(pre, rel, body, CFG.segmentation, CFG.enhancement, CFG.foci.min_thickness_mm)
         assert classical.found and abs(float(np.mean(x[classical.az]))) < 3.0
+
+
+def test_which_phase_read_is_arterial_is_read_from_the_parenchyma():
+    from pipeline.segmentation.surroundings import arterial_phase_read
+
+    assert arterial_phase_read({"3": 0.45, "1": 0.15}, 0.5)  # arterial, delayed
+    assert not arterial_phase_read({"2": 0.46, "1": 0.60}, 0.5)  # portal, delayed: no arterial phase
+    assert not arterial_phase_read({"1": 0.46}, 0.5)  # one phase
+
+
+def test_a_zone_in_parenchyma_without_an_arterial_phase_is_flagged_and_its_call_kept():
+    """LI-RADS LR-TR: arterial hyper-enhancement cannot be assessed without an arterial phase
+    (development liver seed 82: two nodules iso to the liver in the portal and delayed phases of
+    studies without one)."""
+    from pipeline.longitudinal.classify import classify_patient
+    from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
+    from tests.helpers import DAY0, imaging, study
+
+    studies = [study("s1", 30), study("s2", 90)]
+
+    def decide(read, above=True):
+        from pipeline.segmentation.surroundings import arterial_phase_read
+
+        imgs = {uid: imaging(30).model_copy(update={
+            "surroundings_re": read, "enhancement_above_surroundings": above,
+            "arterial_phase_read": arterial_phase_read(read, CFG.enhancement.arterial_max_fraction) if above else None})
+            for uid in ("s1", "s2")}
+        entries = build_patient_timeline(studies, [Procedure("P1", DAY0)], {u: True for u in imgs}, CFG.rules)
+        return classify_patient(entries, imgs, CFG.rules, CFG.foci, None)["s2"]
+
+    without = decide({"2": 0.46, "1": 0.60})
+    assert without.flagged and without.category.value == "no_evidence_of_ltp"
+    assert any(f.startswith("arterial_phase_not_assessed:") and "phase 1 +60 %" in f for f in without.flag_reasons)
+    assert not decide({"3": 0.45, "1": 0.15}).flagged
+    assert not decide({"3": 0.05}, above=False).flagged  # a zone in muscle

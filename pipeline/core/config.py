@@ -127,6 +127,10 @@ class EnhancementConfig(_Section):
     # Inner and outer distance (mm) from the zone of the shell whose median RE is the zone's
     # surroundings (pipeline/segmentation/surroundings.py); None: rule 6 alone.
     surroundings_shell_mm: tuple[float, float] | None = None
+    # Above the surroundings, a phase counts as arterial when its surroundings enhance at most
+    # this fraction of the most enhanced phase read; without one the study is flagged
+    # "arterial_phase_not_assessed" (pipeline/segmentation/surroundings.py).
+    arterial_max_fraction: float = Field(default=0.5, gt=0, lt=1)
 
     @field_validator("surroundings_shell_mm")
     @classmethod

@@ -253,6 +253,9 @@ class StudyImaging(BaseModel):
     # enhancing parenchyma) rim and foci were read above it (``enhancement_above_surroundings``).
     surroundings_re: dict[str, float] = Field(default_factory=dict)
     enhancement_above_surroundings: bool = False
+    # Above the surroundings: a phase read caught the parenchyma before its portal enhancement
+    # (enhancement.arterial_max_fraction); None when not read above the surroundings.
+    arterial_phase_read: bool | None = None
 
 
 # --------------------------------------------------------------------------- decisions and records

@@ -33,7 +33,7 @@ FLAGGED_CATEGORIES = {
 # any ":" detail).
 REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
                 "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous",
-                "segmentation_uncertain", "depends_on_indeterminate"}
+                "segmentation_uncertain", "depends_on_indeterminate", "arterial_phase_not_assessed"}
 
 
 def _needs_review(flag: str) -> bool:
@@ -276,6 +276,10 @@ def classify_patient(
                 and result.segmentation_uncertainty is not None and result.segmentation_uncertainty > limit):
             flags.append(f"segmentation_uncertain: network uncertainty {result.segmentation_uncertainty:.3f} "
                          f"> {limit:.3f}")
+        if result.enhancement_above_surroundings and result.arterial_phase_read is False:
+            read = ", ".join(f"phase {k} {100 * v:+.0f} %" for k, v in result.surroundings_re.items())
+            flags.append("arterial_phase_not_assessed: the zone lies in enhancing parenchyma and no phase read shows "
+                         f"it before its portal enhancement ({read}): arterial hyper-enhancement not assessed")
         confidence = _confidence(result, margin, flags)
         if confidence < rules.review_confidence_below and category not in FLAGGED_CATEGORIES:
             flags.append(f"low_confidence ({confidence:.2f})")

@@ -36,7 +36,12 @@ from pipeline.measurement.foci import analyse_foci
 from pipeline.measurement.rim import rim_metrics, rim_thickness_profile
 from pipeline.measurement.supporting import enhancement_by_phase, t2_ratios
 from pipeline.segmentation.classical import SegmentationResult, segment, spacing_zyx
-from pipeline.segmentation.surroundings import enhances_like_parenchyma, read_above_surroundings, surroundings_of_zone
+from pipeline.segmentation.surroundings import (
+    arterial_phase_read,
+    enhances_like_parenchyma,
+    read_above_surroundings,
+    surroundings_of_zone,
+)
 
 
 @dataclass
@@ -187,6 +192,7 @@ def analyse_study(
         segmentation_method=seg_method, segmentation_note=seg_note, segmentation_uncertainty=seg_uncertainty,
         device=seg_device, key_slice_index=key_slice, timings_s=timings,
         surroundings_re=surroundings_re, enhancement_above_surroundings=above,
+        arterial_phase_read=arterial_phase_read(surroundings_re, cfg.enhancement.arterial_max_fraction) if above else None,
         reason="" if seg.found else seg.reason)
     images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
     return StudyAnalysis(imaging, images, errors)

@@ -67,6 +67,19 @@ def enhances_like_parenchyma(around: Surroundings | None, enhancement: Enhanceme
     return around is not None and around.median_re >= enhancement.relative_enhancement_threshold
 
 
+def arterial_phase_read(read: dict[str, float], max_fraction: float) -> bool:
+    """Some phase read shows the surroundings at most ``max_fraction`` of their largest
+    enhancement among the phases read: the parenchyma caught before its portal enhancement.
+
+    Which phase is arterial is not in the headers the pipeline can trust (acquisition times
+    count from an injection they do not record); the liver says it itself, since three quarters
+    of its blood is portal. One phase read, or the earliest as enhanced as the later ones (a
+    portal + delayed study), is no arterial phase.
+    """
+    values = list(read.values())
+    return len(values) >= 2 and min(values) <= max_fraction * max(values)
+
+
 def enhancement_above_surroundings(phases: list[tuple[np.ndarray, float]]) -> np.ndarray:
     """Per voxel, the largest RE above its phase's surroundings (float32): ``phases`` holds
     (RE array on the segmentation grid, the surroundings' median RE) per phase. Each RE is
