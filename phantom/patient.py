@@ -269,15 +269,16 @@ def generate_patient(plan: PatientPlan, rng: np.random.Generator, prof: Profile,
             "landmarks_post_lps": [_r(p) for p in pose_post.world_to_physical(landmarks)] if phases else None,
         })
 
+    zone_in_liver = any(o.kind == "liver" for o in anatomy.organs)
     for session, abl in enumerate(plan.ablation_dates, 1):
         tgt = baseline_target.get(session, [float("nan")] * 3)
-        organ = "liver" if any(o.kind == "liver" for o in anatomy.organs) else "soft_tissue"
+        organ = "liver" if zone_in_liver else "soft_tissue"
         procedures.append({"patient_id": pid, "ablation_date": abl.isoformat(), "organ": organ,
                            "target_x": tgt[0], "target_y": tgt[1], "target_z": tgt[2]})
     patient = {
         "patient_id": pid, "scenario": plan.scenario, "vendor": plan.vendor,
         "organs_beside_zone": [o.kind for o in anatomy.organs if o.beside_zone],
-        "zone_site": "liver" if any(o.kind == "liver" for o in anatomy.organs) else "muscle",
+        "zone_site": "liver" if zone_in_liver else "muscle",
         "ablation_dates": [d.isoformat() for d in plan.ablation_dates],
         "intensities": {"muscle_t1_pre": round(anatomy.muscle_t1, 3), "muscle_re": round(anatomy.muscle_re, 4),
                         "noise_sigma": round(sigma, 3)},
