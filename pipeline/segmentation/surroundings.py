@@ -16,6 +16,11 @@ counts as enhancing where its RE exceeds the surroundings' median by that thresh
 phase segmented or in the study's earliest post-contrast (arterial) phase. The median is the
 parenchyma's as long as it fills most of the shell; an organ beside a zone in muscle fills less
 than half of it and changes nothing. Where the surroundings do not enhance, rule 6 is unchanged.
+
+Known limits, not measured on a body the project did not draw: a zone at the liver's edge, whose
+shell is half liver and half muscle or fat, falls back to rule 6 (the liver then reads as an
+organ body); ``arterial_phase_read`` assumes parenchyma that enhances mostly in the portal phase
+(the liver), and would call a kidney's corticomedullary phase "no arterial phase".
 """
 
 from __future__ import annotations
