@@ -149,9 +149,12 @@ def analyse_study(
     # A zone inside enhancing parenchyma: rim and foci read above the surroundings.
     t0 = time.perf_counter()
     rel_for_foci, surroundings_re, above = rel, {}, False
+    # RE maps of other phases on the post grid, read once: the surroundings step and the
+    # supporting signals both need the earliest phase of a zone in parenchyma (issue 19).
+    other_phases_re: dict[str, sitk.Image] = {}
     if seg.found and cfg.enhancement.surroundings_shell_mm is not None:
         seg, rel_for_foci, surroundings_re, above = _read_above_surroundings(
-            study, seg, pre, pre_on_post, post_series, post, transform, rel, body, cfg)
+            study, seg, pre, pre_on_post, post_series, post, transform, rel, body, cfg, other_phases_re)
     timings["surroundings"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -172,7 +175,7 @@ def analyse_study(
         timings["measure"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         foci = _with_supporting_signals(study, foci, focus_masks, pre, post_series, post, transform, rel, seg,
-                                        sitk.GetArrayFromImage(body) > 0, cfg)
+                                        sitk.GetArrayFromImage(body) > 0, cfg, other_phases_re)
         timings["supporting_signals"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         labels_a = label_map(seg.az, seg.rim, focus_masks)
@@ -200,12 +203,14 @@ def analyse_study(
 
 def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: sitk.Image, pre_on_post: sitk.Image,
                              post_series: SeriesRecord, post: sitk.Image, transform: sitk.Transform, rel: sitk.Image,
-                             body: sitk.Image, cfg: PipelineConfig) -> tuple[SegmentationResult, sitk.Image, dict[str, float], bool]:
+                             body: sitk.Image, cfg: PipelineConfig,
+                             other_phases_re: dict[str, sitk.Image]) -> tuple[SegmentationResult, sitk.Image, dict[str, float], bool]:
     """(segmentation, RE map the foci are judged on, the surroundings' median RE by phase, applied).
 
     ``pipeline.segmentation.surroundings.read_above_surroundings`` on the phase segmented and,
     only when its surroundings enhance like parenchyma, the study's earliest post-contrast phase
     (registered to the pre-contrast like any phase, rule 5; skipped when unreadable or failing QC).
+    The earliest phase's RE map, when read, is added to ``other_phases_re`` (None: unusable).
     """
     spacing = spacing_zyx(post)
     body_a = sitk.GetArrayFromImage(body) > 0
@@ -218,6 +223,7 @@ def _read_above_surroundings(study: StudyRecord, seg: SegmentationResult, pre: s
     if earlier and enhances_like_parenchyma(chosen, cfg.enhancement):
         earliest = min(earlier, key=lambda s: s.phase_index)
         re_early = relative_enhancement_on_grid(earliest, pre, post, transform, cfg.registration)
+        other_phases_re[str(earliest.phase_index)] = re_early
         if re_early is not None:
             phases[str(earliest.phase_index)] = sitk.GetArrayFromImage(re_early)
     pre_a = sitk.GetArrayFromImage(pre_on_post).astype(np.float32)
@@ -263,12 +269,15 @@ def _segment(pre_on_post, sub, rel, body, cfg: PipelineConfig, target_hint_lps, 
     return seg, "classical", note, None, device
 
 
-def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg):
-    """Add enhancement by phase and T2 ratios to the suspicious foci (same order as ``masks``)."""
+def _with_supporting_signals(study, foci, masks, pre, post_series, post, transform, rel, seg, body, cfg,
+                             other_phases_re):
+    """Add enhancement by phase and T2 ratios to the suspicious foci (same order as ``masks``);
+    ``other_phases_re``: RE maps of phases already read on the post grid."""
     suspicious = [i for i, f in enumerate(foci) if f.suspicious]
     if not suspicious:
         return foci
-    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg.registration)
+    phases = enhancement_by_phase(study, pre, post_series, post, transform, rel, masks, cfg.registration,
+                                  other_phases_re)
     t2, _note = t2_ratios(study, post, seg.az, body, masks)
     out = list(foci)
     for index, by_phase, (to_az, to_body) in zip(suspicious, phases, t2):

@@ -22,11 +22,13 @@ def _mean(values: np.ndarray, mask: np.ndarray) -> float | None:
 def enhancement_by_phase(
     study: StudyRecord, pre: sitk.Image, chosen: SeriesRecord, chosen_grid: sitk.Image,
     chosen_to_pre: sitk.Transform, chosen_re: sitk.Image, masks: list[np.ndarray], registration: RegistrationConfig,
+    already_read: dict[str, sitk.Image | None] | None = None,
 ) -> list[dict[str, float]]:
     """Mean relative enhancement of each focus mask (on the chosen grid) in every usable phase.
 
-    Each other phase is read by ``pipeline.imaging.phases.relative_enhancement_on_grid``. Keys are
-    phase indices as text.
+    Each other phase is read by ``pipeline.imaging.phases.relative_enhancement_on_grid``, unless
+    ``already_read`` holds its RE map on the chosen grid (None there: read and found unusable).
+    Keys are phase indices as text.
     """
     out = [{} for _ in masks]
     re_chosen = sitk.GetArrayFromImage(chosen_re)
@@ -37,7 +39,11 @@ def enhancement_by_phase(
     for series in study.with_role(SeriesRole.T1_POST):
         if series is chosen or not masks:
             continue
-        re_here = relative_enhancement_on_grid(series, pre, chosen_grid, chosen_to_pre, registration)
+        key = str(series.phase_index)
+        if already_read is not None and key in already_read:
+            re_here = already_read[key]
+        else:
+            re_here = relative_enhancement_on_grid(series, pre, chosen_grid, chosen_to_pre, registration)
         if re_here is None:
             continue
         re_on_chosen = sitk.GetArrayFromImage(re_here)
