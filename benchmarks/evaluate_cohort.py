@@ -61,6 +61,7 @@ def main() -> None:
               f"mean e {s['mean_signed']}")
     cf = report["clean_studies_flagged"]
     print(f"clean flagged       {cf['flagged']}/{cf['n']}  false new lesions {report['false_new_lesions']}")
+    print(f"  clean flagged by flag: {cf['by_flag']}")
     tre = report["follow_up_tre"]
     print(f"follow-up TRE       {tre['with_transform']}/{tre['pairs']} pairs with a transform; median "
           f"{tre['median_mm']} mm, p90 {tre['p90_mm']} mm, worst pair mean {tre['worst_pair_mean_mm']} mm")

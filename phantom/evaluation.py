@@ -102,6 +102,7 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
     # Issue 15's measures: clean studies flagged, false new lesions, accuracy per scenario and
     # per organ beside the zone (profiles that place one).
     clean_n = clean_flagged = false_new = 0
+    clean_flags: Counter[str] = Counter()  # which flags the flagged clean studies carry
     by_group: dict[str, Counter[str]] = {}
     for patient, study, row in pairs:
         t, p = study["category"], row["category"]
@@ -109,6 +110,8 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         if t in ("complete_ablation", "no_evidence_of_ltp"):
             clean_n += 1
             clean_flagged += row["flagged"] == "true"
+            if row["flagged"] == "true":
+                clean_flags.update({r.split(":", 1)[0].strip() for r in row["flag_reasons"].split(";") if r.strip()})
         false_new += row["new_lesion"] == "true"  # the generator draws no new lesion
         groups = [f"scenario:{patient.get('scenario')}"]
         groups += [f"organ:{o}" for o in sorted(set(patient.get("organs_beside_zone") or []))]
@@ -155,7 +158,8 @@ def evaluate_run(out_dir: Path, truth_path: Path) -> dict:
         "long_axis_error_mm": stats(long_err),
         "short_axis_error_mm": stats(short_err),
         "volume_error_pct": stats(vol_err),
-        "clean_studies_flagged": {"n": clean_n, "flagged": clean_flagged, "rate": _rate(clean_flagged, clean_n)},
+        "clean_studies_flagged": {"n": clean_n, "flagged": clean_flagged, "rate": _rate(clean_flagged, clean_n),
+                                  "by_flag": dict(sorted(clean_flags.items()))},
         "false_new_lesions": false_new,
         "follow_up_tre": follow_up_tre(out_dir, truth),
         "accuracy_by_group": {g: {"n": c["n"], "correct": c["correct"], "accuracy": _rate(c["correct"], c["n"])}
