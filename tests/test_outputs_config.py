@@ -188,3 +188,20 @@ def test_key_image_has_a_20_mm_bar_a_legend_the_slice_position_and_the_day():
     assert texts.count("20 mm") == 3 and "10 mm" not in texts
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["ablation zone", "rim", "enhancing focus"]
     assert days_text(None) == "no ablation date" and days_text(-3) == "3 days before ablation"
+
+
+def test_key_image_of_a_zone_in_parenchyma_shows_what_its_foci_were_judged_on():
+    """Issue 15: a nodule iso to the liver in the phase segmented shows only above the
+    surroundings (its arterial phase); the key image has that map as a fourth column, empty for a
+    baseline read without it."""
+    from pipeline.outputs.key_image import key_image_figure
+
+    images = {}
+    for name, value in (("pre", 1.0), ("post", 2.0), ("subtraction", 1.0), ("labels", 0), ("above_surroundings", 0.3)):
+        a = np.full((6, 40, 40), value, np.uint8 if name == "labels" else np.float32)
+        images[name] = sitk.GetImageFromArray(a)
+    fig = key_image_figure(images, 3, "P1", baseline={k: v for k, v in images.items() if k != "above_surroundings"})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(fig.axes) == 8 and titles[3].startswith("this study: RE above surroundings")
+    assert titles[7] == "" and not fig.axes[7].axison
+    assert len(key_image_figure({k: v for k, v in images.items() if k != "above_surroundings"}, 3, "P1").axes) == 3

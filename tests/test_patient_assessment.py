@@ -13,7 +13,9 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pipeline.core.config import load_config
 from pipeline.core.records import (
@@ -231,3 +233,34 @@ def test_zone_guidance_for_the_follow_up_registration():
     assert zone_guidance(None, follow, 10.0) == (None, None)
     hint, region = zone_guidance(base, None, 10.0)
     assert hint is None and region[1] == pytest.approx(25.0)
+
+
+def test_a_zone_read_above_its_surroundings_keeps_that_map_and_is_reused_only_with_it(tmp_path):
+    """Issue 15 evidence: the map the foci of a zone in parenchyma were judged on is kept beside
+    the study's images, read back for the key image of a rerun, and required for reuse; a rerun
+    where the rule no longer applies removes it."""
+    from pipeline.measurement.study import StudyImages
+    from pipeline.outputs.store import ABOVE_SURROUNDINGS_NAME
+
+    s = files_study(tmp_path / "export")
+    store = StudyStore(tmp_path / "out")
+    key = imaging_key(s, CFG.digest())
+    imaged = imaging(30).model_copy(update={"enhancement_above_surroundings": True})
+    record = AssessmentRecord(
+        patient_id="P1", study_instance_uid=s.study_instance_uid, study_date=DAY0.isoformat(), timepoint="baseline",
+        session=1, ablation_date=None, days_since_ablation=30, baseline_study_instance_uid=s.study_instance_uid,
+        imaging=imaged, decision=Decision.indeterminate("x"), cache_keys=cache_keys(key, ""))
+    store.write_record(s, record)
+    grid = sitk.Image(6, 5, 4, sitk.sitkFloat32)
+    above = sitk.GetImageFromArray(np.full((4, 5, 6), 0.4, np.float32))
+    kept = store.keep_images(s, StudyImages(post=grid, pre_registered=grid, subtraction=grid,
+                                            labels=sitk.Cast(grid, sitk.sitkUInt8), above_surroundings=above))
+    assert float(sitk.GetArrayFromImage(kept.above_surroundings).mean()) == pytest.approx(0.4)
+    assert store.cached_imaging(s, key) is not None
+    (store.folder(s) / ABOVE_SURROUNDINGS_NAME).unlink()
+    assert store.cached_imaging(s, key) is None  # the key image could not be drawn again without it
+    store.keep_images(s, StudyImages(post=grid, pre_registered=grid, subtraction=grid,
+                                     labels=sitk.Cast(grid, sitk.sitkUInt8), above_surroundings=above))
+    store.keep_images(s, StudyImages(post=grid, pre_registered=grid, subtraction=grid,
+                                     labels=sitk.Cast(grid, sitk.sitkUInt8)))
+    assert not (store.folder(s) / ABOVE_SURROUNDINGS_NAME).exists()

@@ -52,6 +52,9 @@ class StudyImages:
     pre_registered: sitk.Image
     subtraction: sitk.Image
     labels: sitk.Image
+    # A zone in enhancing parenchyma: RE above the surroundings, largest over the phases read
+    # (the arterial one included), which the foci were judged on; None where rule 6 read them.
+    above_surroundings: sitk.Image | None = None
 
 
 @dataclass
@@ -197,7 +200,8 @@ def analyse_study(
         surroundings_re=surroundings_re, enhancement_above_surroundings=above,
         arterial_phase_read=arterial_phase_read(surroundings_re, cfg.enhancement.arterial_max_fraction) if above else None,
         reason="" if seg.found else seg.reason)
-    images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels)
+    images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels,
+                         above_surroundings=rel_for_foci if above else None)
     return StudyAnalysis(imaging, images, errors)
 
 

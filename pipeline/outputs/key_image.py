@@ -126,19 +126,31 @@ def key_image_figure(
 
     ``current``/``baseline`` map "pre", "post", "subtraction", "labels" to images on the
     current study's post grid (the baseline already resampled through the registration). The
-    title gets the slice's number and position; a legend names the label colours.
+    title gets the slice's number and position; a legend names the label colours. With
+    "above_surroundings" in ``current`` (a zone inside enhancing parenchyma) a fourth column
+    shows the enhancement above the surroundings, largest over the phases read, with the labels:
+    what the foci were judged on, where a nodule iso to the liver in the phase segmented shows
+    (its arterial phase); a baseline without that map leaves its panel empty.
     """
     from matplotlib.patches import Patch
 
     rows = 2 if baseline else 1
-    fig = Figure(figsize=(9, 3.2 * rows + 0.4))
-    axes = fig.subplots(rows, 3, squeeze=False)
+    columns = 4 if "above_surroundings" in current else 3
+    fig = Figure(figsize=(3 * columns, 3.2 * rows + 0.4))
+    axes = fig.subplots(rows, columns, squeeze=False)
     box = crop_box(current["labels"], key_slice) if "labels" in current else None
     for row, (name, imgs) in enumerate([("this study", current), ("baseline (registered)", baseline)][:rows]):
         _panel(axes[row, 0], imgs["pre"], key_slice, f"{name}: T1 pre", box=box)
         _panel(axes[row, 1], imgs["post"], key_slice, f"{name}: T1 post", box=box)
         _panel(axes[row, 2], imgs["subtraction"], key_slice, f"{name}: subtraction + labels",
                labels=imgs.get("labels"), symmetric=True, box=box)
+        if columns == 4:
+            if "above_surroundings" in imgs:
+                _panel(axes[row, 3], imgs["above_surroundings"], key_slice,
+                       f"{name}: RE above surroundings\n(largest over phases) + labels",
+                       labels=imgs.get("labels"), symmetric=True, box=box)
+            else:
+                axes[row, 3].axis("off")
     fig.suptitle(f"{title}\n{slice_position(current['post'], key_slice)}", fontsize=9)
     handles = [Patch(facecolor=_LABEL_COLOURS(value)[:3], alpha=max(_LABEL_COLOURS(value)[3], 0.6), label=name)
                for name, value in LEGEND]

@@ -30,6 +30,8 @@ ASSESSMENT_NAME = "assessment.json"
 TEMPORAL_DIFFERENCE_NAME = "temporal_difference.nii.gz"
 # The per-study images a later run (and the patient-level steps) read back instead of recomputing.
 IMAGE_FILES = {"labels": "labels.nii.gz", "subtraction": "subtraction.nii.gz", "pre_registered": "pre_registered.nii.gz"}
+# Kept only for a zone read above enhancing surroundings (imaging.enhancement_above_surroundings).
+ABOVE_SURROUNDINGS_NAME = "above_surroundings.nii.gz"
 # Stages of errors.csv rows that per-study imaging produces (kept with a reused result).
 IMAGING_STAGES = {"select_series", "load", "register_intra", "imaging"}
 
@@ -72,8 +74,9 @@ def read_cached_images(folder: Path, study: StudyRecord, imaging: StudyImaging) 
         post_uid = imaging.series_used.get("t1_post")
         post_series = next(s for s in study.series if s.series_instance_uid == post_uid)
         loaded = {name: read_image(Path(folder) / fname) for name, fname in IMAGE_FILES.items()}
+        above = read_image(Path(folder) / ABOVE_SURROUNDINGS_NAME) if imaging.enhancement_above_surroundings else None
         return StudyImages(post=load_series(post_series), pre_registered=loaded["pre_registered"],
-                           subtraction=loaded["subtraction"], labels=loaded["labels"])
+                           subtraction=loaded["subtraction"], labels=loaded["labels"], above_surroundings=above)
     except (StopIteration, RuntimeError, OSError, ValueError):
         return None
 
@@ -103,8 +106,10 @@ class StudyStore:
         are all still there (none needed when its imaging failed), else None."""
         folder = self.folder(study)
         previous = read_assessment(folder / ASSESSMENT_NAME)
+        needed = [*IMAGE_FILES.values(), *([ABOVE_SURROUNDINGS_NAME] if previous is not None
+                                           and previous.imaging.enhancement_above_surroundings else [])]
         if previous is not None and previous.cache_keys.get("imaging") == key and (
-                not previous.imaging.ok or all((folder / name).exists() for name in IMAGE_FILES.values())):
+                not previous.imaging.ok or all((folder / name).exists() for name in needed)):
             return previous.imaging, [ErrorRecord(**e) for e in previous.errors if e.get("stage") in IMAGING_STAGES]
         return None
 
@@ -119,8 +124,14 @@ class StudyStore:
         # crash reads them back from disk and must compute exactly what the first run did
         # (tests/test_end_to_end.py::test_resume_after_a_lost_study_recomputes_it_identically).
         loaded = {name: read_image(folder / fname) for name, fname in IMAGE_FILES.items()}
+        above = None
+        if images.above_surroundings is not None:
+            atomic_write_image(sitk.Cast(images.above_surroundings, sitk.sitkFloat32), folder / ABOVE_SURROUNDINGS_NAME)
+            above = read_image(folder / ABOVE_SURROUNDINGS_NAME)
+        else:  # a file of an earlier run with another config must not outlive it
+            (folder / ABOVE_SURROUNDINGS_NAME).unlink(missing_ok=True)
         return StudyImages(post=images.post, pre_registered=loaded["pre_registered"],
-                           subtraction=loaded["subtraction"], labels=loaded["labels"])
+                           subtraction=loaded["subtraction"], labels=loaded["labels"], above_surroundings=above)
 
     # ----------------------------------------------------------------------- registration to the baseline
     def cached_to_baseline(self, study: StudyRecord, key: str) -> RegistrationQC | None:

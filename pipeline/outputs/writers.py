@@ -62,6 +62,8 @@ def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, fo
         return
     current = {"pre": images.pre_registered, "post": images.post, "subtraction": images.subtraction,
                "labels": images.labels}
+    if images.above_surroundings is not None:
+        current["above_surroundings"] = images.above_surroundings
     base_view = None
     if (evidence.baseline_images is not None and evidence.baseline_images() is not None
             and evidence.to_baseline is not None):
@@ -74,6 +76,8 @@ def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, fo
             "subtraction": resample_to(b.subtraction, images.post, inverse),
             "labels": resample_to(b.labels, images.post, inverse, interpolator=sitk.sitkNearestNeighbor),
         }
+        if "above_surroundings" in current and b.above_surroundings is not None:
+            base_view["above_surroundings"] = resample_to(b.above_surroundings, images.post, inverse)
     k = record.imaging.key_slice_index
     if k is None:
         k = images.post.GetSize()[2] // 2
