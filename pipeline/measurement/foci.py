@@ -242,6 +242,17 @@ def analyse_foci(
         extent = angular_extent_deg(points, np.asarray(az.centroid_lps))
         mean_re = float(re_a[outside].mean())
         local = distance <= fc.local_max_distance_mm
+        if not local and thickness > 0:
+            # Away from the AZ a branching vessel tree is one component that PCA cannot call
+            # elongated; its length for its calibre (volume / cross-section) gives it away. Only
+            # for distant foci: a crescent of tumour along the margin is long for its thickness too.
+            # (A sphere reads 2/3 of its diameter, a 20 x 8 x 8 mm ellipsoid 13 mm: never a vessel.)
+            # Until 2026-12-07 this ran after the vessel decision and changed only the reported
+            # figures (development liver seed 82: a 144 mm portal-vein tree, 16 mL of 5 mm calibre,
+            # called a new nodular lesion).
+            tube_length = volume_ml * 1000.0 / (np.pi / 4 * thickness ** 2)
+            if tube_length >= fc.vessel_min_elongation * max(thickness, 1.0) and tube_length >= fc.vessel_min_length_mm:
+                elongation, length = max(elongation, tube_length / thickness), max(length, tube_length)
         vessel = elongation >= fc.vessel_min_elongation and length >= fc.vessel_min_length_mm
         # The disc tells a sheet from a nodule and is held to the absolute minimum only: the rim
         # ratio compares thicknesses along the normals (a thick baseline rim, 2.7 mm, would ask
@@ -267,13 +278,6 @@ def analyse_foci(
         # is not applied for the same reason: a patchy benign rim breaks into pieces under 90 deg.
         large = diameter > fc.strongly_suspicious_diameter_mm
         weak_distant = (not local) and mean_re < fc.new_lesion_min_relative_enhancement
-        if not local and thickness > 0:
-            # Away from the AZ a branching vessel tree is one component that PCA cannot call
-            # elongated; its length for its calibre (volume / cross-section) gives it away. Only
-            # for distant foci: a crescent of tumour along the margin is long for its thickness too.
-            tube_length = volume_ml * 1000.0 / (np.pi / 4 * thickness ** 2)
-            if tube_length >= fc.vessel_min_elongation * max(thickness, 1.0) and tube_length >= fc.vessel_min_length_mm:
-                elongation, length = max(elongation, tube_length / thickness), max(length, tube_length)
         if curved:
             suspicious, reason = False, (
                 f"enhancing structure long for its calibre and leaving the zone (vessel-like: ~{length:.0f} mm of "
