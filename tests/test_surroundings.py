@@ -221,3 +221,38 @@ def test_a_zone_in_parenchyma_without_an_arterial_phase_is_flagged_and_its_call_
     assert any(f.startswith("arterial_phase_not_assessed:") and "phase 1 +60 %" in f for f in without.flag_reasons)
     assert not decide({"3": 0.45, "1": 0.15}).flagged
     assert not decide({"3": 0.05}, above=False).flagged  # a zone in muscle
+
+
+def test_a_clean_call_without_the_arterial_phase_documents_no_complete_ablation():
+    """IWG-IGTA: LTP needs an earlier contrast study that documented adequate ablation; a zone in
+    the liver read without its arterial phase documents none (LI-RADS LR-TR nonevaluable by
+    omission). A nodule found at the next study is residual; after a clean study with an
+    arterial phase it is LTP (development liver seed 82: a residual read complete at a baseline
+    without an arterial phase made its three follow-ups LTP)."""
+    from pipeline.longitudinal.classify import classify_patient
+    from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
+    from pipeline.segmentation.surroundings import arterial_phase_read
+    from tests.helpers import DAY0, focus, imaging, study
+
+    def calls(reads):
+        studies = [study(f"s{i}", 30 + 60 * i) for i in range(len(reads))]
+        imgs = {}
+        for i, read in enumerate(reads):
+            last = i == len(reads) - 1
+            imgs[f"s{i}"] = imaging(30, foci=[focus(9.0, 8.0)] if last else []).model_copy(update={
+                "surroundings_re": read, "enhancement_above_surroundings": True,
+                "arterial_phase_read": arterial_phase_read(read, CFG.enhancement.arterial_max_fraction)})
+        entries = build_patient_timeline(studies, [Procedure("P1", DAY0)], {u: True for u in imgs}, CFG.rules)
+        decided = classify_patient(entries, imgs, CFG.rules, CFG.foci, None)
+        return [decided[f"s{i}"] for i in range(len(reads))]
+
+    portal_delayed, with_arterial = {"2": 0.46, "1": 0.60}, {"3": 0.45, "1": 0.15}
+    base, later = calls([portal_delayed, with_arterial])
+    assert base.category.value == "complete_ablation" and base.flagged
+    assert later.category.value == "residual_unablated_tumour"
+    assert later.rule_id == "R2-residual-never-documented-complete"
+    from pipeline.outputs.dicom_sr import FINDING_CODES, key_finding
+
+    assert key_finding(later.rule_id) == FINDING_CODES["focus"]  # the SR's key finding is the focus
+    assert calls([portal_delayed, with_arterial, with_arterial])[-1].category.value == "local_tumour_progression"
+    assert calls([with_arterial, with_arterial])[-1].category.value == "local_tumour_progression"

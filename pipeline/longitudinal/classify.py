@@ -5,7 +5,8 @@ A per-session state machine over one patient's timeline:
   tumour, else complete ablation (Ahmed et al., Radiology 2014 [S1]);
 - follow-up: a suspicious local focus -> local tumour progression if an earlier contrast study
   of the session documented complete ablation [S1], else residual unablated tumour (residual
-  that persists stays residual); otherwise growth of the long axis >= max(5 mm, 20 %) over the
+  that persists stays residual; a clean call of a zone in enhancing parenchyma read without its
+  arterial phase documents nothing); otherwise growth of the long axis >= max(5 mm, 20 %) over the
   nadir from 3 months on -> suspected progression [S10][S28]; otherwise no evidence of LTP;
 - a study that cannot be read -> indeterminate with the reason; a new session resets all state;
 - an enhancing focus farther than 10 mm from the AZ surface is a new lesion [S6]; it does not
@@ -232,6 +233,11 @@ def classify_patient(
                 category, rule_id = Category.LOCAL_TUMOUR_PROGRESSION, "R2-ltp-after-documented-complete"
                 rule = ("suspicious enhancing focus at the AZ margin after an earlier contrast study of the "
                         "session documented complete ablation")
+            elif not state.residual_open:
+                category, rule_id = Category.RESIDUAL_UNABLATED_TUMOUR, "R2-residual-never-documented-complete"
+                rule = ("suspicious enhancing focus at the AZ margin; no earlier contrast study of the session "
+                        "documented complete ablation (a zone in enhancing parenchyma read without its arterial "
+                        "phase documents none: LI-RADS LR-TR nonevaluable by omission), so it is not LTP")
             else:
                 category, rule_id = Category.RESIDUAL_UNABLATED_TUMOUR, "R2-residual-persisting"
                 rule = "residual unablated tumour still present (no clean contrast study since the session)"
@@ -293,7 +299,14 @@ def classify_patient(
         # Update the session's state after the call (the nadir excludes the current study).
         state.seen_contrast_study = True
         if category in (Category.COMPLETE_ABLATION, Category.NO_EVIDENCE_OF_LTP):
-            state.documented_complete = True
+            # LTP needs a contrast study that documented adequate ablation [S1]. A zone in enhancing
+            # parenchyma read without its arterial phase cannot show the arterial hyper-enhancement
+            # of viable tumour (LI-RADS v2018 LR-TR: nonevaluable when a phase is omitted): its
+            # clean call documents nothing, and a nodule found later is residual, not LTP
+            # (development liver seed 82: a residual iso to the liver at a baseline without an
+            # arterial phase made its three follow-ups LTP).
+            if not (result.enhancement_above_surroundings and result.arterial_phase_read is False):
+                state.documented_complete = True
             state.residual_open = False
         if category == Category.RESIDUAL_UNABLATED_TUMOUR:
             state.residual_open = True

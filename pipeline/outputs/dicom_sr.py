@@ -76,7 +76,8 @@ def key_finding(rule_id: str) -> hd.sr.CodedConcept:
         return FINDING_CODES["not_evaluable"]
     if rule_id.startswith("R14"):
         return FINDING_CODES["growth"]
-    if rule_id in {"R2-residual-first-contrast-study", "R2-ltp-after-documented-complete", "R2-residual-persisting"}:
+    if rule_id in {"R2-residual-first-contrast-study", "R2-ltp-after-documented-complete", "R2-residual-persisting",
+                   "R2-residual-never-documented-complete"}:
         return FINDING_CODES["focus"]
     return FINDING_CODES["none"]
 
