@@ -1,4 +1,4 @@
 """ablation-response: MRI follow-up after percutaneous ablation, study by study."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 SCHEMA_VERSION = 1

@@ -264,3 +264,20 @@ def test_a_zone_read_above_its_surroundings_keeps_that_map_and_is_reused_only_wi
     store.keep_images(s, StudyImages(post=grid, pre_registered=grid, subtraction=grid,
                                      labels=sitk.Cast(grid, sitk.sitkUInt8)))
     assert not (store.folder(s) / ABOVE_SURROUNDINGS_NAME).exists()
+
+
+def test_new_network_weights_under_the_same_path_invalidate_the_imaging_key(tmp_path):
+    """A retrained network shipped under the same file name must not leave a rerun with the old
+    network's zones and calls; the classical method does not read the weights."""
+    from pipeline.outputs.store import analysis_digest
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"first")
+    cfg = CFG.model_copy(update={"segmentation": CFG.segmentation.model_copy(
+        update={"method": "network", "network_weights": str(weights)})})
+    first = analysis_digest(cfg)
+    assert analysis_digest(cfg) == first
+    weights.write_bytes(b"retrained")
+    assert analysis_digest(cfg) != first
+    classical = cfg.model_copy(update={"segmentation": cfg.segmentation.model_copy(update={"method": "classical"})})
+    assert analysis_digest(classical) == classical.digest()

@@ -8,7 +8,7 @@ rerun asks: is this study's imaging reusable, its registration to the baseline, 
 stored assessment?
 
 Keys: ``imaging`` = the study's input files (path, size, mtime of each, series roles), the config
-digest and the pipeline version; ``to_baseline`` = the follow-up's and its baseline's imaging keys.
+digest with the network weights' content (:func:`analysis_digest`) and the pipeline version; ``to_baseline`` = the follow-up's and its baseline's imaging keys.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from pipeline import __version__
+from pipeline.core.config import PipelineConfig
 from pipeline.core.files import atomic_write_image, read_image
 from pipeline.core.records import AssessmentRecord, ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry
 from pipeline.imaging.registration import TRANSFORM_FILE, read_to_baseline, write_to_baseline
@@ -49,6 +50,21 @@ def files_digest(study: StudyRecord) -> str:
             except OSError:
                 h.update(f"{path}|missing".encode())
     return h.hexdigest()[:16]
+
+
+def analysis_digest(cfg: PipelineConfig) -> str:
+    """The config digest, and with ``segmentation.method: network`` the weights file's content:
+    retrained weights under the same path must not leave a rerun with the old network's results."""
+    digest = cfg.digest()
+    if cfg.segmentation.method != "network":
+        return digest
+    from pipeline.segmentation.network import resolve_weights  # torch only where the network runs
+
+    try:
+        weights = hashlib.sha256(resolve_weights(cfg.segmentation.network_weights).read_bytes()).hexdigest()[:16]
+    except OSError:
+        weights = "absent"  # the classical fallback runs; the key says so
+    return hashlib.sha256(f"{digest}|{weights}".encode()).hexdigest()[:16]
 
 
 def imaging_key(study: StudyRecord, config_digest: str) -> str:

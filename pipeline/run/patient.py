@@ -34,7 +34,7 @@ from pipeline.longitudinal.assessment import StudyFindings, assess_timeline, reg
 from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
 from pipeline.measurement.study import StudyImages, analyse_study
 from pipeline.outputs.locks import patient_lock
-from pipeline.outputs.store import StudyStore, cache_keys, imaging_key, read_cached_images, to_baseline_key
+from pipeline.outputs.store import StudyStore, analysis_digest, cache_keys, imaging_key, read_cached_images, to_baseline_key
 from pipeline.outputs.writers import (
     StudyEvidence,
     backfill_report,
@@ -93,7 +93,7 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     """Per-study imaging, reusing the results of an earlier run when its inputs are unchanged."""
     store = StudyStore(out_dir)
     folder = store.folder(study)
-    key = imaging_key(study, cfg.digest())
+    key = imaging_key(study, analysis_digest(cfg))
     t0 = time.perf_counter()
     cached = store.cached_imaging(study, key)
     if cached is not None:
