@@ -19,7 +19,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from pipeline import __version__
-from pipeline.core.config import PipelineConfig
+from pipeline.core.config import SegmentationConfig
 from pipeline.core.files import atomic_write_image, read_image
 from pipeline.core.records import AssessmentRecord, ErrorRecord, RegistrationQC, StudyImaging, StudyRecord, TimelineEntry
 from pipeline.imaging.registration import TRANSFORM_FILE, read_to_baseline, write_to_baseline
@@ -52,19 +52,19 @@ def files_digest(study: StudyRecord) -> str:
     return h.hexdigest()[:16]
 
 
-def analysis_digest(cfg: PipelineConfig) -> str:
-    """The config digest, and with ``segmentation.method: network`` the weights file's content:
-    retrained weights under the same path must not leave a rerun with the old network's results."""
-    digest = cfg.digest()
-    if cfg.segmentation.method != "network":
-        return digest
+def analysis_digest(config_digest: str, segmentation: SegmentationConfig) -> str:
+    """``config_digest`` (``PipelineConfig.digest()``), and with ``segmentation.method: network``
+    the weights file's content: retrained weights under the same path must not leave a rerun with
+    the old network's results."""
+    if segmentation.method != "network":
+        return config_digest
     from pipeline.segmentation.network import resolve_weights  # torch only where the network runs
 
     try:
-        weights = hashlib.sha256(resolve_weights(cfg.segmentation.network_weights).read_bytes()).hexdigest()[:16]
+        weights = hashlib.sha256(resolve_weights(segmentation.network_weights).read_bytes()).hexdigest()[:16]
     except OSError:
         weights = "absent"  # the classical fallback runs; the key says so
-    return hashlib.sha256(f"{digest}|{weights}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{config_digest}|{weights}".encode()).hexdigest()[:16]
 
 
 def imaging_key(study: StudyRecord, config_digest: str) -> str:

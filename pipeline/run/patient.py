@@ -93,7 +93,7 @@ def study_imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device
     """Per-study imaging, reusing the results of an earlier run when its inputs are unchanged."""
     store = StudyStore(out_dir)
     folder = store.folder(study)
-    key = imaging_key(study, analysis_digest(cfg))
+    key = imaging_key(study, analysis_digest(cfg.digest(), cfg.segmentation))
     t0 = time.perf_counter()
     cached = store.cached_imaging(study, key)
     if cached is not None:
