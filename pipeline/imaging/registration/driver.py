@@ -54,6 +54,7 @@ from pipeline.imaging.registration.common import (
     mask_centroid_lps,
     pyramid_image,
     sampling_fraction,
+    without_resampling_fill,
 )
 from pipeline.imaging.registration.metric import (
     METRIC_NAME,
@@ -289,8 +290,13 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     a folding Jacobian fails the QC. ``zone_region_lps``: ``(centre, radius_mm)`` of the baseline's
     ablation zone and its margin (LPS, mm); with it a follow-up of another field of view passes
     when that region is imaged in both (``checks.MIN_ZONE_COVERAGE``), and the reason says so
-    when it is not.
+    when it is not. Both images are registered without the boundary planes a resampler filled
+    (``common.without_resampling_fill``: the pipeline passes pre-contrast series resampled onto
+    their post-contrast grid); the transform applies to the whole images, and a displacement
+    field covers the cropped baseline (zero displacement beyond it).
     """
+    fixed_baseline = without_resampling_fill(fixed_baseline)
+    moving_followup = without_resampling_fill(moving_followup)
     return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
                      max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change,
                      hint_shift_lps=hint_shift_lps, device=device, zone_region_lps=zone_region_lps)
