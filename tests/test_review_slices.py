@@ -106,3 +106,26 @@ def test_baseline_and_follow_up_subtractions_share_one_window(tmp_path):
     current = np.asarray(slices.render_slice(vol, "current", "subtraction", k))
     baseline = np.asarray(slices.render_slice(vol, "baseline", "subtraction", k))
     assert current.max() < baseline.max()
+
+
+def test_enhancement_above_surroundings_is_a_panel_only_where_it_was_written(tmp_path):
+    """A zone read above enhancing parenchyma keeps above_surroundings.nii.gz (what its rim and
+    foci were read on): the reviewer sees it beside the subtraction, on one window for both
+    studies; a study without it has no such panel."""
+    out = tmp_path / "out"
+    _write(out / "patients/P/b", origin=(0.0, 0.0, 0.0), marker_mm=(-20.0, 10.0, 12.0))
+    _write(out / "patients/P/a", origin=(0.0, 0.0, 0.0), marker_mm=(-20.0, 10.0, 12.0))
+    sitk.WriteTransform(sitk.TranslationTransform(3, (0.0, 0.0, 0.0)), str(out / "patients/P/b/to_baseline.tfm"))
+    key = slices.case_key(out, "patients/P/b", "patients/P/a", None, None, True)
+    assert not any(slices.load_case(key).available(v, "above") for v in slices.VIEWS)
+    for study, value in (("b", 0.2), ("a", 0.8)):
+        labels = sitk.ReadImage(str(out / f"patients/P/{study}/labels.nii.gz"))
+        above = sitk.Cast(labels, sitk.sitkFloat32) * 0.0 + value
+        sitk.WriteImage(above, str(out / f"patients/P/{study}/above_surroundings.nii.gz"))
+    key = slices.case_key(out, "patients/P/b", "patients/P/a", None, None, True)  # new mtimes: a new key
+    vol = slices.load_case(key)
+    assert vol.available("current", "above") and vol.available("baseline", "above")
+    assert vol.windows[("current", "above")] == vol.windows[("baseline", "above")]
+    assert vol.windows[("current", "above")][1] == pytest.approx(0.8, rel=0.01)
+    k = int(np.argwhere(vol.labels["current"] == 3)[0][0])
+    assert Image.open(io.BytesIO(slices.slice_png(key, "current", "above", k))).size == (80, 30)

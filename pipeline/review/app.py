@@ -269,13 +269,16 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
             n_slices, letters = volumes.n_slices, volumes.letters
             available = {(v, p): volumes.available(v, p) for v in VIEWS for p in PANELS}
             notes = volumes.notes
+            # A panel neither study has (enhancement above surroundings: zones in parenchyma
+            # only) takes no column.
+            panels = [p for p in PANELS if any(available[(v, p)] for v in VIEWS)]
         except (OSError, RuntimeError, ValueError) as exc:
-            n_slices, letters, available = 0, ("", "", "", ""), {}
+            n_slices, letters, available, panels = 0, ("", "", "", ""), {}, list(PANELS)
             notes = [f"images not available: {exc}"]
         k = record.imaging.key_slice_index if record and record.imaging.key_slice_index is not None else n_slices // 2
         suspicious = [f for f in (record.imaging.foci if record else []) if f.suspicious]
         return {"item": item, "record": record, "n_slices": n_slices, "key_slice": min(max(k, 0), max(n_slices - 1, 0)),
-                "letters": letters, "available": available, "image_notes": notes, "views": VIEWS, "panels": PANELS,
+                "letters": letters, "available": available, "image_notes": notes, "views": VIEWS, "panels": panels,
                 "categories": CATEGORIES, "verdicts": list(item.verdicts), "current": item.current_verdict(),
                 "suspicious_foci": suspicious}
 

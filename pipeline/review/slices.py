@@ -1,7 +1,8 @@
 """PNG slices of a flagged study and its baseline, side by side on the follow-up's grid.
 
 The current study's images are on the native grid of its post-contrast series
-(``labels.nii.gz``, ``subtraction.nii.gz``, ``pre_registered.nii.gz``); the post-contrast
+(``labels.nii.gz``, ``subtraction.nii.gz``, ``pre_registered.nii.gz``, and for a zone read above
+enhancing surroundings ``above_surroundings.nii.gz``, the panel "above"); the post-contrast
 itself is read from its DICOM series (found in the run's catalogue). The baseline's images are
 brought onto that grid with the inverse of ``to_baseline.tfm`` exactly as ``key_image.png``
 does (``pipeline.outputs.writers.render_study_key_image``): the file maps a baseline point to the follow-up point,
@@ -31,11 +32,16 @@ from pipeline.core.records import Label, SeriesRecord
 from pipeline.imaging.volumes import load_series
 from pipeline.ingest.catalogue import CatalogueLocation, is_database_url, series_paths
 from pipeline.outputs.key_image import orientation_letters
+from pipeline.outputs.store import ABOVE_SURROUNDINGS_NAME
 
 VIEWS = ("baseline", "current")
-PANELS = ("pre", "post", "subtraction", "overlay")
+PANELS = ("pre", "post", "subtraction", "above", "overlay")
+# Panels windowed symmetrically about 0 and shared by both studies (signed differences).
+SIGNED_PANELS = ("subtraction", "above")
 CATALOGUE_NAME = "catalogue.sqlite"
 NIFTI = {"pre": "pre_registered.nii.gz", "subtraction": "subtraction.nii.gz", "labels": "labels.nii.gz"}
+# Written only for a zone read above enhancing surroundings (the relative enhancement above them).
+OPTIONAL_NIFTI = {"above": ABOVE_SURROUNDINGS_NAME}
 # RGBA (0-255) of each structure's label value (the colours of key_image.png).
 LABEL_RGBA = {int(Label.ABLATION_ZONE): (51, 153, 255, 90), int(Label.RIM): (255, 217, 26, 150),
               int(Label.ENHANCING_FOCUS): (255, 26, 26, 200)}
@@ -93,7 +99,7 @@ def case_key(out_dir: Path, study_folder: str, baseline_folder: str | None, post
         folders.append(resolve_under(out_dir, baseline_folder))
     mtimes = []
     for folder in folders:
-        for name in (*NIFTI.values(), "to_baseline.tfm"):
+        for name in (*NIFTI.values(), *OPTIONAL_NIFTI.values(), "to_baseline.tfm"):
             p = folder / name
             mtimes.append(p.stat().st_mtime_ns if p.exists() else 0)
     return CaseKey(str(out_dir), study_folder, baseline_folder, post_series_uid, baseline_post_series_uid,
@@ -147,6 +153,8 @@ def _window(arr: np.ndarray, symmetric: bool) -> tuple[float, float]:
 
 def _study_images(out_dir: Path, folder: Path, post_uid: str | None, notes: list[str], what: str) -> dict[str, sitk.Image]:
     images = {name: sitk.ReadImage(str(folder / fname)) for name, fname in NIFTI.items()}
+    images.update({name: sitk.ReadImage(str(folder / fname)) for name, fname in OPTIONAL_NIFTI.items()
+                   if (folder / fname).exists()})
     try:
         images["post"] = load_post(out_dir, post_uid, images["labels"])
     except (OSError, ValueError, RuntimeError) as exc:
@@ -155,11 +163,11 @@ def _study_images(out_dir: Path, folder: Path, post_uid: str | None, notes: list
 
 
 def _put(vol: CaseVolumes, view: str, images: dict[str, sitk.Image]) -> None:
-    for panel in ("pre", "post", "subtraction"):
+    for panel in ("pre", "post", "subtraction", "above"):
         if panel in images:
             arr = sitk.GetArrayFromImage(images[panel]).astype(np.float32, copy=False)
             vol.arrays[(view, panel)] = arr
-            vol.windows[(view, panel)] = _window(arr, symmetric=panel == "subtraction")
+            vol.windows[(view, panel)] = _window(arr, symmetric=panel in SIGNED_PANELS)
     vol.labels[view] = sitk.GetArrayFromImage(images["labels"]).astype(np.uint8, copy=False)
     base = "post" if (view, "post") in vol.arrays else "pre"
     vol.arrays[(view, "overlay")] = vol.arrays[(view, base)]
@@ -167,14 +175,16 @@ def _put(vol: CaseVolumes, view: str, images: dict[str, sitk.Image]) -> None:
 
 
 def share_subtraction_window(vol: CaseVolumes) -> None:
-    """Baseline and follow-up subtractions on one grey-level window (the wider of the two), so
-    that the same enhancement looks the same in both; each was windowed on its own before."""
-    keys = [(view, "subtraction") for view in VIEWS if (view, "subtraction") in vol.windows]
-    if len(keys) < 2:
-        return
-    v = max(vol.windows[key][1] for key in keys)
-    for key in keys:
-        vol.windows[key] = (-v, v)
+    """Baseline and follow-up subtractions (and enhancement above the surroundings) on one
+    grey-level window each (the wider of the two), so that the same enhancement looks the same in
+    both; each was windowed on its own before."""
+    for panel in SIGNED_PANELS:
+        keys = [(view, panel) for view in VIEWS if (view, panel) in vol.windows]
+        if len(keys) < 2:
+            continue
+        v = max(vol.windows[key][1] for key in keys)
+        for key in keys:
+            vol.windows[key] = (-v, v)
 
 
 _case_cache: OrderedDict[CaseKey, CaseVolumes] = OrderedDict()
