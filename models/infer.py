@@ -114,6 +114,12 @@ def load_model(path: Path | str, device: str = "cpu") -> LoadedModel:
     if int(ckpt["network"]["out_channels"]) != N_CLASSES:
         raise WeightsError(f"network weights {path} predict {ckpt['network']['out_channels']} classes, not {N_CLASSES}")
     net.to(device).eval()
+    if not device.startswith("cuda"):
+        # oneDNN's 3D convolutions run ~30 % faster channels-last on the CPU (issue 19: a batch of
+        # two windows 0.47 -> 0.33 s on one thread; 7 studies of the liver development seed 82,
+        # predict_study 68 -> 56 s, labels identical but one voxel, case uncertainty within
+        # 5e-5: another summation order, logits within 2e-3).
+        net.to(memory_format=torch.channels_last_3d)
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     model = LoadedModel(net, meta, device, path)
     _CACHE[key] = model
@@ -161,6 +167,8 @@ def predict(model: LoadedModel, image: np.ndarray, tta: bool = True, sw_batch_si
     roi = tuple(int(v) for v in model.meta["roi_zyx"])
     sw_batch_size = sw_batch_size or windows_per_batch(model.device, roi)
     x = torch.from_numpy(image[None]).to(model.device)
+    if not model.device.startswith("cuda"):
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # as load_model laid out the weights
     views = TTA_VIEWS[tta_views] if tta else ((),)
     total = torch.zeros((N_CLASSES, *image.shape[1:]), dtype=torch.float64)
     total_sq = torch.zeros_like(total)
