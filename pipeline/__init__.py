@@ -1,4 +1,4 @@
 """ablation-response: MRI follow-up after percutaneous ablation, study by study."""
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 SCHEMA_VERSION = 1
