@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/inter_study_qc_calibration.py bench_out/ab61 bench_out/ab62
 
 For every follow-up of finished ``evaluate_cohort.py`` runs whose registration passed QC, the
-QC's measures on the N4-corrected images (as the driver computes them) at the pipeline's
+QC's measures on the N4-corrected images without the resampler's fill (as the driver computes them) at the pipeline's
 transform, then at the same transform moved by 3, 5 and 10 mm along each axis (both signs):
 - absolute: the body-interior NCC and gradient NCC (the highest of the six moved poses is kept:
   a gate must reject every direction);
@@ -38,6 +38,7 @@ def main() -> None:
     from phantom.evaluation import follow_up_pairs
     from pipeline.core.files import read_image
     from pipeline.core.geometry import body_mask
+    from pipeline.imaging.registration.common import without_resampling_fill
     from pipeline.imaging.registration.files import TRANSFORM_FILE, read_to_baseline
     from pipeline.imaging.registration.metric import (
         bias_corrected,
@@ -62,8 +63,11 @@ def main() -> None:
             if pair.baseline_dir is None or pair.follow_up_dir is None \
                     or not (pair.follow_up_dir / TRANSFORM_FILE).exists():
                 continue
-            fixed = read_image(pair.baseline_dir / IMAGE_FILES["pre_registered"], sitk.sitkFloat32)
-            moving = read_image(pair.follow_up_dir / IMAGE_FILES["pre_registered"], sitk.sitkFloat32)
+            # As the driver sees them: without the resampler's fill (register_to_baseline).
+            fixed = without_resampling_fill(read_image(pair.baseline_dir / IMAGE_FILES["pre_registered"],
+                                                       sitk.sitkFloat32))
+            moving = without_resampling_fill(read_image(pair.follow_up_dir / IMAGE_FILES["pre_registered"],
+                                                        sitk.sitkFloat32))
             fixed_body = body_mask(fixed)
             fixed = bias_corrected(fixed, fixed_body, 1)
             moving = bias_corrected(moving, body_mask(moving), 1)
