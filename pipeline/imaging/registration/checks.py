@@ -31,6 +31,7 @@ from pipeline.imaging.registration.metric import (
     metric_mask,
     registration_ncc,
     similarity_peak_offsets_mm,
+    warped_pair,
 )
 from pipeline.imaging.registration.transforms import (
     deformation_max_mm,
@@ -103,7 +104,8 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
     metric_after = evaluate_metric(pair.fixed_eval, pair.moving_eval, pair.metric_mask, tx, pair.eval_frac, threads)
     motion = motion_magnitude_mm(tx, pair.fixed_body)
     interior = interior_mask(pair.fixed_body, threads)
-    ncc, gncc, overlap = registration_ncc(pair.fixed, pair.moving, tx, interior)
+    warped = warped_pair(pair.fixed, pair.moving, tx)  # read by the NCC check and the peak test
+    ncc, gncc, overlap = registration_ncc(pair.fixed, pair.moving, tx, interior, warped)
     scales = scale_factors(tx)
 
     reasons = []
@@ -132,7 +134,7 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
                        f"(gradient ncc {gncc:.3f}{gate})")
     peak = None
     if stage.max_peak_offset_mm is not None and overlap > 0:
-        offsets = similarity_peak_offsets_mm(pair.fixed, pair.moving, tx, interior, stage.peak_probe_mm)[1]
+        offsets = similarity_peak_offsets_mm(pair.fixed, pair.moving, tx, interior, stage.peak_probe_mm, warped)[1]
         axis = int(np.argmax(np.abs(offsets)))
         peak = min(float(np.abs(offsets[axis])), PEAK_BEYOND_PROBE_MM)
         if peak > stage.max_peak_offset_mm:
