@@ -52,7 +52,7 @@ from pipeline.review.db import (
     open_engine,
     record_verdict,
 )
-from pipeline.review.slices import PANELS, VIEWS, UnsafePathError, case_key, load_case, resolve_under, slice_png
+from pipeline.review.slices import OPTIONAL_NIFTI, PANELS, VIEWS, UnsafePathError, case_key, load_case, resolve_under, slice_png
 
 HERE = Path(__file__).resolve().parent
 SESSION_MAX_AGE_S = 8 * 3600
@@ -269,9 +269,9 @@ def create_app(out_dir: Path, users_file: Path, db_url: str | None = None, secre
             n_slices, letters = volumes.n_slices, volumes.letters
             available = {(v, p): volumes.available(v, p) for v in VIEWS for p in PANELS}
             notes = volumes.notes
-            # A panel neither study has (enhancement above surroundings: zones in parenchyma
-            # only) takes no column.
-            panels = [p for p in PANELS if any(available[(v, p)] for v in VIEWS)]
+            # An optional panel neither study has (enhancement above surroundings: zones in
+            # parenchyma only) takes no column; the others say "not available".
+            panels = [p for p in PANELS if p not in OPTIONAL_NIFTI or any(available[(v, p)] for v in VIEWS)]
         except (OSError, RuntimeError, ValueError) as exc:
             n_slices, letters, available, panels = 0, ("", "", "", ""), {}, list(PANELS)
             notes = [f"images not available: {exc}"]

@@ -51,8 +51,7 @@ def without_resampling_fill(image: sitk.Image) -> sitk.Image:
     ``FILL_EXCESS_FRACTION``; the crop keeps physical coordinates, so a transform found on it
     applies to the whole image.
     """
-    a = sitk.GetArrayViewFromImage(image)
-    zero = a == 0
+    zero = sitk.GetArrayFromImage(image) == 0
     lo, hi = [0, 0, 0], list(image.GetSize())
     for axis_xyz in range(3):
         axis = 2 - axis_xyz  # numpy axes are (z, y, x)
@@ -68,7 +67,6 @@ def without_resampling_fill(image: sitk.Image) -> sitk.Image:
         while n - stop < most and share[stop - 1] > limit:
             stop -= 1
         lo[axis_xyz], hi[axis_xyz] = start, stop
-    del a, zero
     if lo == [0, 0, 0] and hi == list(image.GetSize()):
         return image
     return sitk.RegionOfInterest(image, [h - l for l, h in zip(lo, hi)], lo)
