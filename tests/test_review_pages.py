@@ -103,3 +103,18 @@ def test_a_zone_in_enhancing_parenchyma_is_said_on_the_case_page(client):
     html = c.get(f"/case/{item_id}").text
     assert ("The zone lies in enhancing parenchyma (median enhancement 10-25 mm around it: phase 3 +60 %, "
             "phase 1 +25 %): rim and foci are read as enhancement above it.") in html
+
+
+def test_the_enhancement_above_surroundings_column_is_there_only_with_its_image(client):
+    # The fixture's study has no above_surroundings.nii.gz and no post-contrast series: the
+    # optional column is left out, the post-contrast column stays and says it is not available.
+    c, item_id = client
+    html = c.get(f"/case/{item_id}").text
+    assert "enhancement above surroundings" not in html
+    assert "<th>post</th>" in html and "not available" in html
+    with Session(c.app.state.engine) as s:
+        folder = c.app.state.out_dir / s.scalar(select(WorklistItem.study_folder))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 8, 8), np.float32)), str(folder / "above_surroundings.nii.gz"))
+    html = c.get(f"/case/{item_id}").text
+    assert "<th>enhancement above surroundings</th>" in html
+    assert f'src="/case/{item_id}/slice/current/above/' in html
