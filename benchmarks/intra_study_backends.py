@@ -12,8 +12,8 @@ line per pair and backend, then the median seconds and the median / largest pair
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,28 +28,38 @@ from pipeline.ingest.index import index_export
 
 
 def main() -> None:
-    run = Path(sys.argv[1])  # an evaluate_cohort.py --out folder; sys.argv[2]: STEP
-    truth = json.loads((run / "data" / "truth.json").read_text())
-    lm = {s["study_instance_uid"]: s for p in truth["patients"] for s in p["studies"]}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="the --out folder of benchmarks/evaluate_cohort.py")
+    parser.add_argument("step", type=int, nargs="?", default=1, help="every STEP-th study (default 1)")
+    args = parser.parse_args()
+    truth = json.loads((args.run / "data" / "truth.json").read_text())
+    by_uid = {s["study_instance_uid"]: s for p in truth["patients"] for s in p["studies"]}
     base = load_config()
-    cfgs = {"sitk": base.registration,
-            "torch": base.registration.model_copy(update={"intra_study": base.registration.intra_study.model_copy(update={"backend": "torch"})})}
-    studies = index_export(run / "data" / "export", Path(tempfile.mkdtemp()) / "c.sqlite", base.ingest).studies
-    tot = {k: [] for k in cfgs}; tre = {k: [] for k in cfgs}
-    for st in studies[:: int(sys.argv[2])]:
-        t = lm[st.study_instance_uid]
-        posts = st.with_role(SeriesRole.T1_POST)
-        if not posts or not t["landmarks_post_lps"]:
+    torch_intra = base.registration.intra_study.model_copy(update={"backend": "torch"})
+    configs = {"simpleitk": base.registration,
+               "torch": base.registration.model_copy(update={"intra_study": torch_intra})}
+    catalogue = Path(tempfile.mkdtemp()) / "catalogue.sqlite"
+    studies = index_export(args.run / "data" / "export", catalogue, base.ingest).studies
+    seconds = {name: [] for name in configs}
+    tre = {name: [] for name in configs}
+    for study in studies[:: max(1, args.step)]:
+        truth_study = by_uid[study.study_instance_uid]
+        posts = study.with_role(SeriesRole.T1_POST)
+        if not posts or not truth_study["landmarks_post_lps"]:
             continue
-        pre = load_series(st.with_role(SeriesRole.T1_PRE)[0]); post = load_series(posts[-1])
-        for k, c in cfgs.items():
-            t0 = time.perf_counter(); tx, qc = register_intra_study(post, pre, c); dt = time.perf_counter() - t0
-            e = np.linalg.norm(np.array([tx.TransformPoint(p) for p in t["landmarks_post_lps"]]) - np.array(t["landmarks_pre_lps"]), axis=1)
-            tot[k].append(dt); tre[k].append(e.mean())
-            print(k, st.study_date, qc.ok, round(dt, 2), "s TRE", round(float(e.mean()), 2), qc.reason[:60], flush=True)
-    for k in cfgs:
-        print(k, "median s", round(float(np.median(tot[k])), 2), "TRE median of pair means", round(float(np.median(tre[k])), 2), "max", round(float(np.max(tre[k])), 2))
-
+        pre = load_series(study.with_role(SeriesRole.T1_PRE)[0])
+        post = load_series(posts[-1])
+        for name, cfg in configs.items():
+            t0 = time.perf_counter()
+            tx, qc = register_intra_study(post, pre, cfg)
+            seconds[name].append(time.perf_counter() - t0)
+            mapped = np.array([tx.TransformPoint(p) for p in truth_study["landmarks_post_lps"]])
+            tre[name].append(float(np.linalg.norm(mapped - np.array(truth_study["landmarks_pre_lps"]), axis=1).mean()))
+            print(f"{name:<9} {study.study_date} QC {'pass' if qc.ok else 'FAIL'} {seconds[name][-1]:.2f} s "
+                  f"TRE {tre[name][-1]:.2f} mm {qc.reason[:60]}", flush=True)
+    for name in configs:
+        print(f"{name:<9} median {np.median(seconds[name]):.2f} s/pair; TRE median of pair means "
+              f"{np.median(tre[name]):.2f} mm, largest {np.max(tre[name]):.2f} mm")
 
 if __name__ == "__main__":
     main()
