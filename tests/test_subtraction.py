@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.core.config import load_config
-from pipeline.core.geometry import body_mask, resample_to
+from pipeline.core.geometry import body_mask, field_of_view_mask, resample_to
 from pipeline.imaging.registration import register_intra_study
 from pipeline.imaging.subtraction import normalise_post_to_pre, relative_enhancement, subtraction
 
@@ -79,6 +79,27 @@ def test_relative_enhancement_of_blob(pair):
     assert np.all(re[~b] == 0.0)
     sub = sitk.GetArrayFromImage(subtraction(pre, post_norm))
     assert np.median(sub[blob]) == pytest.approx(0.5 * np.median(sitk.GetArrayFromImage(pre)[blob]), rel=0.08)
+
+
+def test_no_subtraction_where_the_pre_contrast_was_not_imaged(pair):
+    """A pre-contrast slab 6 planes shorter than the post's: its fill is not read as enhancement."""
+    pre, post, body, _ = pair
+    short_pre = pre[:, :, 3:-3]  # SimpleITK slicing keeps the physical position of each plane
+    identity = sitk.Euler3DTransform()
+    pre_on_post = resample_to(short_pre, post, identity)
+    imaged = field_of_view_mask(short_pre, post, identity)
+    assert not imaged[:3].any() and not imaged[-3:].any() and imaged[3:-3].all()
+    post_norm, _ = normalise_post_to_pre(pre_on_post, post, body_mask(pre_on_post))
+    inside_body = sitk.GetArrayFromImage(body) > 0
+    bare = sitk.GetArrayFromImage(subtraction(pre_on_post, post_norm))
+    # Without the mask the end planes read the whole post-contrast body as enhancement...
+    assert np.median(bare[:3][inside_body[:3]]) > 100.0
+    masked = sitk.GetArrayFromImage(subtraction(pre_on_post, post_norm, imaged))
+    # ...with it they are 0, and the imaged planes are unchanged.
+    assert np.all(masked[:3] == 0.0) and np.all(masked[-3:] == 0.0)
+    np.testing.assert_array_equal(masked[3:-3], bare[3:-3])
+    with pytest.raises(ValueError, match="not on the grid"):
+        subtraction(pre_on_post, post_norm, imaged[1:])
 
 
 def test_grid_mismatch_raises(pair):

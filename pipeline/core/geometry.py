@@ -105,4 +105,15 @@ def resample_to(moving: sitk.Image, reference: sitk.Image, transform: sitk.Trans
     return sitk.Resample(src, reference, transform, interpolator, float(default), pixel)
 
 
-__all__ = ["as_float32", "body_mask", "radius_vox", "resample_to", "run_filter"]
+def field_of_view_mask(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """Boolean (z, y, x) array on ``reference``'s grid: the voxels ``transform`` maps inside ``moving``.
+
+    Where it is False, ``resample_to`` wrote its fill value (0.0), not an image of the anatomy:
+    the slab of ``moving`` did not reach there.
+    """
+    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(moving)
+    return sitk.GetArrayFromImage(resample_to(ones, reference, transform, sitk.sitkNearestNeighbor, 0)) > 0
+
+
+__all__ = ["as_float32", "body_mask", "field_of_view_mask", "radius_vox", "resample_to", "run_filter"]

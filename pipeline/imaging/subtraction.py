@@ -88,10 +88,21 @@ def normalise_post_to_pre(pre: sitk.Image, post_on_pre_grid: sitk.Image,
     return _image_like(post_a * np.float32(factor), pre), factor
 
 
-def subtraction(pre: sitk.Image, post_norm: sitk.Image) -> sitk.Image:
-    """``post_norm - pre`` (float32, pre's grid, pre's intensity units)."""
+def subtraction(pre: sitk.Image, post_norm: sitk.Image, imaged: np.ndarray | None = None) -> sitk.Image:
+    """``post_norm - pre`` (float32, pre's grid, pre's intensity units).
+
+    ``imaged``: boolean (z, y, x) array, False where one of the two images holds the resampler's
+    fill, not anatomy (``pipeline.core.geometry.field_of_view_mask``); the subtraction is 0 there.
+    Without it the post-contrast minus an empty pre-contrast reads as a slab of bright
+    "enhancement" where the pre-contrast slab ended before the post-contrast one.
+    """
     _check_same_grid(pre, post_norm, "subtraction(pre, post)")
-    return _image_like(_array(post_norm) - _array(pre), pre)
+    sub = _array(post_norm) - _array(pre)
+    if imaged is not None:
+        if imaged.shape != sub.shape:
+            raise ValueError(f"subtraction: imaged mask {imaged.shape} is not on the grid {sub.shape}")
+        sub[~imaged] = 0.0
+    return _image_like(sub, pre)
 
 
 def relative_enhancement(pre: sitk.Image, post_norm: sitk.Image, body: sitk.Image,

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from pipeline.core.config import PipelineConfig
-from pipeline.core.geometry import body_mask, resample_to
+from pipeline.core.geometry import body_mask, field_of_view_mask, resample_to
 from pipeline.core.records import (
     ErrorRecord,
     RegistrationQC,
@@ -140,7 +140,9 @@ def analyse_study(
     pre_on_post = resample_to(pre, post, transform)
     body = body_mask(pre_on_post)
     post_norm, _factor = normalise_post_to_pre(pre_on_post, post, body)
-    sub = subtraction(pre_on_post, post_norm)
+    # Where the pre-contrast slab did not reach, pre_on_post is the resampler's fill: no
+    # subtraction there (the RE is 0 there already: the body mask is read from pre_on_post).
+    sub = subtraction(pre_on_post, post_norm, field_of_view_mask(pre, post, transform))
     rel = relative_enhancement(pre_on_post, post_norm, body)
     timings["subtract"] = time.perf_counter() - t0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.core.geometry import as_float32, radius_vox, resample_to, run_filter
+from pipeline.core.geometry import as_float32, field_of_view_mask, radius_vox, resample_to, run_filter
 from pipeline.imaging.registration.common import HISTOGRAM_BINS, SAMPLING_SEED
 
 METRIC_NAME = "mattes_mi"
@@ -108,7 +108,7 @@ def warped_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform
     warped = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
     fix = as_float32(fixed)
     return WarpedPair(sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(warped), _gradient_magnitude(fix),
-                      _gradient_magnitude(warped), _inside_field_of_view(moving, fixed, transform))
+                      _gradient_magnitude(warped), field_of_view_mask(moving, fixed, transform))
 
 
 def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
@@ -133,13 +133,6 @@ def registration_ncc(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Tran
     ncc = _correlation(pair.fixed, pair.warped, m)
     gncc = _correlation(pair.fixed_gradient, pair.warped_gradient, m)
     return ncc, gncc, overlap
-
-
-def _inside_field_of_view(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    """Boolean array on ``reference``'s grid: the voxels ``transform`` maps inside ``moving``."""
-    ones = sitk.Image(moving.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(moving)
-    return sitk.GetArrayFromImage(resample_to(ones, reference, transform, sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def _gradient_magnitude(image: sitk.Image) -> np.ndarray:
@@ -187,7 +180,7 @@ def sphere_mask(reference: sitk.Image, centre_lps, radius_mm: float) -> sitk.Ima
 def covered_fraction(moving: sitk.Image, transform: sitk.Transform, region: sitk.Image) -> float:
     """Fraction of the voxels of ``region`` (a mask on the fixed grid) that ``transform`` maps
     inside ``moving``'s field of view; 0.0 for an empty region."""
-    inside = _inside_field_of_view(moving, region, transform)
+    inside = field_of_view_mask(moving, region, transform)
     r = sitk.GetArrayFromImage(region) > 0
     return float((inside & r).sum() / r.sum()) if r.any() else 0.0
 
