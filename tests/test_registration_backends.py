@@ -263,7 +263,7 @@ def test_stage_backend_overrides_the_default(small_baseline, small_followup):
     """registration.inter_study.backend picks that stage's backend; the validator checks the
     deformable kind against the stage's effective backend, not registration.backend."""
     raw = load_config().registration.model_dump()
-    mixed = {**raw, "backend": "simpleitk",
+    mixed = {**raw, "backend": "simpleitk", "intra_study": {**raw["intra_study"], "backend": None},
              "inter_study": {**raw["inter_study"], "backend": "torch", "deformable": "field"}}
     cfg = RegistrationConfig.model_validate({**mixed, "device": "cpu"})
     assert cfg.backend_of(cfg.inter_study) == "torch" and cfg.backend_of(cfg.intra_study) == "simpleitk"
