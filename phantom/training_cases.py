@@ -63,7 +63,9 @@ def build_synthetic_cohort(root: Path, n_patients: int, seed: int, profile: str 
         truth_labels = resample_onto(sitk.Cast(truth_labels, sitk.sitkUInt8), images.post, sitk.sitkNearestNeighbor)
         folder = root / "cases" / name
         atomic_write_image(images.pre_registered, folder / PRE_FILE)
-        atomic_write_image(images.subtraction, folder / SUB_FILE)
+        # What the network is given at inference (the fill kept at the slab ends; StudyImages).
+        network_subtraction = images.network_subtraction if images.network_subtraction is not None else images.subtraction
+        atomic_write_image(network_subtraction, folder / SUB_FILE)
         atomic_write_image(truth_labels, folder / LABEL_FILE)
         atomic_write_image(images.labels, folder / CLASSICAL_FILE)
         written.append(name)

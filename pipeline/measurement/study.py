@@ -55,6 +55,10 @@ class StudyImages:
     # A zone in enhancing parenchyma: RE above the surroundings, largest over the phases read
     # (the arterial one included), which the foci were judged on; None where rule 6 read them.
     above_surroundings: sitk.Image | None = None
+    # The subtraction the network was given: ``subtraction`` without the slab ends zeroed, what
+    # the shipped weights were trained on (analyse_study); training cases are written from it
+    # (phantom/training_cases.py). Not written to the outputs. None: the same as ``subtraction``.
+    network_subtraction: sitk.Image | None = None
 
 
 @dataclass
@@ -143,11 +147,16 @@ def analyse_study(
     # Where the pre-contrast slab did not reach, pre_on_post is the resampler's fill: no
     # subtraction there (the RE is 0 there already: the body mask is read from pre_on_post).
     sub = subtraction(pre_on_post, post_norm, field_of_view_mask(pre, post, transform))
+    # The shipped network weights were trained on subtractions that kept the fill (post-contrast
+    # minus nothing at the slab ends); given the clean one their case uncertainty rose 0.06 ->
+    # 0.34 on liver development seed 82 (docs/evaluation.md, "0.3.2"). The network gets what it
+    # was trained on until it is retrained on the clean subtraction.nii.gz (models/README.md).
+    sub_as_trained = subtraction(pre_on_post, post_norm)
     rel = relative_enhancement(pre_on_post, post_norm, body)
     timings["subtract"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    seg, seg_method, seg_note, seg_uncertainty, seg_device = _segment(pre_on_post, sub, rel, body, cfg,
+    seg, seg_method, seg_note, seg_uncertainty, seg_device = _segment(pre_on_post, sub_as_trained, rel, body, cfg,
                                                                       target_hint_lps, device)
     timings["segment"] = time.perf_counter() - t0
 
@@ -203,7 +212,7 @@ def analyse_study(
         arterial_phase_read=arterial_phase_read(surroundings_re, cfg.enhancement.arterial_max_fraction) if above else None,
         reason="" if seg.found else seg.reason)
     images = StudyImages(post=post, pre_registered=pre_on_post, subtraction=sub, labels=labels,
-                         above_surroundings=rel_for_foci if above else None)
+                         above_surroundings=rel_for_foci if above else None, network_subtraction=sub_as_trained)
     return StudyAnalysis(imaging, images, errors)
 
 
