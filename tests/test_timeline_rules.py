@@ -265,3 +265,42 @@ def test_a_failed_patient_whose_timeline_cannot_be_built_keeps_every_study(monke
     assert [(r.study_instance_uid, r.timepoint, r.session) for r in records] == [
         ("s1", "follow_up", None), ("s2", "follow_up", None)]
     assert all(r.decision.category == C.INDETERMINATE for r in records)
+
+
+def _seen(fraction, **kwargs):
+    return focus(**kwargs).model_copy(update={"seen_at_baseline_fraction": fraction})
+
+
+def test_a_focus_that_enhanced_at_the_baseline_is_anatomy_seen_before_not_ltp():
+    """Issue 15 (development abdomen seed 63): the end of a bowel loop, read on its own study as a
+    40 mm nodule, enhanced at the registered baseline over 88 % of its volume."""
+    studies = [study("s1", 30), study("s2", 90), study("s3", 180)]
+    imgs = {"s1": imaging(30), "s2": imaging(28), "s3": imaging(28, [_seen(0.88, diameter=40.0)])}
+    _, d = run(studies, imgs)
+    assert cats(d) == [C.COMPLETE_ABLATION, C.NO_EVIDENCE_OF_LTP, C.NO_EVIDENCE_OF_LTP]
+    assert d[2].flagged and any(f.startswith("focus_seen_at_baseline: a 40 mm local focus") and "88 %" in f
+                                for f in d[2].flag_reasons), d[2].flag_reasons
+    # A focus mostly over tissue that did not enhance at the baseline is new: LTP.
+    imgs["s3"] = imaging(28, [_seen(0.15)])
+    assert cats(run(studies, imgs)[1])[2] == C.LOCAL_TUMOUR_PROGRESSION
+    # Not measured (no usable registration): never discounted.
+    imgs["s3"] = imaging(28, [_seen(None)])
+    assert cats(run(studies, imgs)[1])[2] == C.LOCAL_TUMOUR_PROGRESSION
+
+
+def test_the_seen_at_baseline_rule_can_be_switched_off():
+    studies = [study("s1", 30), study("s2", 90), study("s3", 180)]
+    imgs = {"s1": imaging(30), "s2": imaging(28), "s3": imaging(28, [_seen(0.88)])}
+    off = CFG.model_copy(update={"rules": CFG.rules.model_copy(update={"focus_seen_at_baseline_min_fraction": None})})
+    procs = [Procedure("P1", DAY0)]
+    entries = build_patient_timeline(studies, procs, {s.study_instance_uid: True for s in studies}, off.rules)
+    decisions = classify_patient(entries, imgs, *classify_sections(off))
+    assert decisions["s3"].category == C.LOCAL_TUMOUR_PROGRESSION
+
+
+def test_a_distant_focus_seen_at_the_baseline_is_not_a_new_lesion():
+    studies = [study("s1", 30), study("s2", 90)]
+    imgs = {"s1": imaging(30), "s2": imaging(28, [_seen(0.9, distance=25.0)])}
+    _, d = run(studies, imgs)
+    assert d[1].category == C.NO_EVIDENCE_OF_LTP and not d[1].new_lesion
+    assert any(f.startswith("focus_seen_at_baseline: a 8 mm distant focus") for f in d[1].flag_reasons)

@@ -220,6 +220,7 @@ class RulesConfig(_Section):
     rim_thickness_increase_mm: float = Field(ge=0)
     schedule_days: dict[str, list[int]]
     schedule_tolerance_days: int = Field(ge=0)
+    focus_seen_at_baseline_min_fraction: float | None = Field(default=None, gt=0, le=1)
 
     def for_organ(self, table: dict, organ: str):
         """The organ's entry of a per-organ table, else its ``default``."""

@@ -220,6 +220,11 @@ class Focus(BaseModel):
     enhancement_by_phase: dict[str, float] = Field(default_factory=dict)
     t2_ratio_to_az: float | None = None
     t2_ratio_to_body: float | None = None
+    # Follow-ups, suspicious foci only (issue 15): the fraction of the focus's volume whose
+    # position at the registered baseline enhanced there already, outside the baseline's zone, rim
+    # and foci (pipeline/measurement/baseline_comparison.py). None: not measured (no usable
+    # registration, not a follow-up, the focus mostly outside the baseline's slab).
+    seen_at_baseline_fraction: float | None = None
 
     @property
     def thickness_text(self) -> str:

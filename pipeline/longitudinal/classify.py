@@ -34,7 +34,8 @@ FLAGGED_CATEGORIES = {
 # any ":" detail).
 REVIEW_FLAGS = {"early_baseline", "late_baseline", "before_baseline", "residual_no_longer_seen",
                 "no_study_date", "rim_persisting", "rim_increasing", "series_roles_ambiguous",
-                "segmentation_uncertain", "depends_on_indeterminate", "arterial_phase_not_assessed"}
+                "segmentation_uncertain", "depends_on_indeterminate", "arterial_phase_not_assessed",
+                "focus_seen_at_baseline"}
 
 
 def _needs_review(flag: str) -> bool:
@@ -55,8 +56,27 @@ class _SessionState:
     indeterminate: list[str] = field(default_factory=list)
 
 
-def _suspicious_local(foci: list[Focus]) -> list[Focus]:
-    return [f for f in foci if f.local and f.suspicious]
+def _seen_before(focus: Focus, min_fraction: float | None) -> bool:
+    """A suspicious focus that enhanced at the registered baseline already (over ``min_fraction``
+    of its volume): anatomy seen before, not a new tumour (``rules.focus_seen_at_baseline_min_fraction``)."""
+    return (min_fraction is not None and focus.suspicious and focus.seen_at_baseline_fraction is not None
+            and focus.seen_at_baseline_fraction >= min_fraction)
+
+
+def _suspicious_local(foci: list[Focus], min_fraction: float | None) -> list[Focus]:
+    return [f for f in foci if f.local and f.suspicious and not _seen_before(f, min_fraction)]
+
+
+def _seen_before_flag(foci: list[Focus], min_fraction: float | None) -> str | None:
+    """The review flag naming the suspicious foci read as anatomy seen at the baseline (None: none)."""
+    seen = [f for f in foci if _seen_before(f, min_fraction)]
+    if not seen:
+        return None
+    described = "; ".join(
+        f"a {f.diameter_mm:.0f} mm {'local' if f.local else 'distant'} focus enhanced at the registered baseline over "
+        f"{100 * f.seen_at_baseline_fraction:.0f} % of its volume" for f in seen)
+    return (f"focus_seen_at_baseline: {described} (>= {100 * min_fraction:.0f} %, outside the baseline's zone, rim "
+            "and foci): read as anatomy seen before, not as new tumour")
 
 
 def _changes(imaging: StudyImaging, state: _SessionState) -> Changes:
@@ -184,9 +204,13 @@ def classify_patient(
         uid = entry.study.study_instance_uid
         result = imaging.get(uid) or StudyImaging(ok=False, reason="study was not processed")
         flags = list(entry.flags)
-        new_lesion = any((not f.local) and f.suspicious for f in result.foci)
+        seen_min = rules.focus_seen_at_baseline_min_fraction
+        new_lesion = any((not f.local) and f.suspicious and not _seen_before(f, seen_min) for f in result.foci)
         if new_lesion:
             flags.append("new_lesion_distant_from_az")
+        seen_flag = _seen_before_flag(result.foci, seen_min)
+        if seen_flag:
+            flags.append(seen_flag)
 
         if entry.timepoint == Timepoint.PRE_ABLATION:
             decisions[uid] = Decision(
@@ -212,7 +236,7 @@ def classify_patient(
 
         az = result.ablation_zone
         changes = _changes(result, state)
-        suspicious = _suspicious_local(result.foci)
+        suspicious = _suspicious_local(result.foci, seen_min)
         values: dict[str, float | int | str | bool | None] = {
             "az_long_axis_mm": round(az.long_axis_mm, 2),
             "days_since_ablation": entry.days_since_ablation,

@@ -32,6 +32,7 @@ from pipeline.imaging.registration import register_to_baseline
 from pipeline.imaging.subtraction import temporal_difference
 from pipeline.longitudinal.assessment import StudyFindings, assess_timeline, registration_failure
 from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
+from pipeline.measurement.baseline_comparison import foci_seen_at_baseline
 from pipeline.measurement.study import StudyImages, analyse_study
 from pipeline.outputs.locks import patient_lock
 from pipeline.outputs.store import StudyStore, analysis_digest, cache_keys, imaging_key, read_cached_images, to_baseline_key
@@ -150,6 +151,10 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
     for entry in entries:
         state = states[entry.study.study_instance_uid]
         base_uid = entry.baseline_study_instance_uid
+        if any(f.seen_at_baseline_fraction is not None for f in state.imaging.foci):
+            # An earlier run's comparison (read back with the cached imaging) is measured again below.
+            state.imaging = state.imaging.model_copy(update={"foci": [
+                f.model_copy(update={"seen_at_baseline_fraction": None}) for f in state.imaging.foci]})
         if entry.timepoint != Timepoint.FOLLOW_UP or not base_uid or not state.imaging.ok:
             continue
         baseline = states.get(base_uid)
@@ -176,7 +181,29 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
         if state.to_baseline_failure:
             errors.append(ErrorRecord("", entry.study.patient_id, entry.study.study_instance_uid, "",
                                       "register_to_baseline", state.to_baseline_failure))
+        if cfg.rules.focus_seen_at_baseline_min_fraction is not None:
+            errors.extend(_compare_foci_with_baseline(entry, state, baseline, cfg))
     return errors
+
+
+def _compare_foci_with_baseline(entry: TimelineEntry, state: StudyState, baseline: StudyState,
+                                cfg: PipelineConfig) -> list[ErrorRecord]:
+    """Set each suspicious focus's ``seen_at_baseline_fraction`` (None where the registration to
+    the baseline is not usable: then no focus is discounted)."""
+    t0 = time.perf_counter()
+    transform = None if state.to_baseline_failure else state.transform
+    try:
+        foci = foci_seen_at_baseline(state.imaging.foci, state.images(), baseline.images(), transform,
+                                     bool(state.imaging.enhancement_above_surroundings),
+                                     cfg.enhancement.relative_enhancement_threshold)
+    except Exception as exc:  # noqa: BLE001 - a supporting comparison: never lose the study
+        foci = [f.model_copy(update={"seen_at_baseline_fraction": None}) for f in state.imaging.foci]
+        state.imaging = state.imaging.model_copy(update={"foci": foci})
+        return [ErrorRecord.from_exception(exc, "seen_at_baseline", patient_id=entry.study.patient_id,
+                                           study_instance_uid=entry.study.study_instance_uid)]
+    state.imaging = state.imaging.model_copy(update={"foci": foci})
+    state.seconds["seen_at_baseline"] = time.perf_counter() - t0
+    return []
 
 
 def _unchanged_records(entries: list[TimelineEntry], states: dict[str, StudyState],
