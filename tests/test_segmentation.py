@@ -42,7 +42,8 @@ def _coords():
 def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = False, seed: int = 0,
           organ: bool = False, nodule_angle_deg: float = 0.0, bowel: bool = False, narrow_loop: bool = False,
           oblique_wall: bool = False, nodule_offset: float = 0.0, organ_lip: bool = False,
-          vessel_bend_mm: float | None = None, vessel_branch: bool = False, distant: str | None = None):
+          vessel_bend_mm: float | None = None, vessel_branch: bool = False, distant: str | None = None,
+          oblique_loop_end: bool = False):
     """pre, relative enhancement, body on one grid; AZ = ellipsoid 15 x 12 x 12 mm semi-axes.
 
     ``organ``: a kidney-sized ellipsoid (20 x 16 x 34 mm semi-axes) lying against the AZ on its
@@ -61,6 +62,10 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
     it at z = 0 towards +x at 45 deg to it. ``distant``: 30 mm beyond the AZ's +y side (y = 45
     mm), "tree": two 6 mm vessels crossing in the x-z plane (100 mm along x, the field's 72 mm
     along z: no principal axis, like a branching portal-vein tree), or "nodule": a 12 mm sphere.
+    ``oblique_loop_end``: a bowel loop (a tube of 8 mm radius, 2.5 mm wall, fluid inside, closed
+    by a rounded end) leaving the AZ's -x side at about 45 deg to the slices, rendered with the
+    slices' partial volume (each 3 mm slice averages six planes), so that the slices cutting its
+    end hold its wall and contents mixed: a solid enhancing disc.
     """
     x, y, z = _coords()
     r_az = np.sqrt((x / 15.0) ** 2 + (y / 12.0) ** 2 + (z / 12.0) ** 2)
@@ -92,6 +97,12 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
         post = np.where(loop, MUSCLE * 2.0, post)
         pre = np.where(contents, MUSCLE * 0.2, pre)
         post = np.where(contents, MUSCLE * 0.2, post)
+    if oblique_loop_end:
+        wall_f, contents_f = _loop_fractions(x, y, z, end=(-17.0, -4.0, 6.0), direction=(-0.6, -0.4, -0.7),
+                                             radius=8.0, wall=2.5)
+        rest = 1.0 - wall_f - contents_f
+        pre = rest * pre + wall_f * MUSCLE + contents_f * MUSCLE * 0.2
+        post = rest * post + wall_f * MUSCLE * 2.0 + contents_f * MUSCLE * 0.2
     if oblique_wall:
         phi = np.deg2rad(60.0)
         across = -np.sin(phi) * x + np.cos(phi) * (y - 12.0)  # distance from the wall's mid-plane
@@ -141,6 +152,21 @@ def build(rim_mm: float = 1.5, nodule_mm: float | None = None, vessel: bool = Fa
         img.SetOrigin((-75.0, -75.0, -36.0))
         images.append(img)
     return images
+
+
+def _loop_fractions(x, y, z, end, direction, radius, wall, length=80.0, planes=6):
+    """(wall, contents) fraction of each voxel of a closed tube (its axis ``length`` mm from ``end``
+    against ``direction``), averaged over ``planes`` planes across each slice (partial volume)."""
+    d = np.asarray(direction, float) / np.linalg.norm(direction)
+    wall_f, contents_f = np.zeros(x.shape), np.zeros(x.shape)
+    for k in range(planes):
+        dz = ((k + 0.5) / planes - 0.5) * SPACING[2]
+        p = np.stack([x - end[0], y - end[1], z + dz - end[2]], axis=-1)
+        along = np.clip(p @ d, -length, 0.0)
+        r = np.linalg.norm(p - along[..., None] * d, axis=-1)
+        wall_f += (r <= radius) & (r > radius - wall)
+        contents_f += r <= radius - wall
+    return wall_f / planes, contents_f / planes
 
 
 def run(**kwargs):
@@ -284,6 +310,18 @@ def test_a_solid_organ_joined_to_a_bowel_loop_stays_anatomy(monkeypatch):
 def test_a_small_nodule_squeezed_between_the_zone_and_a_bowel_loop_is_still_tumour():
     seg, az, rim, foci = run(bowel=True, nodule_mm=9.0, nodule_angle_deg=180.0, nodule_offset=0.35)
     assert [f for f in foci if f.suspicious and f.local], foci
+
+
+@pytest.mark.xfail(strict=True, reason="known miss (issue 15, docs/evaluation.md; development abdomen seed 63 "
+                                       "ABL-004): the slices that cut a loop's end obliquely hold its wall and contents "
+                                       "mixed, no enclosed contents, so the end lies beyond the loop's wall and reads "
+                                       "as a nodule 20-30 mm across on its own study (on a follow-up, the comparison "
+                                       "with the registered baseline discounts it where the loop was there before: "
+                                       "rules.focus_seen_at_baseline_min_fraction)")
+def test_the_end_of_a_loop_cut_obliquely_by_the_slices_is_not_a_nodule():
+    seg, az, rim, foci = run(oblique_loop_end=True)
+    assert any("hollow organ" in f.reason and not f.suspicious for f in foci), foci  # the loop itself is found
+    assert not [f for f in foci if f.suspicious], foci
 
 
 def test_a_loop_too_narrow_for_the_organ_ball_is_still_a_hollow_organ():
