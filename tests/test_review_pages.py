@@ -35,7 +35,8 @@ def client(tmp_path):
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(folder / f"{name}.nii.gz"))
     record = AssessmentRecord(
         patient_id="P-001", study_instance_uid="7.1", study_date="2026-03-01", timepoint="follow_up", session=1,
-        ablation_date="2025-09-02", days_since_ablation=180, baseline_study_instance_uid=None, imaging=imaging(35.2149, [focus(diameter=16.27, thickness=10.0)]).model_copy(
+        ablation_date="2025-09-02", days_since_ablation=180, baseline_study_instance_uid=None, imaging=imaging(35.2149, [focus(diameter=16.27, thickness=10.0).model_copy(
+            update={"seen_at_baseline_fraction": 0.123})]).model_copy(
             update={"surroundings_re": {"3": 0.6, "1": 0.25}, "enhancement_above_surroundings": True}),
         decision=Decision(category=Category.LOCAL_TUMOUR_PROGRESSION, rule_id="R2", rule="r", confidence=0.95,
                           flagged=True, flag_reasons=["local_tumour_progression: nodular focus"],
@@ -96,6 +97,13 @@ def test_another_field_of_view_is_said_on_the_case_page(client):
     c, item_id = client
     html = c.get(f"/case/{item_id}").text
     assert "Registration to the baseline: passed QC; another field of view: 35 % of the baseline's body" in html
+
+
+def test_how_much_of_a_focus_enhanced_at_the_baseline_is_said_on_the_case_page(client):
+    c, item_id = client
+    html = c.get(f"/case/{item_id}").text
+    assert ("Suspicious foci: 16.3 mm across, 10.0 mm thick (enhanced at the registered baseline over 12 % of "
+            "its volume)") in html
 
 
 def test_a_zone_in_enhancing_parenchyma_is_said_on_the_case_page(client):
