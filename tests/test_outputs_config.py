@@ -205,3 +205,21 @@ def test_key_image_of_a_zone_in_parenchyma_shows_what_its_foci_were_judged_on():
     assert len(fig.axes) == 8 and titles[3].startswith("this study: RE above surroundings")
     assert titles[7] == "" and not fig.axes[7].axison
     assert len(key_image_figure({k: v for k, v in images.items() if k != "above_surroundings"}, 3, "P1").axes) == 3
+
+
+def test_key_image_title_says_why_a_focus_it_shows_is_not_counted():
+    """Issue 15: a suspicious focus read as anatomy seen at the baseline is still in the label map
+    (red); the title says why the call does not count it."""
+    from pipeline.outputs.writers import key_image_title
+
+    seen = focus(diameter=40.0).model_copy(update={"seen_at_baseline_fraction": 0.88})
+    decision = Decision(category=Category.NO_EVIDENCE_OF_LTP, rule_id="R2-no-suspicious-focus", rule="r",
+                        confidence=0.9, flagged=True, flag_reasons=["focus_seen_at_baseline: a 40 mm local focus ..."])
+    record = AssessmentRecord(patient_id="P1", study_instance_uid="1.2", study_date="2024-02-11", timepoint="follow_up",
+                              session=1, ablation_date="2023-08-21", days_since_ablation=174,
+                              baseline_study_instance_uid="1.1", imaging=imaging(30.0, [seen]), decision=decision)
+    title = key_image_title(record)
+    assert title.endswith("no evidence of ltp  (confidence 0.90)\n"
+                          "a suspicious focus enhanced at the baseline already (88 % of it): anatomy seen before")
+    plain = record.model_copy(update={"decision": decision.model_copy(update={"flag_reasons": []})})
+    assert "\n" not in key_image_title(plain)

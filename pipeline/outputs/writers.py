@@ -55,6 +55,18 @@ class StudyEvidence:
         return getattr(self.images(), "labels", None)
 
 
+def key_image_title(record: AssessmentRecord) -> str:
+    """The key image's title: patient, date, time point, call; and, where a suspicious focus the
+    label map still shows was read as anatomy seen at the baseline, why the call does not count it."""
+    title = (f"{record.patient_id}  {record.study_date} ({days_text(record.days_since_ablation)})  "
+             f"{record.timepoint.replace('_', ' ')}  ->  {record.decision.category.value.replace('_', ' ')}"
+             f"  (confidence {record.decision.confidence:.2f})")
+    if any(r.startswith("focus_seen_at_baseline") for r in record.decision.flag_reasons):
+        seen = max((f.seen_at_baseline_fraction or 0.0 for f in record.imaging.foci if f.suspicious), default=0.0)
+        title += f"\na suspicious focus enhanced at the baseline already ({100 * seen:.0f} % of it): anatomy seen before"
+    return title
+
+
 def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, folder: Path, dpi: int) -> None:
     """key_image.png of the study; beside it the baseline brought onto the study's grid."""
     images = evidence.images()
@@ -81,9 +93,7 @@ def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, fo
     k = record.imaging.key_slice_index
     if k is None:
         k = images.post.GetSize()[2] // 2
-    title = (f"{record.patient_id}  {record.study_date} ({days_text(record.days_since_ablation)})  "
-             f"{record.timepoint.replace('_', ' ')}  ->  {record.decision.category.value.replace('_', ' ')}"
-             f"  (confidence {record.decision.confidence:.2f})")
+    title = key_image_title(record)
     render_key_image(Path(folder) / KEY_IMAGE_NAME, current, k, title, base_view, dpi=dpi)
 
 
