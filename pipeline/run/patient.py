@@ -146,7 +146,8 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
 
 def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudyState], cfg: PipelineConfig,
                          store: StudyStore) -> list[ErrorRecord]:
-    """Each follow-up onto its baseline, and the temporal difference where that passed QC."""
+    """Each follow-up onto its baseline, the temporal difference where that passed QC, and its
+    suspicious foci compared with the baseline (``rules.focus_seen_at_baseline_min_fraction``)."""
     errors: list[ErrorRecord] = []
     for entry in entries:
         state = states[entry.study.study_instance_uid]
