@@ -89,3 +89,28 @@ def test_a_focus_whose_centroid_lies_off_its_voxels_is_found_nearby():
     mask = focus_voxels(_focus("A", offset_mm=-9.0), follow_up.labels)  # 1.5 mm outside box A
     assert mask is not None and mask[BOX["A"]].all() and int(mask.sum()) == 400
     assert focus_voxels(_focus("A", offset_mm=-30.0), follow_up.labels) is None
+
+
+def test_a_follow_up_stored_with_flipped_axes_gives_the_same_fractions():
+    """Physical geometry end to end: the same follow-up anatomy on a grid whose x and y axes run
+    the other way (direction -1, -1, 1; origin at the far corner) and the focus centroids in LPS."""
+    follow_up, baseline, transform = _studies()
+    flipped = sitk.Image(follow_up.labels)
+    size = np.array(flipped.GetSize())
+    far = np.array(follow_up.labels.TransformIndexToPhysicalPoint([int(v) for v in size - 1]))
+    flipped.SetDirection((-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0))
+    flipped.SetOrigin((float(far[0]), float(far[1]), follow_up.labels.GetOrigin()[2]))
+    identity = sitk.Transform()
+
+    def on_flipped(img, interpolator=sitk.sitkLinear):
+        return sitk.Resample(img, flipped, identity, interpolator, 0.0, img.GetPixelID())
+
+    moved = StudyImages(post=on_flipped(follow_up.post), pre_registered=on_flipped(follow_up.pre_registered),
+                        subtraction=on_flipped(follow_up.subtraction),
+                        labels=on_flipped(follow_up.labels, sitk.sitkNearestNeighbor))
+    # The arrays really are reversed along x and y, the anatomy is where it was.
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(moved.labels),
+                                  sitk.GetArrayFromImage(follow_up.labels)[:, ::-1, ::-1])
+    foci = [_focus("A"), _focus("B"), _focus("C")]
+    out = foci_seen_at_baseline(foci, moved, baseline, transform, False, 0.15)
+    assert [f.seen_at_baseline_fraction for f in out] == [pytest.approx(1.0), 0.0, 0.0]
