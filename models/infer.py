@@ -181,7 +181,10 @@ def predict(model: LoadedModel, image: np.ndarray, tta: bool = True, sw_batch_si
             prob = (torch.flip(prob, axes) if axes else prob)[0].cpu().double()
             total += prob
             total_sq += prob * prob
-            any_lesion |= prob.argmax(0) > 0
+            # Lesion where some lesion class beats the background: argmax(0) > 0 with the same
+            # tie rule, ~30x faster (torch's argmax over the class axis took ~0.2 s a view on
+            # the CPU, issue 19).
+            any_lesion |= prob[1:].amax(0) > prob[0]
     mean = total / len(views)
     variance = (total_sq / len(views) - mean * mean).clamp_min(0).sum(0)
     # Rounded: torch's CPU kernels are not bit-reproducible across thread schedules (the 11th
