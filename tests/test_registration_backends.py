@@ -335,6 +335,9 @@ def test_temporal_difference_on_followup_grid():
     # Away from the blob both studies agree: no difference.
     far = fu_grid.TransformPhysicalPointToIndex(move.TransformPoint((-40.0, 20.0, 0.0)))
     assert abs(arr[far[2], far[1], far[0]]) < 1e-3
+    # The caller's inverse (the pipeline inverts once per follow-up) gives the same difference.
+    given = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, move.GetInverse())
+    assert np.array_equal(sitk.GetArrayFromImage(given), arr)
 
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):

@@ -131,13 +131,15 @@ def relative_enhancement(pre: sitk.Image, post_norm: sitk.Image, body: sitk.Imag
 
 
 def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, baseline_sub: sitk.Image,
-                        baseline_pre: sitk.Image, baseline_to_followup: sitk.Transform) -> sitk.Image:
+                        baseline_pre: sitk.Image, baseline_to_followup: sitk.Transform,
+                        followup_to_baseline: sitk.Transform | None = None) -> sitk.Image:
     """Follow-up subtraction minus the baseline's, on the follow-up grid (float32, unitless).
 
     ``followup_sub``/``followup_pre``: the follow-up's subtraction and pre-contrast on its own
     grid; ``baseline_sub``/``baseline_pre`` likewise for the baseline; ``baseline_to_followup``:
     ``to_baseline`` (maps a baseline point to the follow-up point, ITK convention; inverted here
-    to bring the baseline onto the follow-up grid). Each subtraction is in its own pre-contrast's
+    to bring the baseline onto the follow-up grid; ``followup_to_baseline``: that inverse when the
+    caller has it, issue 19). Each subtraction is in its own pre-contrast's
     intensity units, and the two studies' scales differ (other scanner, receiver gain), so each is
     divided by the median of its pre-contrast over its body first: 0.3 = enhancement grew by 30 %
     of the typical tissue signal since the baseline. 0 outside the follow-up body and where the
@@ -153,7 +155,8 @@ def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, base
     fu_scale = _body_median(_array(followup_pre), fu_body)
     if not (base_scale > 0 and fu_scale > 0):
         raise ValueError("body median of a pre-contrast image is not positive")
-    followup_to_baseline = invert_registration(baseline_to_followup)
+    if followup_to_baseline is None:
+        followup_to_baseline = invert_registration(baseline_to_followup)
     base_on_fu = _array(resample_to(baseline_sub, followup_sub, followup_to_baseline, default=np.nan))
     diff = _array(followup_sub) / np.float32(fu_scale) - base_on_fu / np.float32(base_scale)
     diff[~fu_body | ~np.isfinite(diff)] = 0.0

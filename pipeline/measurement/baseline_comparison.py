@@ -41,14 +41,16 @@ _MIN_IMAGED_FRACTION = 0.5
 
 def baseline_enhancing_on_follow_up(follow_up: StudyImages, baseline: StudyImages,
                                     baseline_to_follow_up: sitk.Transform, above_surroundings: bool,
-                                    threshold: float) -> tuple[np.ndarray, np.ndarray] | None:
+                                    threshold: float, follow_up_to_baseline: sitk.Transform | None = None,
+                                    ) -> tuple[np.ndarray, np.ndarray] | None:
     """(enhanced at the baseline, imaged at the baseline): boolean (z, y, x) arrays on the follow-up grid.
 
     "Enhanced": relative enhancement >= ``threshold`` at the baseline (or, ``above_surroundings``:
     the follow-up was read above enhancing parenchyma, its excess over the parenchyma, the map the
     baseline kept in ``above_surroundings``), outside the baseline's zone, rim and suspicious
     foci. ``baseline_to_follow_up``: the registration (maps a baseline point to the follow-up
-    point). None where the baseline holds no map of that kind.
+    point); ``follow_up_to_baseline``: its inverse when the caller has it. None where the baseline
+    holds no map of that kind.
     """
     if above_surroundings:
         if baseline.above_surroundings is None:
@@ -57,7 +59,7 @@ def baseline_enhancing_on_follow_up(follow_up: StudyImages, baseline: StudyImage
     else:
         pre = baseline.pre_registered
         enhancement = relative_enhancement(pre, sitk.Add(pre, baseline.subtraction), body_mask(pre))
-    to_baseline = invert_registration(baseline_to_follow_up)
+    to_baseline = follow_up_to_baseline or invert_registration(baseline_to_follow_up)
     grid = follow_up.labels
     mapped = sitk.GetArrayFromImage(resample_to(enhancement, grid, to_baseline, default=np.nan))
     labels = sitk.GetArrayFromImage(resample_to(baseline.labels, grid, to_baseline, sitk.sitkNearestNeighbor))
@@ -88,13 +90,15 @@ def focus_voxels(focus: Focus, labels: sitk.Image) -> np.ndarray | None:
 
 def foci_seen_at_baseline(foci: list[Focus], follow_up: StudyImages, baseline: StudyImages,
                           baseline_to_follow_up: sitk.Transform | None, above_surroundings: bool,
-                          threshold: float) -> list[Focus]:
+                          threshold: float, follow_up_to_baseline: sitk.Transform | None = None) -> list[Focus]:
     """``foci`` with ``seen_at_baseline_fraction`` set on each suspicious one (None elsewhere, and
-    where it cannot be measured: no registration, no map, the focus mostly outside the baseline's slab)."""
+    where it cannot be measured: no registration, no map, the focus mostly outside the baseline's slab).
+    ``follow_up_to_baseline``: the inverse of ``baseline_to_follow_up`` when the caller has it."""
     cleared = [f.model_copy(update={"seen_at_baseline_fraction": None}) for f in foci]
     if baseline_to_follow_up is None or not any(f.suspicious for f in foci):
         return cleared
-    maps = baseline_enhancing_on_follow_up(follow_up, baseline, baseline_to_follow_up, above_surroundings, threshold)
+    maps = baseline_enhancing_on_follow_up(follow_up, baseline, baseline_to_follow_up, above_surroundings, threshold,
+                                           follow_up_to_baseline)
     if maps is None:
         return cleared
     enhanced, imaged = maps

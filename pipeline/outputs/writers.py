@@ -45,11 +45,12 @@ def _as_is(errors: list[ErrorRecord]) -> list[ErrorRecord]:
 class StudyEvidence:
     """The images a study's key image and SEG are drawn from, each loaded on first use:
     the study's own, its baseline's and the registration baseline -> study (None when there is
-    none or it failed)."""
+    none or it failed), with its inverse when the caller has it (``from_study``: study -> baseline)."""
 
     images: Callable[[], StudyImages | None]
     baseline_images: Callable[[], StudyImages | None] | None = None
     to_baseline: sitk.Transform | None = None
+    from_study: sitk.Transform | None = None
 
     def labels(self) -> sitk.Image | None:
         return getattr(self.images(), "labels", None)
@@ -80,7 +81,7 @@ def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, fo
     if (evidence.baseline_images is not None and evidence.baseline_images() is not None
             and evidence.to_baseline is not None):
         # Baseline onto this study's grid: needs this study -> baseline, the inverse of to_baseline.
-        inverse = invert_registration(evidence.to_baseline)
+        inverse = evidence.from_study or invert_registration(evidence.to_baseline)
         b = evidence.baseline_images()
         base_view = {
             "pre": resample_to(b.pre_registered, images.post, inverse),

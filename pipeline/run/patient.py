@@ -28,7 +28,7 @@ from pipeline.core.records import (
     TimelineEntry,
     Timepoint,
 )
-from pipeline.imaging.registration import register_to_baseline
+from pipeline.imaging.registration import PreparedFixed, invert_registration, prepare_baseline, register_to_baseline
 from pipeline.imaging.subtraction import temporal_difference
 from pipeline.longitudinal.assessment import StudyFindings, assess_timeline, registration_failure
 from pipeline.longitudinal.timeline import Procedure, build_patient_timeline
@@ -59,6 +59,9 @@ class StudyState:
     to_baseline_key: str = ""
     transform: sitk.Transform | None = None
     to_baseline_error: str = ""
+    # The inverse of ``transform`` (this study -> baseline), computed once on first use: the
+    # temporal difference, the comparison with the baseline and the key image all need it.
+    inverse_transform: sitk.Transform | None = None
     # Seconds of this run's steps on the study beyond its imaging (AssessmentRecord.stage_seconds).
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -77,9 +80,20 @@ class StudyState:
         return StudyFindings(self.imaging, self.to_baseline, self.to_baseline_error,
                              cache_keys(self.imaging_key, self.to_baseline_key))
 
+    def to_baseline_inverse(self) -> sitk.Transform | None:
+        """This study -> its baseline (None without a usable registration), inverted once."""
+        if self.to_baseline_failure or self.transform is None:
+            return None
+        if self.inverse_transform is None:
+            self.inverse_transform = invert_registration(self.transform)
+        return self.inverse_transform
+
     def evidence(self, baseline: StudyState | None) -> StudyEvidence:
+        # The inverse only when already computed (by the temporal difference): inverting here
+        # could raise outside the writers' error handling, which invert it themselves.
+        usable = not self.to_baseline_failure and self.transform is not None
         return StudyEvidence(self.images, baseline.images if baseline is not None else None,
-                             None if self.to_baseline_failure else self.transform)
+                             self.transform if usable else None, self.inverse_transform if usable else None)
 
 
 @dataclass
@@ -125,21 +139,27 @@ def zone_guidance(baseline_zone: AxisMeasurement | None, follow_up_zone: AxisMea
     return hint, region
 
 
-def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, store: StudyStore) -> None:
-    """Follow-up -> baseline registration (cached by both studies' keys)."""
+def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, store: StudyStore,
+                        prepared: dict[str, PreparedFixed]) -> None:
+    """Follow-up -> baseline registration (cached by both studies' keys). ``prepared``: the
+    baselines' sides of the registration by study UID, filled on first use (one per baseline)."""
     key = to_baseline_key(state.imaging_key, baseline.imaging_key)
     state.to_baseline_key = key
     cached = store.cached_to_baseline(state.study, key)
     if cached is not None:
         state.to_baseline = cached
-        state.transform = store.read_to_baseline(state.study)
+        state.transform, state.inverse_transform = store.read_to_baseline(state.study), None
         return
     # ITK convention, baseline fixed: the transform maps a baseline point to this study's point.
     hint, zone_region = zone_guidance(baseline.imaging.ablation_zone, state.imaging.ablation_zone,
                                       cfg.foci.local_max_distance_mm)
+    base_uid = baseline.study.study_instance_uid
+    if base_uid not in prepared:
+        prepared[base_uid] = prepare_baseline(baseline.images().pre_registered, cfg.registration)
     transform, qc = register_to_baseline(baseline.images().pre_registered, state.images().pre_registered,
-                                         cfg.registration, hint_shift_lps=hint, zone_region_lps=zone_region)
-    state.to_baseline, state.transform = qc, transform
+                                         cfg.registration, hint_shift_lps=hint, zone_region_lps=zone_region,
+                                         prepared=prepared[base_uid])
+    state.to_baseline, state.transform, state.inverse_transform = qc, transform, None
     if qc.ok:
         store.keep_to_baseline(state.study, transform, baseline.images().pre_registered)
 
@@ -149,6 +169,7 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
     """Each follow-up onto its baseline, the temporal difference where that passed QC, and its
     suspicious foci compared with the baseline (``rules.focus_seen_at_baseline_min_fraction``)."""
     errors: list[ErrorRecord] = []
+    prepared: dict[str, PreparedFixed] = {}
     for entry in entries:
         state = states[entry.study.study_instance_uid]
         base_uid = entry.baseline_study_instance_uid
@@ -163,7 +184,7 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
             continue
         try:
             t0 = time.perf_counter()
-            _register_follow_up(state, baseline, cfg, store)
+            _register_follow_up(state, baseline, cfg, store, prepared)
             state.seconds["register_to_baseline"] = time.perf_counter() - t0
             if not state.to_baseline_failure:
                 # Follow-up subtraction minus the baseline's, brought onto this study's grid.
@@ -171,7 +192,8 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
                 t0 = time.perf_counter()
                 try:
                     store.keep_temporal_difference(entry.study, temporal_difference(
-                        fu.subtraction, fu.pre_registered, base.subtraction, base.pre_registered, state.transform))
+                        fu.subtraction, fu.pre_registered, base.subtraction, base.pre_registered, state.transform,
+                        state.to_baseline_inverse()))
                     state.seconds["temporal_difference"] = time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001 - supporting image: never lose the study
                     errors.append(ErrorRecord.from_exception(
@@ -196,7 +218,8 @@ def _compare_foci_with_baseline(entry: TimelineEntry, state: StudyState, baselin
     try:
         foci = foci_seen_at_baseline(state.imaging.foci, state.images(), baseline.images(), transform,
                                      bool(state.imaging.enhancement_above_surroundings),
-                                     cfg.enhancement.relative_enhancement_threshold)
+                                     cfg.enhancement.relative_enhancement_threshold,
+                                     state.to_baseline_inverse() if transform is not None else None)
     except Exception as exc:  # noqa: BLE001 - a supporting comparison: never lose the study
         foci = [f.model_copy(update={"seen_at_baseline_fraction": None}) for f in state.imaging.foci]
         state.imaging = state.imaging.model_copy(update={"foci": foci})

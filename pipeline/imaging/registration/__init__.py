@@ -14,7 +14,12 @@ below from this package; the layer modules are for this package (and for tests t
 a layer). May import: ``pipeline.core`` and ``pipeline.ingest``.
 """
 
-from pipeline.imaging.registration.driver import register_intra_study, register_to_baseline
+from pipeline.imaging.registration.driver import (
+    PreparedFixed,
+    prepare_baseline,
+    register_intra_study,
+    register_to_baseline,
+)
 from pipeline.imaging.registration.files import FIELD_FILE, TRANSFORM_FILE, read_to_baseline, write_to_baseline
 from pipeline.imaging.registration.metric import registration_ncc
 from pipeline.imaging.registration.transforms import (
@@ -29,6 +34,8 @@ from pipeline.imaging.registration.transforms import (
 )
 
 __all__ = [
+    "PreparedFixed",
+    "prepare_baseline",
     "FIELD_FILE",
     "TRANSFORM_FILE",
     "compose_with_field",

@@ -72,7 +72,10 @@ class PairContext:
     (unitless) and ``max_motion_mm`` (mm): plausibility bounds, None when unchecked; ``t0``:
     ``time.perf_counter()`` when the registration of the pair began (for ``qc.seconds``);
     ``zone_region``: a mask on the fixed grid of the ablation zone and its margin, None when
-    unknown (then a pair that overlaps too little cannot be told from a failure).
+    unknown (then a pair that overlaps too little cannot be told from a failure); ``interior``:
+    ``metric.interior_mask`` of ``fixed_body`` and ``fixed_side``: ``metric.fixed_arrays`` of
+    ``fixed``, computed once for the pair (or once for a baseline and all its follow-ups); the
+    checks compute them when None.
     """
 
     name: str
@@ -89,6 +92,8 @@ class PairContext:
     threads: int
     t0: float
     zone_region: sitk.Image | None = None
+    interior: sitk.Image | None = None
+    fixed_side: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, method: str,
@@ -103,8 +108,8 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
     metric_before = pair.metric_before
     metric_after = evaluate_metric(pair.fixed_eval, pair.moving_eval, pair.metric_mask, tx, pair.eval_frac, threads)
     motion = motion_magnitude_mm(tx, pair.fixed_body)
-    interior = interior_mask(pair.fixed_body, threads)
-    warped = warped_pair(pair.fixed, pair.moving, tx)  # read by the NCC check and the peak test
+    interior = pair.interior if pair.interior is not None else interior_mask(pair.fixed_body, threads)
+    warped = warped_pair(pair.fixed, pair.moving, tx, pair.fixed_side)  # read by the NCC check and the peak test
     ncc, gncc, overlap = registration_ncc(pair.fixed, pair.moving, tx, interior, warped)
     scales = scale_factors(tx)
 

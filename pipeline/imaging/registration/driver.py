@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -60,10 +61,12 @@ from pipeline.imaging.registration.metric import (
     METRIC_NAME,
     bias_corrected,
     evaluate_metric,
+    fixed_arrays,
     interior_mask,
     metric_mask,
     registration_ncc,
     sphere_mask,
+    warped_pair,
 )
 from pipeline.imaging.registration.sitk_backend import register_simpleitk
 from pipeline.imaging.registration.transforms import identity
@@ -129,11 +132,61 @@ def _initial_candidates_inter(fixed_body: sitk.Image, moving_body: sitk.Image, f
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedFixed:
+    """The fixed image's side of a registration, computed once: for a patient's baseline it
+    serves every follow-up registered onto it (issue 19: N4, body mask, masks and gradients of
+    the baseline were computed again for each follow-up, ~1 s of ~5 a registration).
+
+    ``source``: the image the caller passed (checked by identity when used); ``fixed``: the
+    image the driver registers onto (``source`` without the resampler's fill between studies);
+    ``image``: ``fixed`` as registered (bias-corrected when the stage asks for it); ``body``/
+    ``metric_mask``/``interior``: its body mask, metric mask and body interior; ``side``:
+    ``metric.fixed_arrays`` of ``image``; ``bias_correction``: the stage setting it was prepared
+    for; ``pyramids``: levels of ``image`` by (shrink, sigma), filled on first use.
+    """
+
+    source: sitk.Image
+    fixed: sitk.Image
+    image: sitk.Image
+    body: sitk.Image
+    metric_mask: sitk.Image
+    interior: sitk.Image
+    side: tuple[np.ndarray, np.ndarray]
+    bias_correction: str
+    pyramids: dict[tuple[float, float], sitk.Image] = field(default_factory=dict)
+
+    def pyramid(self, shrink: float, sigma: float, threads: int) -> sitk.Image:
+        key = (float(shrink), float(sigma))
+        if key not in self.pyramids:
+            self.pyramids[key] = pyramid_image(self.image, shrink, sigma, threads)
+        return self.pyramids[key]
+
+
+def _prepare_fixed(source: sitk.Image, fixed: sitk.Image, stage: RegistrationStageConfig,
+                   threads: int) -> PreparedFixed:
+    """See :class:`PreparedFixed`; an image with no body is prepared as it is (the driver fails it)."""
+    body = body_mask(fixed, threads=threads)
+    image = fixed
+    if stage.bias_correction == "n4" and sitk.GetArrayFromImage(body).any():
+        image = bias_corrected(fixed, body, threads)
+    return PreparedFixed(source=source, fixed=fixed, image=image, body=body, metric_mask=metric_mask(body, threads),
+                         interior=interior_mask(body, threads), side=fixed_arrays(image),
+                         bias_correction=stage.bias_correction)
+
+
+def prepare_baseline(fixed_baseline: sitk.Image, cfg: RegistrationConfig) -> PreparedFixed:
+    """The baseline's side of :func:`register_to_baseline`, computed once and passed to the call
+    of each of its follow-ups (``prepared``): the same results, without recomputing it."""
+    return _prepare_fixed(fixed_baseline, without_resampling_fill(fixed_baseline), cfg.inter_study, int(cfg.threads))
+
+
 def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
               stage: RegistrationStageConfig, name: str, intra: bool,
               max_motion_mm: float | None, max_scale_change: float | None,
               hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
               zone_region_lps: tuple[Sequence[float], float] | None = None,
+              prepared: PreparedFixed | None = None,
               ) -> tuple[sitk.Transform, RegistrationQC]:
     t0 = time.perf_counter()
     threads = int(cfg.threads)
@@ -156,24 +209,25 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     except ValueError as exc:
         return failed(str(exc))
     try:
-        fixed_body = body_mask(fixed, threads=threads)
+        if prepared is None or prepared.fixed is not fixed or prepared.bias_correction != stage.bias_correction:
+            prepared = _prepare_fixed(fixed, fixed, stage, threads)
+        fixed, fixed_body, fixed_mask = prepared.image, prepared.body, prepared.metric_mask
         if not sitk.GetArrayFromImage(fixed_body).any():
             return failed("no body found on the fixed image")
         # The moving body seeds the inter-study starts and masks N4: computed once.
         moving_body = body_mask(moving, threads=threads) if not intra or stage.bias_correction == "n4" else None
         if stage.bias_correction == "n4":
-            fixed = bias_corrected(fixed, fixed_body, threads)
             moving = bias_corrected(moving, moving_body, threads)
-        fixed_mask = metric_mask(fixed_body, threads)
         shrink0, sigma0 = (stage.shrink_factors or [1])[0], (stage.smoothing_sigmas_mm or [0.0])[0]
         last_shrink = (stage.shrink_factors or [1])[-1]
         last_sigma = (stage.smoothing_sigmas_mm or [0.0])[-1]
-        fixed_eval = pyramid_image(fixed, last_shrink, last_sigma, threads)
+        fixed_eval = prepared.pyramid(last_shrink, last_sigma, threads)
         moving_eval = pyramid_image(moving, last_shrink, last_sigma, threads)
         mask_frac = float((sitk.GetArrayFromImage(fixed_mask) > 0).mean())
         eval_frac = sampling_fraction(fixed_eval, mask_frac, stage.sampling_fraction)
         metric_before = evaluate_metric(fixed_eval, moving_eval, fixed_mask, identity(), eval_frac, threads)
-        ncc_before = registration_ncc(fixed, moving, identity(), interior_mask(fixed_body, threads))[0]
+        ncc_before = registration_ncc(fixed, moving, identity(), prepared.interior,
+                                      warped_pair(fixed, moving, identity(), prepared.side))[0]
 
         if intra:
             # Same FrameOfReference: identity is the right start; rotate about the body centre.
@@ -181,7 +235,7 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
             init.SetCenter(mask_centroid_lps(fixed_body).tolist())
             starts = [("identity", init)]
         else:
-            f0 = pyramid_image(fixed, shrink0, sigma0, threads)
+            f0 = prepared.pyramid(shrink0, sigma0, threads)
             m0 = pyramid_image(moving, shrink0, sigma0, threads)
             frac0 = sampling_fraction(f0, mask_frac, stage.sampling_fraction)
             scored = [(evaluate_metric(f0, m0, fixed_mask, e, frac0, threads), nm, e)
@@ -221,7 +275,8 @@ def _register(fixed: sitk.Image, moving: sitk.Image, cfg: RegistrationConfig,
     pair = PairContext(name=name, fixed=fixed, moving=moving, fixed_body=fixed_body, metric_mask=fixed_mask,
                        fixed_eval=fixed_eval, moving_eval=moving_eval, eval_frac=eval_frac,
                        metric_before=metric_before, max_scale_change=max_scale_change,
-                       max_motion_mm=max_motion_mm, threads=threads, t0=t0,
+                       max_motion_mm=max_motion_mm, threads=threads, t0=t0, interior=prepared.interior,
+                       fixed_side=prepared.side,
                        zone_region=None if zone_region_lps is None else sphere_mask(fixed, *zone_region_lps))
     max_step_mm = _MAX_STEP_MM["intra" if intra else "inter"]
     first_failure = None
@@ -274,6 +329,7 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
                          cfg: RegistrationConfig, name: str = "followup_to_baseline",
                          hint_shift_lps: Sequence[float] | None = None, device: str | None = None,
                          zone_region_lps: tuple[Sequence[float], float] | None = None,
+                         prepared: PreparedFixed | None = None,
                          ) -> tuple[sitk.Transform, RegistrationQC]:
     """Register a follow-up (moving) to the session's baseline (fixed); both pre-contrast.
 
@@ -293,13 +349,17 @@ def register_to_baseline(fixed_baseline: sitk.Image, moving_followup: sitk.Image
     when it is not. Both images are registered without the boundary planes a resampler filled
     (``common.without_resampling_fill``: the pipeline passes pre-contrast series resampled onto
     their post-contrast grid); the transform applies to the whole images, and a displacement
-    field covers the cropped baseline (zero displacement beyond it).
+    field covers the cropped baseline (zero displacement beyond it). ``prepared``:
+    :func:`prepare_baseline` of ``fixed_baseline`` and ``cfg`` (ignored when it was prepared from
+    another image), so that a baseline's side is computed once for all its follow-ups.
     """
-    fixed_baseline = without_resampling_fill(fixed_baseline)
+    usable = prepared is not None and prepared.source is fixed_baseline
+    fixed = prepared.fixed if usable else without_resampling_fill(fixed_baseline)
     moving_followup = without_resampling_fill(moving_followup)
-    return _register(fixed_baseline, moving_followup, cfg, cfg.inter_study, name, intra=False,
+    return _register(fixed, moving_followup, cfg, cfg.inter_study, name, intra=False,
                      max_motion_mm=None, max_scale_change=cfg.inter_study.max_scale_change,
-                     hint_shift_lps=hint_shift_lps, device=device, zone_region_lps=zone_region_lps)
+                     hint_shift_lps=hint_shift_lps, device=device, zone_region_lps=zone_region_lps,
+                     prepared=prepared if usable else None)
 
 
-__all__ = ["register_intra_study", "register_to_baseline"]
+__all__ = ["PreparedFixed", "prepare_baseline", "register_intra_study", "register_to_baseline"]

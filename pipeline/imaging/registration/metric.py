@@ -103,11 +103,22 @@ class WarpedPair:
     inside: np.ndarray  # bool: voxels the transform maps inside the moving image
 
 
-def warped_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> WarpedPair:
-    """``moving`` warped onto ``fixed`` by ``transform`` (linear, 0 outside), with the gradients."""
-    warped = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
+def fixed_arrays(fixed: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed side of :class:`WarpedPair`: intensities (float32) and gradient magnitude."""
     fix = as_float32(fixed)
-    return WarpedPair(sitk.GetArrayFromImage(fix), sitk.GetArrayFromImage(warped), _gradient_magnitude(fix),
+    return sitk.GetArrayFromImage(fix), _gradient_magnitude(fix)
+
+
+def warped_pair(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                fixed_side: tuple[np.ndarray, np.ndarray] | None = None) -> WarpedPair:
+    """``moving`` warped onto ``fixed`` by ``transform`` (linear, 0 outside), with the gradients.
+
+    ``fixed_side``: :func:`fixed_arrays` of ``fixed`` when the caller has it (the same for every
+    transform tried on a pair, and for every follow-up registered onto one baseline).
+    """
+    warped = resample_to(moving, fixed, transform, sitk.sitkLinear, 0.0)
+    fixed_a, fixed_gradient = fixed_side if fixed_side is not None else fixed_arrays(fixed)
+    return WarpedPair(fixed_a, sitk.GetArrayFromImage(warped), fixed_gradient,
                       _gradient_magnitude(warped), field_of_view_mask(moving, fixed, transform))
 
 
@@ -275,6 +286,7 @@ __all__ = [
     "bias_corrected",
     "covered_fraction",
     "evaluate_metric",
+    "fixed_arrays",
     "interior_mask",
     "metric_mask",
     "new_method",
