@@ -193,17 +193,66 @@ def predict(model: LoadedModel, image: np.ndarray, tta: bool = True, sw_batch_si
     return TTAPrediction(mean.numpy(), variance.numpy(), case_unc, len(views))
 
 
+# Air kept around the body's bounding box when the input is cropped to it (``body_box``): the
+# skin edge is seen with air beyond it, as in the training patches that reach the body's edge.
+BODY_MARGIN_MM = 5.0
+
+
+def body_box(body_on_grid: np.ndarray, spacing_zyx: tuple[float, ...], roi_zyx: tuple[int, ...],
+             overlap: float) -> tuple[slice, ...] | None:
+    """The part of the working grid the sliding window needs: the body's bounding box plus
+    ``BODY_MARGIN_MM``, then grown (within the grid, about its centre) to what the windows that
+    box needs cover anyway (more context at no cost). None when there is no body.
+
+    Why: an MRI's field of view holds air around the body (the phase-encoding FOV, the corners),
+    and on the development and held-out cohorts the body's box needs 42 % fewer windows than the
+    whole grid (802 -> 462 windows over 40 studies; issue 19). Nothing outside the body is read
+    by the pipeline.
+    """
+    found = np.argwhere(body_on_grid)
+    if not len(found):
+        return None
+    box = []
+    for axis, n in enumerate(body_on_grid.shape):
+        margin = int(np.ceil(BODY_MARGIN_MM / spacing_zyx[axis]))
+        lo, hi = max(0, int(found[:, axis].min()) - margin), min(n, int(found[:, axis].max()) + 1 + margin)
+        roi, step = roi_zyx[axis], max(1, int(roi_zyx[axis] * (1 - overlap)))
+        windows = 1 if hi - lo <= roi else int(np.ceil((hi - lo - roi) / step)) + 1
+        length = min(n, roi + step * (windows - 1))
+        lo = int(np.clip((lo + hi - length) // 2, 0, n - length))
+        box.append(slice(lo, lo + length))
+    return tuple(box)
+
+
 def predict_study(model: LoadedModel, pre_on_post: sitk.Image, subtraction: sitk.Image, body: np.ndarray,
                   tta: bool = True, sw_batch_size: int | None = None, overlap: float = 0.25,
-                  tta_views: int = 2) -> NetworkPrediction:
+                  tta_views: int = 2, crop_to_body: bool = True) -> NetworkPrediction:
     """``predict`` on a study, on ``pre_on_post``'s grid (module docstring).
 
     ``body``: the body mask array of ``pre_on_post`` ((z, y, x), nonzero = body; the pipeline's
     ``body_mask``), whose median pre-contrast signal scales the input (``network_input``).
+    ``crop_to_body``: the network runs on ``body_box`` of the working grid only (background with
+    no uncertainty beyond it); False: on the whole grid.
     """
     spacing = tuple(float(v) for v in model.meta["spacing_xyz"])
     image, grid = network_input(pre_on_post, subtraction, spacing, body)
-    working = predict(model, image, tta, sw_batch_size, overlap, tta_views)
+    box = None
+    if crop_to_body:
+        body_img = sitk.GetImageFromArray((np.asarray(body) > 0).astype(np.uint8))
+        body_img.CopyInformation(pre_on_post)
+        body_on_grid = sitk.GetArrayFromImage(resample_onto(body_img, grid, sitk.sitkNearestNeighbor)) > 0
+        box = body_box(body_on_grid, spacing[::-1], tuple(int(v) for v in model.meta["roi_zyx"]), overlap)
+    if box is None:
+        working = predict(model, image, tta, sw_batch_size, overlap, tta_views)
+    else:
+        part = predict(model, np.ascontiguousarray(image[(slice(None), *box)]), tta, sw_batch_size, overlap,
+                       tta_views)
+        probabilities = np.zeros((N_CLASSES, *image.shape[1:]))
+        probabilities[0] = 1.0
+        probabilities[(slice(None), *box)] = part.probabilities
+        uncertainty = np.zeros(image.shape[1:])
+        uncertainty[box] = part.uncertainty
+        working = TTAPrediction(probabilities, uncertainty, part.case_uncertainty, part.n_views)
 
     # Back to the post grid: each class probability by linear interpolation; outside the
     # working grid (it covers the same FOV, so only at the border) it is background.

@@ -18,7 +18,16 @@ import SimpleITK as sitk
 import torch
 
 from models.data import LABEL_FILE, PRE_FILE, SUB_FILE, load_cases, network_input, working_grid
-from models.infer import LoadedModel, WeightsError, load_model, predict, predict_study, resolve_weights
+from models.infer import (
+    BODY_MARGIN_MM,
+    LoadedModel,
+    WeightsError,
+    body_box,
+    load_model,
+    predict,
+    predict_study,
+    resolve_weights,
+)
 from models.network import default_network_config
 from models.train import TrainSettings, case_dice, train
 from pipeline.core.config import load_config
@@ -134,6 +143,61 @@ def _oblique_flipped_pair():
     sub_img = sitk.GetImageFromArray(np.zeros_like(arr))
     sub_img.CopyInformation(pre)
     return pre_img, sub_img, sphere, centre_lps
+
+
+class _CountingWindows(_BrightIsAblationZone):
+    """The stand-in network counting the windows it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = 0
+
+    def forward(self, x):
+        self.windows += x.shape[0]
+        return super().forward(x)
+
+
+def test_body_box_holds_the_body_with_a_margin_and_fills_its_windows():
+    body = np.zeros((20, 200, 200), bool)
+    body[:, 60:130, 50:160] = True
+    box = body_box(body, (3.0, 1.6, 1.6), (16, 80, 80), 0.25)
+    margin = int(np.ceil(BODY_MARGIN_MM / 1.6))
+    for axis, (lo, hi) in enumerate(((0, 20), (60, 130), (50, 160))):
+        s = box[axis]
+        assert s.start <= max(0, lo - (margin if axis else 2)) and s.stop >= min(body.shape[axis], hi + margin)
+        assert 0 <= s.start and s.stop <= body.shape[axis]
+    # Grown to what its windows cover (80 + 60 k voxels): 70 + 8 -> 80, 110 + 8 -> 140.
+    assert box[1].stop - box[1].start == 80 and box[2].stop - box[2].start == 140
+    assert body_box(np.zeros_like(body), (3.0, 1.6, 1.6), (16, 80, 80), 0.25) is None
+    whole = body_box(np.ones_like(body), (3.0, 1.6, 1.6), (16, 80, 80), 0.25)
+    assert all(s == slice(0, n) for s, n in zip(whole, body.shape))
+
+
+def test_cropping_to_the_body_changes_no_voxel_of_a_voxel_wise_network_and_needs_fewer_windows():
+    """A body in the middle of a wide field of view: the same answer from fewer windows."""
+    size, spacing = (150, 150, 20), (1.6, 1.6, 3.0)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in size[::-1]), indexing="ij")
+    inside = ((i - 75) / 35) ** 2 + ((j - 70) / 25) ** 2 <= 1.0
+    arr = np.where(inside, 100.0, 0.0).astype(np.float32)
+    arr[inside & (((i - 85) ** 2 + (j - 70) ** 2) <= 64)] = 250.0  # a bright zone in the body
+    pre = sitk.GetImageFromArray(arr)
+    pre.SetSpacing(spacing)
+    sub = sitk.GetImageFromArray(np.zeros_like(arr))
+    sub.CopyInformation(pre)
+    meta = {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]}
+    whole_net, crop_net = _CountingWindows().eval(), _CountingWindows().eval()
+    whole = predict_study(LoadedModel(whole_net, meta, "cpu", Path("stand-in")), pre, sub, _body(pre),
+                          crop_to_body=False)
+    cropped = predict_study(LoadedModel(crop_net, meta, "cpu", Path("stand-in")), pre, sub, _body(pre))
+    assert (cropped.labels == 1).sum() > 0
+    assert np.array_equal(cropped.labels, whole.labels)
+    # In the body the same probabilities; beyond the box certain background (the network's own
+    # answer there is background at 0.9999).
+    body = _body(pre) > 0
+    assert np.allclose(cropped.probabilities[:, body], whole.probabilities[:, body], atol=1e-6)
+    assert np.allclose(cropped.probabilities[0], whole.probabilities[0], atol=1e-3)
+    assert cropped.case_uncertainty == pytest.approx(whole.case_uncertainty, abs=1e-9)
+    assert crop_net.windows < 0.6 * whole_net.windows
 
 
 def test_prediction_lies_on_the_study_grid_of_an_oblique_flipped_acquisition():
