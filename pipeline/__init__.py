@@ -1,4 +1,4 @@
 """ablation-response: MRI follow-up after percutaneous ablation, study by study."""
 
-__version__ = "0.3.2"
+__version__ = "0.3.3"
 SCHEMA_VERSION = 1
