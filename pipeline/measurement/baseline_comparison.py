@@ -59,7 +59,8 @@ def baseline_enhancing_on_follow_up(follow_up: StudyImages, baseline: StudyImage
     else:
         pre = baseline.pre_registered
         enhancement = relative_enhancement(pre, sitk.Add(pre, baseline.subtraction), body_mask(pre))
-    to_baseline = follow_up_to_baseline or invert_registration(baseline_to_follow_up)
+    to_baseline = (follow_up_to_baseline if follow_up_to_baseline is not None
+                   else invert_registration(baseline_to_follow_up))
     grid = follow_up.labels
     mapped = sitk.GetArrayFromImage(resample_to(enhancement, grid, to_baseline, default=np.nan))
     labels = sitk.GetArrayFromImage(resample_to(baseline.labels, grid, to_baseline, sitk.sitkNearestNeighbor))

@@ -81,7 +81,8 @@ def render_study_key_image(record: AssessmentRecord, evidence: StudyEvidence, fo
     if (evidence.baseline_images is not None and evidence.baseline_images() is not None
             and evidence.to_baseline is not None):
         # Baseline onto this study's grid: needs this study -> baseline, the inverse of to_baseline.
-        inverse = evidence.from_study or invert_registration(evidence.to_baseline)
+        inverse = (evidence.from_study if evidence.from_study is not None
+                   else invert_registration(evidence.to_baseline))
         b = evidence.baseline_images()
         base_view = {
             "pre": resample_to(b.pre_registered, images.post, inverse),

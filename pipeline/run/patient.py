@@ -140,7 +140,7 @@ def zone_guidance(baseline_zone: AxisMeasurement | None, follow_up_zone: AxisMea
 
 
 def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineConfig, store: StudyStore,
-                        prepared: dict[str, PreparedFixed]) -> None:
+                        prepared: dict[str, PreparedFixed | None]) -> None:
     """Follow-up -> baseline registration (cached by both studies' keys). ``prepared``: the
     baselines' sides of the registration by study UID, filled on first use (one per baseline)."""
     key = to_baseline_key(state.imaging_key, baseline.imaging_key)
@@ -155,7 +155,10 @@ def _register_follow_up(state: StudyState, baseline: StudyState, cfg: PipelineCo
                                       cfg.foci.local_max_distance_mm)
     base_uid = baseline.study.study_instance_uid
     if base_uid not in prepared:
-        prepared[base_uid] = prepare_baseline(baseline.images().pre_registered, cfg.registration)
+        try:
+            prepared[base_uid] = prepare_baseline(baseline.images().pre_registered, cfg.registration)
+        except RuntimeError:  # ITK (N4...): the registration itself then fails with its QC reason
+            prepared[base_uid] = None
     transform, qc = register_to_baseline(baseline.images().pre_registered, state.images().pre_registered,
                                          cfg.registration, hint_shift_lps=hint, zone_region_lps=zone_region,
                                          prepared=prepared[base_uid])
@@ -169,7 +172,7 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
     """Each follow-up onto its baseline, the temporal difference where that passed QC, and its
     suspicious foci compared with the baseline (``rules.focus_seen_at_baseline_min_fraction``)."""
     errors: list[ErrorRecord] = []
-    prepared: dict[str, PreparedFixed] = {}
+    prepared: dict[str, PreparedFixed | None] = {}
     for entry in entries:
         state = states[entry.study.study_instance_uid]
         base_uid = entry.baseline_study_instance_uid
