@@ -174,14 +174,20 @@ def test_body_box_holds_the_body_with_a_margin_and_fills_its_windows():
 
 
 def test_cropping_to_the_body_changes_no_voxel_of_a_voxel_wise_network_and_needs_fewer_windows():
-    """A body in the middle of a wide field of view: the same answer from fewer windows."""
+    """A body off-centre in a wide field of view, on a grid tilted 20 deg and flipped left-right:
+    the same answer from fewer windows (a box taken in the wrong orientation would miss the
+    zone, which lies where the body's mirror image has none)."""
     size, spacing = (150, 150, 20), (1.6, 1.6, 3.0)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in size[::-1]), indexing="ij")
-    inside = ((i - 75) / 35) ** 2 + ((j - 70) / 25) ** 2 <= 1.0
+    inside = ((i - 50) / 30) ** 2 + ((j - 70) / 25) ** 2 <= 1.0
     arr = np.where(inside, 100.0, 0.0).astype(np.float32)
-    arr[inside & (((i - 85) ** 2 + (j - 70) ** 2) <= 64)] = 250.0  # a bright zone in the body
+    arr[inside & (((i - 40) ** 2 + (j - 70) ** 2) <= 64)] = 250.0  # a bright zone in the body
     pre = sitk.GetImageFromArray(arr)
     pre.SetSpacing(spacing)
+    t = np.deg2rad(20.0)
+    tilt = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    pre.SetDirection(tuple((tilt @ np.diag([-1.0, 1.0, 1.0])).ravel()))
+    pre.SetOrigin((40.0, -30.0, 12.0))
     sub = sitk.GetImageFromArray(np.zeros_like(arr))
     sub.CopyInformation(pre)
     meta = {"spacing_xyz": [1.6, 1.6, 3.0], "roi_zyx": [16, 32, 32]}

@@ -227,15 +227,19 @@ def test_a_prepared_baseline_gives_the_same_registrations(cfg, phantom, baseline
     prepared = prepare_baseline(baseline, cfg)
     points = body_points(baseline, 10)
     plain_tx, plain_qc = register_to_baseline(baseline, followup, cfg)
+    assert not prepared.pyramids
     tx, qc = register_to_baseline(baseline, followup, cfg, prepared=prepared)
+    assert prepared.pyramids, "the prepared baseline was not used"
     assert plain_qc.ok and qc.ok
     assert np.allclose([tx.TransformPoint(p) for p in points], [plain_tx.TransformPoint(p) for p in points],
                        atol=1e-9)
     same = {"seconds", "stop_condition"}  # both carry the run's own timings
     assert qc.model_dump(exclude=same) == plain_qc.model_dump(exclude=same)
     # A baseline prepared from another image is ignored: the result is still right.
-    tx, qc = register_to_baseline(baseline, followup, cfg, prepared=prepare_baseline(other, cfg))
+    of_other = prepare_baseline(other, cfg)
+    tx, qc = register_to_baseline(baseline, followup, cfg, prepared=of_other)
     assert qc.ok and tre_mm(tx, TRUE_INTER, points).mean() <= 1.0
+    assert not of_other.pyramids
 
 
 def test_inter_study_large_repositioning(cfg, phantom, baseline):

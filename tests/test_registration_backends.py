@@ -338,6 +338,9 @@ def test_temporal_difference_on_followup_grid():
     # The caller's inverse (the pipeline inverts once per follow-up) gives the same difference.
     given = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, move.GetInverse())
     assert np.array_equal(sitk.GetArrayFromImage(given), arr)
+    # ... and it is the one used: a wrong inverse (the identity) gives another difference.
+    wrong = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, sitk.Euler3DTransform())
+    assert not np.allclose(sitk.GetArrayFromImage(wrong), arr, atol=1e-3)
 
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):
