@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.engine import ENGINES, placement, task_runner_for, worker_threads
 from pipeline.core.config import ExecutionConfig, PipelineConfig, load_config
-from pipeline.core.devices import limit_library_threads, resolve_device
+from pipeline.core.devices import limit_library_threads, resolve_device, torch_threads
 from pipeline.core.records import AssessmentRecord, StudyRecord
 from pipeline.ingest.index import IndexResult
 from pipeline.longitudinal.timeline import Procedure
@@ -54,18 +54,26 @@ def study_imaging_task(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, d
 
 @task(name="assess-patient", cache_policy=NO_CACHE)
 def patient_task(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                 out_dir: Path, device: str, reporter: RunReporter | None = None, redactor=None) -> PatientResult:
+                 out_dir: Path, device: str, reporter: RunReporter | None = None, redactor=None,
+                 torch_threads_per_patient: int | None = None) -> PatientResult:
+    """``torch_threads_per_patient``: torch's CPU threads while this patient runs (the threads
+    engine's share of the machine; None: as this thread is)."""
     def imaging(study: StudyRecord, cfg: PipelineConfig, out_dir: Path, device: str):
         return study_imaging_task(study, cfg, out_dir, device, redactor)  # its exception text already redacted
 
-    return assess_patient_reported(studies, procedures, cfg, out_dir, device, reporter, redactor,
-                                   imaging_fn=imaging, assess_fn=assess_patient)
+    # The count is this thread's (torch_threads): set here, on the thread that runs the patient
+    # (its study-imaging tasks are called, so they run on it too).
+    with torch_threads(torch_threads_per_patient):
+        return assess_patient_reported(studies, procedures, cfg, out_dir, device, reporter, redactor,
+                                       imaging_fn=imaging, assess_fn=assess_patient)
 
 
 def submitted_patient(studies: list[StudyRecord], procedures: list[Procedure] | None, cfg: PipelineConfig,
-                      out_dir: Path, device: str, reporter: RunReporter | None = None, redactor=None) -> PatientResult:
-    """One patient as a task run on the flow's task runner (run_export calls it ``workers`` at a time)."""
-    return patient_task.submit(studies, procedures, cfg, out_dir, device, reporter, redactor).result()
+                      out_dir: Path, device: str, reporter: RunReporter | None = None, redactor=None, *,
+                      threads: int | None = None) -> PatientResult:
+    """One patient as a task run on the flow's task runner (run_export calls it ``workers`` at a
+    time), torch on ``threads`` CPU threads while it runs."""
+    return patient_task.submit(studies, procedures, cfg, out_dir, device, reporter, redactor, threads).result()
 
 
 @task(name="assess-patient-remote", cache_policy=NO_CACHE)
@@ -122,8 +130,11 @@ def assess_export(
     that a served or a work-pool deployment runs on it too. Returns the run's summary."""
     execution = execution_settings(config, engine, scheduler_address)
     if execution.engine != "dask":
+        # Torch's threads only: SimpleITK's filters keep their process-wide default (the
+        # registrations set their own, registration.threads).
+        patient_fn = partial(submitted_patient, threads=worker_threads(execution, workers))
         return run_export(export_dir, out_dir, procedures, config, workers, device, show_progress,
-                          defer_recent_seconds, patient_fn=submitted_patient, index_fn=index_task,
+                          defer_recent_seconds, patient_fn=patient_fn, index_fn=index_task,
                           review_fn=review_task)
     with task_runner_for(execution, workers, resolve_device(device)) as runner:
         patient_fn = partial(submitted_patient_remote, runner=runner, gpu_resource=execution.gpu_resource,

@@ -49,14 +49,13 @@ def task_runner_for(execution: ExecutionConfig, workers: int, device: str = "cpu
 
 
 def worker_threads(execution: ExecutionConfig, workers: int) -> int | None:
-    """SimpleITK/torch threads of each Dask worker process: ``execution.threads_per_worker``, or on
-    a local cluster this machine's CPUs shared out between its ``workers`` processes; None (the
-    worker's own setting) on an existing cluster, whose machines this process does not see."""
-    if execution.engine != "dask":
-        return None
+    """Library threads of each patient at a time: ``execution.threads_per_worker``, or this
+    machine's CPUs shared out between the ``workers`` patients (the threads engine: their threads
+    in this process; dask on a local cluster: its worker processes); None (the worker's own
+    setting) on an existing Dask cluster, whose machines this process does not see."""
     if execution.threads_per_worker:
         return execution.threads_per_worker
-    if execution.scheduler_address:
+    if execution.engine == "dask" and execution.scheduler_address:
         return None
     return max(1, usable_cpus() // max(1, workers))
 

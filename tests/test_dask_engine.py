@@ -63,7 +63,23 @@ def test_worker_processes_share_the_cpus_out_and_a_given_count_wins(monkeypatch)
     assert worker_threads(ExecutionConfig(engine="dask"), workers=16) == 1
     assert worker_threads(ExecutionConfig(engine="dask", threads_per_worker=3), workers=2) == 3
     assert worker_threads(ExecutionConfig(engine="dask", scheduler_address="tcp://h:1"), workers=2) is None
-    assert worker_threads(ExecutionConfig(), workers=2) is None  # threads engine: nothing to share out
+    # The threads engine: each patient's thread gets its share too (torch's count is per thread).
+    assert worker_threads(ExecutionConfig(), workers=2) == 4
+    assert worker_threads(ExecutionConfig(), workers=1) == 8
+    assert worker_threads(ExecutionConfig(threads_per_worker=3), workers=1) == 3
+
+
+def test_a_thread_count_holds_inside_its_block_only():
+    import torch
+
+    from pipeline.core.devices import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 2):
+        assert torch.get_num_threads() == before + 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == before + 2
+    assert torch.get_num_threads() == before
 
 
 def test_limiting_library_threads_reaches_simpleitk_and_torch():

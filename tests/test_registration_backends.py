@@ -139,6 +139,26 @@ def test_torch_intra_study_residual(phantom, small_baseline):
     assert qc.peak_offset_mm is not None and qc.peak_offset_mm <= cfg.intra_study.max_peak_offset_mm
 
 
+def test_torch_registers_on_one_thread_and_gives_the_count_back(small_baseline, small_followup, monkeypatch):
+    # The count is the calling thread's and the network runs next on the same thread: until
+    # 0.3.3 the registration left it at 1, so every later network ran on one thread.
+    import torch
+
+    import pipeline.imaging.registration.torch_backend as torch_backend
+
+    seen = []
+    inner = torch_backend._register
+    monkeypatch.setattr(torch_backend, "_register", lambda *a: seen.append(torch.get_num_threads()) or inner(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        register_to_baseline(small_baseline, small_followup, _cfg("torch"))
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_torch_wrong_patient_flagged(small_baseline):
     other = Phantom(seed=11, semi_axes=(92.0, 75.0))  # nearly the same outline, other anatomy
     wrong = render(other, make_grid((70, 70, 22), (3.0, 3.0, 5.0)), scale=1.5, noise=0.02, seed=4)

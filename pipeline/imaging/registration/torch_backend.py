@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.core.config import RegistrationStageConfig
+from pipeline.core.devices import torch_threads
 from pipeline.imaging.registration.common import (
     HISTOGRAM_BINS,
     SAMPLING_SEED,
@@ -387,11 +388,18 @@ def register_torch(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Imag
     failed optimisation (the driver catches it and fails the QC).
     """
     dev = torch.device(device)
-    if dev.type == "cpu":
-        # One intra-op thread: the tensors are small (~10^4 points), and on a shared 2-core
-        # machine torch's thread pool spends more time synchronising than computing (measured:
-        # ~10x slower per iteration with 2 threads under load).
-        torch.set_num_threads(1)
+    if dev.type != "cpu":
+        return _register(fixed, moving, metric_mask, initial, stage, max_step_mm, threads, dev)
+    # One intra-op thread: the tensors are small (~10^4 points), and on a shared 2-core machine
+    # torch's thread pool spends more time synchronising than computing (measured: ~10x slower
+    # per iteration with 2 threads under load). Only for this call: the count is the thread's,
+    # and the network that runs next on it needs its own (until 0.3.3 it kept this one).
+    with torch_threads(1):
+        return _register(fixed, moving, metric_mask, initial, stage, max_step_mm, threads, dev)
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, metric_mask: sitk.Image, initial: sitk.Transform,
+              stage: RegistrationStageConfig, max_step_mm: float, threads: int, dev: torch.device) -> BackendResult:
     levels = list(zip(stage.shrink_factors, stage.smoothing_sigmas_mm)) or [(1, 0.0)]
     mask_frac = float((sitk.GetArrayFromImage(metric_mask) > 0).mean())
     pyramid = []
