@@ -253,10 +253,11 @@ class ExecutionConfig(_Section):
     # Two runs sharing an output folder: the second waits this long for a patient the first is
     # assessing (pipeline/outputs/locks.py), then lists it indeterminate.
     patient_lock_timeout_s: float = Field(default=7200.0, ge=0)
-    # dask: SimpleITK and torch threads of each worker process; null: on a local cluster, the
-    # CPUs this process may use shared out between its worker processes (2 processes on 2 cores:
-    # 1 each; their libraries would otherwise each take every core and contend), on an existing
-    # cluster what the worker was started with (docs/cluster.md).
+    # dask: SimpleITK and torch threads of each worker process; threads: torch threads of each
+    # patient's thread (since 0.3.4). null: the CPUs this process may use shared out between the
+    # --workers patients (2 on 2 cores: 1 each; their libraries would otherwise each take every
+    # core and contend); on an existing Dask cluster what the worker was started with
+    # (docs/cluster.md).
     threads_per_worker: int | None = Field(default=None, ge=1)
 
 
