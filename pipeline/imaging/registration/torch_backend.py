@@ -222,7 +222,7 @@ class MattesMI:
         fb = ((f - self.f_lo) / self.f_step + pad).round().clamp(pad, nb - pad - 1).long()
         mpos = ((m - self.m_lo) / self.m_step + pad).clamp(pad, nb - pad - 1)
         base = mpos.detach().floor()
-        # The window's 4 bins base-1 .. base+2 lie within [1, nb - 2] (the clamp above): all
+        # The window's 4 bins base-1 .. base+2 lie within [1, nb - 1] (the clamp above): all
         # four weights scattered at once (one scatter of 4N; 2.5x faster with its gradient
         # than a scatter and a kernel evaluation per bin, the same histogram to float rounding).
         bins = (fb * nb + base.long()).unsqueeze(0) + torch.arange(-1, 3, device=m.device).unsqueeze(1)
