@@ -30,6 +30,7 @@ from pipeline.imaging.registration.metric import (
     evaluate_metric,
     interior_mask,
     metric_mask,
+    similarity_peak,
     similarity_peak_offsets_mm,
     similarity_peak_vertex_mm,
     sphere_mask,
@@ -320,9 +321,16 @@ def test_intra_study_pair_whose_enhancement_inverts_the_contrast_passes_on_its_e
     assert qc.ok, qc.reason
     assert tre_mm(tx, true, body_points(baseline, 20)).mean() <= 0.7
     assert float(qc.stop_condition.split("ncc_interior=")[1].split(";")[0]) < cfg.intra_study.min_ncc_after
-    off = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update={"min_gradient_ncc_after": None})})
+    # Either edge rule alone passes it: the absolute gradient floor, or (0.3.5) the edges standing
+    # above their shifted copies; without both the intensity floor refuses it.
+    for update in ({"min_gradient_ncc_after": None}, {"min_gradient_ncc_prominence": None}):
+        one = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(update=update)})
+        assert register_intra_study(baseline, post, one)[1].ok, update
+    off = cfg.model_copy(update={"intra_study": cfg.intra_study.model_copy(
+        update={"min_gradient_ncc_after": None, "min_gradient_ncc_prominence": None})})
     _, qc_off = register_intra_study(baseline, post, off)
     assert not qc_off.ok and "ncc of the body interior" in qc_off.reason
+    assert "gradient_ncc_prominence=" in qc.stop_condition
 
 
 def test_intra_study_pose_off_by_a_few_mm_fails_rule_5(cfg, phantom, baseline):
@@ -357,7 +365,10 @@ def test_intra_study_pair_of_another_patient_fails_on_its_edges_too(cfg, baselin
     other = Phantom(seed=7, semi_axes=(92.0, 75.0))
     wrong = render(other, make_grid(FIXED_SIZE, FIXED_SPACING), scale=1.3, noise=0.02, seed=4)
     _, qc = register_intra_study(baseline, wrong, cfg)
-    assert not qc.ok and f"< {cfg.intra_study.min_gradient_ncc_after})" in qc.reason, qc.reason  # edges disagree
+    assert not qc.ok, qc.reason
+    # The edges disagree: under the absolute floor, and they do not stand above their shifted copies.
+    assert f"< {cfg.intra_study.min_gradient_ncc_after};" in qc.reason, qc.reason
+    assert f"above its shifted copies < {cfg.intra_study.min_gradient_ncc_prominence})" in qc.reason, qc.reason
 
 
 def _shifted(tx: sitk.Transform, shift_lps) -> sitk.Transform:
@@ -375,6 +386,12 @@ def test_peak_offset_tells_right_from_misregistered(baseline, followup):
         shift = [8.0 if k == axis else 0.0 for k in range(3)]
         off = similarity_peak_offsets_mm(baseline, followup, _shifted(TRUE_INTER, shift), inner, 4.0)
         assert np.abs(off[1, axis]) > 3.0, (shift, off)
+    # The edges of the right pose stand above their shifted copies; 8 mm off they do not.
+    peak = similarity_peak(baseline, followup, TRUE_INTER, inner, 4.0)
+    assert np.array_equal(peak.offsets_mm, right) and peak.neighbours.shape == (2, 3, 2)
+    assert peak.prominence[1] == pytest.approx(peak.at_pose[1] - peak.neighbours[1].mean())
+    assert peak.prominence[1] > 0.06 > similarity_peak(baseline, followup, _shifted(TRUE_INTER, [8.0, 0, 0]),
+                                                       inner, 4.0).prominence[1]
 
 
 def test_parabola_vertex_of_a_known_peak():

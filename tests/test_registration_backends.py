@@ -394,6 +394,37 @@ def test_temporal_difference_on_followup_grid():
     # ... and it is the one used: a wrong inverse (the identity) gives another difference.
     wrong = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, sitk.Euler3DTransform())
     assert not np.allclose(sitk.GetArrayFromImage(wrong), arr, atol=1e-3)
+    # The callers' body masks (a baseline's is shared by its follow-ups) give the same difference...
+    from pipeline.core.geometry import body_mask
+    shared = temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, None, body_mask(fu_pre), body_mask(base_pre))
+    assert np.array_equal(sitk.GetArrayFromImage(shared), arr)
+    # ... and they are the ones read: a follow-up body without the columns of the blob zeroes it there.
+    cut_body = sitk.GetArrayFromImage(body_mask(fu_pre))
+    cut_body[:, :, i - 3:i + 4] = 0
+    cut_img = sitk.GetImageFromArray(cut_body)
+    cut_img.CopyInformation(fu_pre)
+    cut = sitk.GetArrayFromImage(temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, None, cut_img))
+    assert cut[k, j, i] == 0.0 and not cut[cut_body == 0].any()
+    assert np.array_equal(cut[cut_body > 0], arr[cut_body > 0])  # the same tissue median elsewhere
+    with pytest.raises(ValueError, match="followup pre, body"):
+        temporal_difference(fu_sub, fu_pre, base_sub, base_pre, move, None, body_mask(base_pre))
+
+
+def test_a_study_computes_its_body_mask_once(monkeypatch):
+    """StudyImages.pre_body: the temporal difference and the comparison with the baseline read a
+    baseline's body mask for each of its follow-ups; it is computed on first use only."""
+    from pipeline.measurement import study as study_module
+
+    grid = make_grid((24, 24, 6), (3.0, 3.0, 5.0))
+    pre = sitk.Image(grid.GetSize(), sitk.sitkFloat32)
+    pre.CopyInformation(grid)
+    pre = sitk.Add(pre, 100.0)
+    images = study_module.StudyImages(post=pre, pre_registered=pre, subtraction=pre, labels=pre)
+    calls = []
+    real = study_module.body_mask
+    monkeypatch.setattr(study_module, "body_mask", lambda image: calls.append(image) or real(image))
+    first = images.pre_body()
+    assert images.pre_body() is first and len(calls) == 1 and calls[0] is pre
 
 
 def test_n4_bias_correction_removes_a_smooth_bias(small_baseline):

@@ -67,6 +67,10 @@ class RegistrationStageConfig(_Section):
     # A pair under min_ncc_after passes that check all the same when its gradient-magnitude
     # correlation reaches this (enhancement changes intensities, not edges); None: NCC only.
     min_gradient_ncc_after: float | None = Field(default=None, ge=-1, le=1)
+    # ... or when its gradient-magnitude correlation at the pose stands at least this far above
+    # its mean at the six neighbours peak_probe_mm away (registration.metric.SimilarityPeak):
+    # edges that line up at the pose, whatever the pair's contrast; None: not used.
+    min_gradient_ncc_prominence: float | None = Field(default=None, gt=0, le=1)
     # The pair's own edge agreement (gradient NCC) must peak within max_peak_offset_mm of the
     # registered pose along every grid axis, estimated from the pose and its neighbours
     # peak_probe_mm away (registration.metric.similarity_peak_offsets_mm); None: not checked.
@@ -195,6 +199,10 @@ class FociConfig(_Section):
     # centre; a lobe shorter than organ_lobe_max_mm is no organ's (a nodule against it); null: off.
     organ_lobe_depth_mm: float | None = Field(default=None, gt=0)
     organ_lobe_max_mm: float | None = Field(default=None, gt=0)
+    # Within local_max_distance_mm of the zone, what of a solid organ body lies farther than the
+    # contact margin from the body's opening by a ball of this radius is no organ's (a nodule
+    # sunk into it); null: off.
+    organ_core_radius_mm: float | None = Field(default=None, gt=0)
     # Enclosed non-enhancing contents that make a hollow organ solid (bowel loop); null: off.
     hollow_min_content_ml: float | None = Field(default=None, ge=0)
     # Enhancing tissue this close to enclosed contents is a hollow organ's wall; null: off.

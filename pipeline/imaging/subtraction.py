@@ -132,14 +132,18 @@ def relative_enhancement(pre: sitk.Image, post_norm: sitk.Image, body: sitk.Imag
 
 def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, baseline_sub: sitk.Image,
                         baseline_pre: sitk.Image, baseline_to_followup: sitk.Transform,
-                        followup_to_baseline: sitk.Transform | None = None) -> sitk.Image:
+                        followup_to_baseline: sitk.Transform | None = None,
+                        followup_body: sitk.Image | None = None,
+                        baseline_body: sitk.Image | None = None) -> sitk.Image:
     """Follow-up subtraction minus the baseline's, on the follow-up grid (float32, unitless).
 
     ``followup_sub``/``followup_pre``: the follow-up's subtraction and pre-contrast on its own
     grid; ``baseline_sub``/``baseline_pre`` likewise for the baseline; ``baseline_to_followup``:
     ``to_baseline`` (maps a baseline point to the follow-up point, ITK convention; inverted here
     to bring the baseline onto the follow-up grid; ``followup_to_baseline``: that inverse when the
-    caller has it, issue 19). Each subtraction is in its own pre-contrast's
+    caller has it, issue 19; ``followup_body``/``baseline_body``: ``body_mask`` of each
+    pre-contrast when the caller has it: a baseline's is read for each of its follow-ups). Each
+    subtraction is in its own pre-contrast's
     intensity units, and the two studies' scales differ (other scanner, receiver gain), so each is
     divided by the median of its pre-contrast over its body first: 0.3 = enhancement grew by 30 %
     of the typical tissue signal since the baseline. 0 outside the follow-up body and where the
@@ -150,8 +154,14 @@ def temporal_difference(followup_sub: sitk.Image, followup_pre: sitk.Image, base
 
     _check_same_grid(followup_sub, followup_pre, "temporal_difference(followup sub, pre)")
     _check_same_grid(baseline_sub, baseline_pre, "temporal_difference(baseline sub, pre)")
-    fu_body = sitk.GetArrayFromImage(body_mask(followup_pre)) > 0
-    base_scale = _body_median(_array(baseline_pre), sitk.GetArrayFromImage(body_mask(baseline_pre)))
+    if followup_body is None:
+        followup_body = body_mask(followup_pre)
+    if baseline_body is None:
+        baseline_body = body_mask(baseline_pre)
+    _check_same_grid(followup_pre, followup_body, "temporal_difference(followup pre, body)")
+    _check_same_grid(baseline_pre, baseline_body, "temporal_difference(baseline pre, body)")
+    fu_body = sitk.GetArrayFromImage(followup_body) > 0
+    base_scale = _body_median(_array(baseline_pre), sitk.GetArrayFromImage(baseline_body))
     fu_scale = _body_median(_array(followup_pre), fu_body)
     if not (base_scale > 0 and fu_scale > 0):
         raise ValueError("body median of a pre-contrast image is not positive")

@@ -27,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from pipeline.core.geometry import body_mask, resample_to
+from pipeline.core.geometry import resample_to
 from pipeline.core.records import Focus, Label
 from pipeline.imaging.registration import invert_registration
 from pipeline.imaging.subtraction import relative_enhancement
@@ -58,7 +58,7 @@ def baseline_enhancing_on_follow_up(follow_up: StudyImages, baseline: StudyImage
         enhancement = baseline.above_surroundings
     else:
         pre = baseline.pre_registered
-        enhancement = relative_enhancement(pre, sitk.Add(pre, baseline.subtraction), body_mask(pre))
+        enhancement = relative_enhancement(pre, sitk.Add(pre, baseline.subtraction), baseline.pre_body())
     to_baseline = (follow_up_to_baseline if follow_up_to_baseline is not None
                    else invert_registration(baseline_to_follow_up))
     grid = follow_up.labels

@@ -171,7 +171,8 @@ def analyse_foci(
             contents = enclosed_contents(beyond, shell, spacing, fc.hollow_min_content_ml)
         bodies = organ_bodies(seg.enhancing & ~seg.az, spacing, fc.organ_min_radius_mm, fc.organ_min_extent_mm,
                               fc.organ_contact_margin_mm, contents, fc.hollow_wall_max_mm,
-                              fc.organ_lobe_depth_mm, fc.organ_lobe_max_mm)
+                              fc.organ_lobe_depth_mm, fc.organ_lobe_max_mm, fc.organ_core_radius_mm,
+                              dist_to_az <= fc.local_max_distance_mm)
     # The vessel test looks at the enhancing tissue outside the organ bodies: an organ is
     # anatomy already (candidates are split at its surface below), and its length would make a
     # nodule protruding from it "vessel-like" (development seed 61: an 11 mm LTP nodule on a bowel

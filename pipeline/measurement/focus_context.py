@@ -81,7 +81,8 @@ def open_with_ball(mask: np.ndarray, radius_mm: float, spacing: np.ndarray) -> n
 def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: float, min_extent_mm: float,
                  contact_margin_mm: float, contents: np.ndarray | None = None,
                  wall_max_mm: float | None = None, lobe_depth_mm: float | None = None,
-                 lobe_max_mm: float | None = None) -> OrganBodies:
+                 lobe_max_mm: float | None = None, core_radius_mm: float | None = None,
+                 core_region: np.ndarray | None = None) -> OrganBodies:
     """Organ-scale bodies of an enhancing mask (bool, z/y/x; ``spacing`` mm in the same order).
 
     ``enhancing`` should not hold the ablation zone. ``contents``: enclosed non-enhancing
@@ -93,6 +94,10 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
     ``lobe_max_mm``: the bodies are cut into lobes (``split_lobes``), and a lobe shorter than
     ``lobe_max_mm`` is taken out of its body: a nodule pressed against an organ, thick enough
     to hold the ball itself, joins the organ in the opening but is a lobe of its own.
+    ``core_radius_mm``, ``core_region`` (bool): within ``core_region``, what of a solid body lies
+    farther than ``contact_margin_mm`` from the body's opening by that larger ball is taken out
+    of it (``outside_core``): a nodule sunk into an organ makes no depth saddle, but it is
+    smaller than the organ.
     """
     solid = enhancing if contents is None else enhancing | contents
     opened = open_with_ball(solid, min_radius_mm, spacing)
@@ -126,10 +131,26 @@ def organ_bodies(enhancing: np.ndarray, spacing: np.ndarray, min_radius_mm: floa
             lobe = lobes[sl] == idx
             if principal_length_mm(np.argwhere(lobe) + [s.start for s in sl], spacing) < lobe_max_mm:
                 lab[sl][lobe] = 0
+    if extents and core_radius_mm is not None and core_region is not None:
+        for idx, sl in enumerate(ndi.find_objects(lab), 1):
+            if sl is None or hollow.get(idx, False):
+                continue
+            box = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)  # background around the body
+            body = lab[box] == idx
+            lab[box][body & outside_core(body, core_radius_mm, contact_margin_mm, spacing) & core_region[box]] = 0
     zone = np.zeros(enhancing.shape, bool)
     if extents:
         zone = ndi.distance_transform_edt(lab == 0, sampling=spacing) <= contact_margin_mm
     return OrganBodies(lab, hollow, zone, extents)
+
+
+def outside_core(body: np.ndarray, radius_mm: float, margin_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """Voxels of ``body`` (bool) farther than ``margin_mm`` from its opening by a ball of
+    ``radius_mm`` (none when the body holds no such ball: it has no core to compare with)."""
+    core = open_with_ball(body, radius_mm, spacing)
+    if not core.any():
+        return np.zeros_like(body)
+    return body & (ndi.distance_transform_edt(~core, sampling=spacing) > margin_mm)
 
 
 def organ_scale(opened: np.ndarray, spacing: np.ndarray, min_extent_mm: float) -> np.ndarray:

@@ -59,6 +59,15 @@ class StudyImages:
     # the shipped weights were trained on (analyse_study); training cases are written from it
     # (phantom/training_cases.py). Not written to the outputs. None: the same as ``subtraction``.
     network_subtraction: sitk.Image | None = None
+    # body_mask(pre_registered), computed on first use (pre_body): the temporal difference and
+    # the comparison with the baseline read a baseline's for each of its follow-ups (issue 19).
+    _pre_body: sitk.Image | None = field(default=None, init=False, repr=False, compare=False)
+
+    def pre_body(self) -> sitk.Image:
+        """``core.geometry.body_mask`` of ``pre_registered``, computed once."""
+        if self._pre_body is None:
+            self._pre_body = body_mask(self.pre_registered)
+        return self._pre_body
 
 
 @dataclass

@@ -196,7 +196,7 @@ def _register_follow_ups(entries: list[TimelineEntry], states: dict[str, StudySt
                 try:
                     store.keep_temporal_difference(entry.study, temporal_difference(
                         fu.subtraction, fu.pre_registered, base.subtraction, base.pre_registered, state.transform,
-                        state.to_baseline_inverse()))
+                        state.to_baseline_inverse(), fu.pre_body(), base.pre_body()))
                     state.seconds["temporal_difference"] = time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001 - supporting image: never lose the study
                     errors.append(ErrorRecord.from_exception(

@@ -30,7 +30,7 @@ from pipeline.imaging.registration.metric import (
     interior_mask,
     metric_mask,
     registration_ncc,
-    similarity_peak_offsets_mm,
+    similarity_peak,
     warped_pair,
 )
 from pipeline.imaging.registration.transforms import (
@@ -132,14 +132,23 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
             else:
                 stop += (f"; another field of view: {overlap:.0%} of the body interior overlaps, the "
                          f"ablation zone's region is imaged ({zone_coverage:.0%}), checked on the overlap")
-    edges_agree = stage.min_gradient_ncc_after is not None and gncc >= stage.min_gradient_ncc_after
+    probed = None  # the pair's similarity about the pose, read by the prominence and the peak test
+    if (stage.max_peak_offset_mm is not None or stage.min_gradient_ncc_prominence is not None) and overlap > 0:
+        probed = similarity_peak(pair.fixed, pair.moving, tx, interior, stage.peak_probe_mm, warped)
+    prominence = None if probed is None else float(probed.prominence[1])
+    edges_agree = ((stage.min_gradient_ncc_after is not None and gncc >= stage.min_gradient_ncc_after)
+                   or (stage.min_gradient_ncc_prominence is not None and prominence is not None
+                       and prominence >= stage.min_gradient_ncc_prominence))
     if ncc < stage.min_ncc_after and not edges_agree:
         gate = "" if stage.min_gradient_ncc_after is None else f" < {stage.min_gradient_ncc_after}"
+        stands = ("" if stage.min_gradient_ncc_prominence is None else
+                  f"; it stands {prominence if prominence is not None else 0.0:.3f} above its shifted copies "
+                  f"< {stage.min_gradient_ncc_prominence}")
         reasons.append(f"ncc of the body interior {ncc:.3f} < {stage.min_ncc_after} "
-                       f"(gradient ncc {gncc:.3f}{gate})")
+                       f"(gradient ncc {gncc:.3f}{gate}{stands})")
     peak = None
-    if stage.max_peak_offset_mm is not None and overlap > 0:
-        offsets = similarity_peak_offsets_mm(pair.fixed, pair.moving, tx, interior, stage.peak_probe_mm, warped)[1]
+    if stage.max_peak_offset_mm is not None and probed is not None:
+        offsets = probed.offsets_mm[1]
         axis = int(np.argmax(np.abs(offsets)))
         peak = min(float(np.abs(offsets[axis])), PEAK_BEYOND_PROBE_MM)
         if peak > stage.max_peak_offset_mm:
@@ -169,7 +178,8 @@ def quality(res: BackendResult, init_name: str, stage: RegistrationStageConfig, 
         name=pair.name, method=method, metric=METRIC_NAME, metric_before=round(metric_before, 5),
         metric_after=round(metric_after, 5), iterations=res.iterations,
         stop_condition=f"{stop}; ncc_interior={ncc:.3f}; gradient_ncc_interior={gncc:.3f}; "
-                       f"overlap={overlap:.2f}; "
+                       + ("" if prominence is None else f"gradient_ncc_prominence={prominence:.3f}; ")
+                       + f"overlap={overlap:.2f}; "
                        f"scales={np.round(scales, 3).tolist()}; rotation_deg={angle:.1f}",
         motion_corrected_mm=round(motion, 3), ok=ok, reason="; ".join(reasons),
         seconds=round(time.perf_counter() - pair.t0, 3), ncc_after=round(ncc, 4),

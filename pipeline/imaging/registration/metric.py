@@ -196,17 +196,36 @@ def covered_fraction(moving: sitk.Image, transform: sitk.Transform, region: sitk
     return float((inside & r).sum() / r.sum()) if r.any() else 0.0
 
 
-def similarity_peak_offsets_mm(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
-                               fixed_mask: sitk.Image, probe_mm: float, warped: WarpedPair | None = None
-                               ) -> np.ndarray:
-    """How far (mm) from the registered pose the pair's own similarity peaks, along each grid axis.
+@dataclass
+class SimilarityPeak:
+    """A pair's own similarity about its registered pose (:func:`similarity_peak`).
 
-    Returns a (2, 3) array: rows NCC and gradient NCC (:func:`registration_ncc`'s measures),
-    columns the fixed grid's axes (x, y, z). Each value comes from the correlation at
-    ``transform`` and at the same transform preceded by a shift of about +-``probe_mm`` (the
-    nearest whole number of voxels, at least one) along that axis: the vertex of the parabola
-    through the three, in mm, signed. ``inf`` (with the sign of the better neighbour) where the
-    three are not concave: the peak lies beyond the neighbour. Why relative: between studies one
+    Rows of each array: NCC and gradient NCC (:func:`registration_ncc`'s measures).
+    ``at_pose`` (2,): at the pose; ``neighbours`` (2, 3, 2): at the pose shifted by -+ about
+    ``probe_mm`` along the fixed grid's x, y, z; ``offsets_mm`` (2, 3): the vertex of the
+    parabola through the three along each axis (signed mm; +-inf where not concave).
+    """
+
+    at_pose: np.ndarray
+    neighbours: np.ndarray
+    offsets_mm: np.ndarray
+
+    @property
+    def prominence(self) -> np.ndarray:
+        """(2,): each measure at the pose less its mean over the six neighbours. A pair whose
+        structures line up at the pose stands above its shifted copies whatever its contrast;
+        a pair of unrelated images (or one with nothing to align) does not."""
+        return self.at_pose - self.neighbours.reshape(2, -1).mean(axis=1)
+
+
+def similarity_peak(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                    fixed_mask: sitk.Image, probe_mm: float, warped: WarpedPair | None = None
+                    ) -> SimilarityPeak:
+    """The pair's own similarity at the registered pose and about it (:class:`SimilarityPeak`).
+
+    Each neighbour is the correlation at the same transform preceded by a shift of about
+    +-``probe_mm`` (the nearest whole number of voxels, at least one) along that grid axis; the
+    offsets say how far from the pose each measure peaks. Why relative: between studies one
     pair's right answer can correlate less than another pair's answer 10 mm off (the anatomy,
     its contrast and the zone change), so no absolute NCC separates them (docs/registration.md);
     a right registration sits on the peak of its pair's similarity, a wrong one beside it.
@@ -222,12 +241,12 @@ def similarity_peak_offsets_mm(fixed: sitk.Image, moving: sitk.Image, transform:
     warped_arrays = (pair.warped, pair.warped_gradient)
     mask = sitk.GetArrayFromImage(fixed_mask) > 0
     centre = [_correlation(f, w, mask & inside) for f, w in zip(fixed_arrays, warped_arrays)]
+    neighbours = np.zeros((2, 3, 2))
     offsets = np.zeros((2, 3))
     for axis_xyz, spacing in enumerate(fixed.GetSpacing()):
         axis = 2 - axis_xyz  # numpy axes are (z, y, x)
         steps = max(1, int(round(probe_mm / spacing)))
-        sides = []
-        for step in (-steps, steps):
+        for side, step in enumerate((-steps, steps)):
             def shifted(a: np.ndarray, fill: float | bool) -> np.ndarray:
                 out = np.roll(a, -step, axis=axis)  # out[i] = a[i + step]
                 wrapped = [slice(None)] * a.ndim
@@ -235,11 +254,22 @@ def similarity_peak_offsets_mm(fixed: sitk.Image, moving: sitk.Image, transform:
                 out[tuple(wrapped)] = fill
                 return out
             m = mask & shifted(inside, False)
-            sides.append([_correlation(f, shifted(w, 0.0), m) for f, w in zip(fixed_arrays, warped_arrays)])
+            for measure, (f, w) in enumerate(zip(fixed_arrays, warped_arrays)):
+                neighbours[measure, axis_xyz, side] = _correlation(f, shifted(w, 0.0), m)
         for measure in range(2):
             offsets[measure, axis_xyz] = similarity_peak_vertex_mm(
-                sides[0][measure], centre[measure], sides[1][measure], steps * spacing)
-    return offsets
+                neighbours[measure, axis_xyz, 0], centre[measure], neighbours[measure, axis_xyz, 1], steps * spacing)
+    return SimilarityPeak(np.array(centre), neighbours, offsets)
+
+
+def similarity_peak_offsets_mm(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform,
+                               fixed_mask: sitk.Image, probe_mm: float, warped: WarpedPair | None = None
+                               ) -> np.ndarray:
+    """How far (mm) from the registered pose the pair's own similarity peaks, along each grid
+    axis: ``similarity_peak(...).offsets_mm``, a (2, 3) array (rows NCC and gradient NCC,
+    columns the fixed grid's x, y, z; signed; ``inf`` with the sign of the better neighbour
+    where the three are not concave: the peak lies beyond the neighbour)."""
+    return similarity_peak(fixed, moving, transform, fixed_mask, probe_mm, warped).offsets_mm
 
 
 def similarity_peak_vertex_mm(below: float, at: float, above: float, step_mm: float) -> float:
@@ -282,6 +312,7 @@ def bias_corrected(image: sitk.Image, body: sitk.Image, threads: int) -> sitk.Im
 
 __all__ = [
     "METRIC_NAME",
+    "SimilarityPeak",
     "WarpedPair",
     "bias_corrected",
     "covered_fraction",
@@ -291,6 +322,7 @@ __all__ = [
     "metric_mask",
     "new_method",
     "registration_ncc",
+    "similarity_peak",
     "similarity_peak_offsets_mm",
     "similarity_peak_vertex_mm",
     "sphere_mask",
