@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from pipeline.core.config import load_config
 from pipeline.measurement.axes import measure_ablation_zone
@@ -392,6 +393,30 @@ def test_a_nodule_sunk_into_an_organ_is_still_tumour(nodule_mm, offset):
     cfg_off = CFG.model_copy(update={"foci": CFG.foci.model_copy(update={"organ_core_radius_mm": None})})
     pre, rel, _body = build(**kwargs)
     assert not [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
+
+
+def test_lobes_on_the_bodies_box_are_those_of_the_whole_grid():
+    """split_lobes runs its maxima and watershed on the bodies' box (issue 19): the same labels as
+    on the whole grid, a body touching the grid's edge and a nodule lobe included."""
+    from skimage.morphology import h_maxima
+    from skimage.segmentation import watershed
+
+    from pipeline.measurement.focus_context import open_with_ball, split_lobes
+
+    z, y, x = np.mgrid[0:30, 0:70, 0:80].astype(float)
+    spacing = np.array([3.0, 1.5, 1.5])
+    zz, yy, xx = z * 3.0, y * 1.5, x * 1.5
+    organ = ((xx - 50) / 30) ** 2 + ((yy - 50) / 18) ** 2 + ((zz - 45) / 30) ** 2 <= 1.0
+    nodule = (xx - 50) ** 2 + (yy - 26) ** 2 + (zz - 45) ** 2 <= 8.0 ** 2
+    edge = ((xx - 110) / 12) ** 2 + ((yy - 20) / 12) ** 2 + ((zz - 20) / 25) ** 2 <= 1.0  # cut by the grid's +x edge
+    solid = organ | nodule | edge
+    opened = open_with_ball(solid, 6.0, spacing)
+    depth = np.where(opened, ndi.distance_transform_edt(solid, sampling=spacing), 0.0)
+    whole = watershed(-depth, ndi.label(h_maxima(depth, 2.0))[0], mask=opened)
+    lobes = split_lobes(solid, opened, spacing, 2.0)
+    assert lobes.max() >= 3  # the organ, its nodule and the body at the edge
+    assert np.array_equal(lobes, whole)
+    assert not split_lobes(solid, np.zeros_like(opened), spacing, 2.0).any()
 
 
 @pytest.mark.xfail(strict=True, reason="known miss (issue 15, docs/evaluation.md 0.3.5): a nodule squeezed into "

@@ -198,10 +198,19 @@ def split_lobes(solid: np.ndarray, opened: np.ndarray, spacing: np.ndarray, dept
     touches over a ball's width; only this separates a 12-20 mm nodule from the kidney it lies
     against. scikit-image's h-maxima and watershed.
     """
-    depth = ndi.distance_transform_edt(solid, sampling=spacing)
-    depth = np.where(opened, depth, 0.0)
+    lobes = np.zeros(opened.shape, np.int32)
+    found = ndi.find_objects(opened.astype(np.uint8))
+    if not found:
+        return lobes
+    # The maxima and basins on the bodies' box (one voxel of background around it) only: the same
+    # labels as on the whole grid (nothing outside the bodies is a maximum or a basin, and the
+    # raster order within the box is the grid's), ~3x faster on an abdomen (issue 19). The depth
+    # itself needs the whole grid: a body's nearest non-solid voxel may lie outside its box.
+    box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(found[0], opened.shape))
+    depth = np.where(opened[box], ndi.distance_transform_edt(solid, sampling=spacing)[box], 0.0)
     markers, _ = ndi.label(h_maxima(depth, depth_mm))
-    return watershed(-depth, markers, mask=opened)
+    lobes[box] = watershed(-depth, markers, mask=opened[box])
+    return lobes
 
 
 def inscribed_disc_mm(region: np.ndarray, spacing: np.ndarray) -> float:
