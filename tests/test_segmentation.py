@@ -396,6 +396,25 @@ def test_a_nodule_sunk_into_an_organ_is_still_tumour(nodule_mm, offset):
     assert not [f for f in analyse_foci(seg, rel, pre, az, rim, *foci_sections(cfg_off))[0] if f.suspicious]
 
 
+def test_what_lies_outside_an_organ_core_in_millimetres_on_anisotropic_slices():
+    """focus_context.outside_core on 3 mm slices with 1.5 mm pixels: a block 24 mm thick (8
+    slices) and 60 mm wide holds the 10 mm ball, a 12 mm bump on its +y face does not. Read in
+    voxels, or with the axes' spacings swapped, the block is 12 mm thick and has no core."""
+    from pipeline.measurement.focus_context import outside_core
+
+    spacing = np.array([3.0, 1.5, 1.5])  # z, y, x (mm)
+    z, y, x = np.mgrid[0:16, 0:70, 0:60].astype(float)
+    zz, yy, xx = (z + 0.5) * 3.0, (y + 0.5) * 1.5, (x + 0.5) * 1.5
+    block = (zz >= 12) & (zz < 36) & (yy >= 15) & (yy < 75) & (xx >= 15) & (xx < 75)
+    bump = (xx - 45) ** 2 + (yy - 75) ** 2 + (zz - 24) ** 2 <= 6.0 ** 2
+    body = block | bump
+    out = outside_core(body, 10.0, 2.5, spacing)
+    tip = bump & (yy > 78.0)  # beyond the contact margin of the block's face (y = 75 mm)
+    assert tip.sum() >= 10 and out[tip].all()  # the bump is outside the core
+    assert not out[(zz > 18) & (zz < 30) & (yy > 30) & (yy < 60) & (xx > 30) & (xx < 60)].any()  # the middle is core
+    assert not outside_core(body, 10.0, 2.5, spacing[::-1]).any()  # swapped: no core, nothing taken out
+
+
 def test_lobes_on_the_bodies_box_are_those_of_the_whole_grid():
     """split_lobes runs its maxima and watershed on the bodies' box (issue 19): the same labels as
     on the whole grid, a body touching the grid's edge and a nodule lobe included."""
